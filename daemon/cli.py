@@ -1,0 +1,321 @@
+"""``inboxd`` command line: ``main(argv) -> int``. Config errors exit with status 78."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+
+from daemon import __version__, logs
+from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient, Stream
+from daemon.config import Settings, load_settings
+from daemon.errors import ConfigError, InboxdError
+from daemon.retry import RetryPolicy
+from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``inboxd`` console script and ``python -m daemon``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print("inboxd: configuration problem:", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        return ConfigError.exit_status
+    except InboxdError as exc:
+        print(f"inboxd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="inboxd",
+        description="Upload every file dropped into an inbox folder to Marple DB, exactly once.",
+    )
+    p.add_argument("--version", action="version", version=f"inboxd {__version__}")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    push = sub.add_parser("push", help="upload files once (no daemon) and wait for their import")
+    _config_arg(push)
+    push.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    push.add_argument("--stream", help="stream id or name (default: [upload] stream)")
+    push.add_argument("--name", help="dataset name (one file only; default: the file name)")
+    push.add_argument(
+        "--metadata", action="append", default=[], metavar="KEY=VALUE", help="extra metadata"
+    )
+    push.add_argument("--overwrite", action="store_true", help="replace a dataset of the same name")
+    push.add_argument("--no-wait", action="store_true", help="do not wait for the import")
+    push.add_argument("--wait-timeout", type=float, default=3600.0, metavar="SECONDS")
+    push.add_argument("--json", action="store_true", help="print results as JSON")
+    push.set_defaults(func=_cmd_push)
+
+    check = sub.add_parser("check", help="validate the config and reach the API with the token")
+    _config_arg(check)
+    check.set_defaults(func=_cmd_check)
+
+    sandbox = sub.add_parser("sandbox", help="run the local Marple-DB-compatible test server")
+    from daemon.sandbox import add_sandbox_arguments
+
+    add_sandbox_arguments(sandbox)
+    sandbox.set_defaults(func=_cmd_sandbox)
+    return p
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, help="TOML config file (see config.example.toml)")
+
+
+# ---- push -------------------------------------------------------------------------------
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.stream:
+        overrides["upload"] = {"stream": args.stream}
+    settings = load_settings(args.config, overrides, require_token=True)
+    logs.configure(settings.log.level, settings.log.format)
+    if args.name and len(args.files) > 1:
+        raise ConfigError("--name: only with a single FILE (each file needs its own name)")
+    extra = {}
+    for item in args.metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--metadata {item!r}: write KEY=VALUE")
+        extra[key] = value
+    results = anyio.run(_push, settings, args, extra)
+    if args.json:
+        print(json.dumps({"files": results}, indent=2))
+    else:
+        for r in results:
+            if r["error"]:
+                print(f"FAILED  {r['file']}: {r['error']}")
+            else:
+                status = r["import_status"] or "uploaded"
+                print(f"{status:<9} {r['file']} → dataset {r['dataset_id']} ({r['dataset_name']})")
+    failed = any(r["error"] or (r["import_status"] in FAILED_STATUSES) for r in results)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def make_client(settings: Settings) -> MarpleClient:
+    """The API client for these settings (the token is resolved here)."""
+    api = settings.api
+    return MarpleClient(
+        api.url,
+        api.resolved_token(),
+        timeout=api.timeout,
+        verify_tls=api.verify_tls,
+        ca_file=api.ca_file,
+    )
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """The per-step retry policy from ``[retry]``."""
+    r = settings.retry
+    return RetryPolicy(attempts=r.attempts, base=r.base_seconds, cap=r.cap_seconds)
+
+
+async def _push(
+    settings: Settings, args: argparse.Namespace, extra: dict[str, str]
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    async with make_client(settings) as client:
+        stream = await client.resolve_stream(settings.upload.stream)
+        options = UploadOptions(
+            policy=retry_policy(settings),
+            part_concurrency=settings.upload.part_concurrency,
+            abort_on_give_up=True,
+            abort_on_cancel=True,
+        )
+        for path in args.files:
+            results.append(await _push_one(client, stream, settings, args, path, extra, options))
+        if not args.no_wait:
+            await _wait_imports(client, stream, results, args.wait_timeout, args.json)
+    return results
+
+
+async def _push_one(
+    client: MarpleClient,
+    stream: Stream,
+    settings: Settings,
+    args: argparse.Namespace,
+    path: Path,
+    extra: dict[str, str],
+    options: UploadOptions,
+) -> dict[str, Any]:
+    name = args.name or path.name
+    row: dict[str, Any] = {
+        "file": str(path),
+        "dataset_name": name,
+        "dataset_id": None,
+        "mode": None,
+        "import_status": None,
+        "import_message": None,
+        "error": None,
+    }
+    try:
+        ref = FileRef.stat(path)
+        bar = _ProgressBar(name, ref.size, sys.stderr, enabled=not args.json)
+        request = UploadRequest(
+            file=ref,
+            dataset_name=name,
+            stream=stream,
+            metadata={**settings.upload.metadata, **extra},
+            upload_key=uuid.uuid4().hex,
+            on_name_clash="overwrite" if args.overwrite else "fail",
+            plugin_args=settings.upload.plugin_args,
+        )
+        try:
+            result = await upload_file(client, request, options=options, progress=bar.add)
+        finally:
+            bar.close()
+        row.update(dataset_id=result.dataset_id, mode=result.mode, dataset_name=result.dataset_name)
+    except InboxdError as exc:
+        row["error"] = str(exc)
+    return row
+
+
+async def _wait_imports(
+    client: MarpleClient,
+    stream: Stream,
+    rows: list[dict[str, Any]],
+    timeout: float,
+    quiet: bool,
+) -> None:
+    pending = {r["dataset_id"]: r for r in rows if r["dataset_id"] is not None}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        try:
+            statuses = await client.datasets_status(stream.id, list(pending))
+        except InboxdError as exc:
+            if not exc.retryable:
+                raise
+            statuses = []
+        for st in statuses:
+            row = pending.get(st.dataset_id)
+            if row is None:
+                continue
+            row.update(import_status=st.import_status, import_message=st.import_message)
+            if st.import_status in OK_STATUSES | FAILED_STATUSES:
+                del pending[st.dataset_id]
+        if pending:
+            await anyio.sleep(0.5)
+    if pending and not quiet:
+        print(
+            f"inboxd: {len(pending)} import(s) still running after {timeout:.0f} s", file=sys.stderr
+        )
+
+
+class _ProgressBar:
+    """One line on stderr: bytes, percent, rate and ETA. Silent when stderr is not a TTY."""
+
+    def __init__(self, name: str, total: int, out: TextIO, *, enabled: bool = True) -> None:
+        self.name, self.total, self.out = name, total, out
+        self.enabled = enabled and out.isatty()
+        self.done = 0
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self.start, 1e-6)
+        rate = self.done / elapsed
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        line = (
+            f"\r{self.name[:40]:<40} {_human(self.done)}/{_human(self.total)} {pct:5.1f}% "
+            f"{_human(rate)}/s ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        )
+        self.out.write(line)
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ---- check ------------------------------------------------------------------------------
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, require_token=True)
+    print(f"ok    config {args.config or '(defaults and environment)'}")
+    return anyio.run(_check, settings)
+
+
+async def _check(settings: Settings) -> int:
+    async with make_client(settings) as client:
+        try:
+            await client.health()
+        except InboxdError as exc:
+            print(f"FAIL  reach {settings.api.url}/health: {exc}")
+            return EXIT_FAILED
+        print(f"ok    reach {settings.api.url}/health")
+        try:
+            streams = await client.streams()
+        except InboxdError as exc:
+            print(f"FAIL  token accepted by GET /streams: {exc}")
+            return EXIT_FAILED
+        print(f"ok    token accepted ({len(streams)} stream(s) visible)")
+        try:
+            stream = await client.resolve_stream(settings.upload.stream)
+        except InboxdError as exc:
+            print(f"FAIL  stream {settings.upload.stream!r}: {exc}")
+            return EXIT_FAILED
+        print(f"ok    stream {stream.id} ({stream.name!r}, datapool {stream.datapool!r})")
+        for route in settings.routes:
+            if route.stream is None:
+                continue
+            try:
+                rs = await client.resolve_stream(route.stream)
+            except InboxdError as exc:
+                print(f"FAIL  route {route.glob!r} stream {route.stream!r}: {exc}")
+                return EXIT_FAILED
+            print(f"ok    route {route.glob!r} → stream {rs.id} ({rs.name!r})")
+    return EXIT_OK
+
+
+# ---- sandbox ----------------------------------------------------------------------------
+
+
+def _cmd_sandbox(args: argparse.Namespace) -> int:
+    from daemon.sandbox import config_from_args, ready_message, serve_forever
+
+    config = config_from_args(args)
+
+    def ready(sb: Any) -> None:
+        print(ready_message(sb), flush=True)
+
+    serve_forever(config, on_ready=ready)
+    return EXIT_OK

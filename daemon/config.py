@@ -1,0 +1,264 @@
+"""The one frozen settings model, and how it is loaded.
+
+Precedence, highest first: explicit overrides (command-line flags) → environment variables
+(``INBOXD_`` prefix, ``__`` between levels: ``INBOXD_API__TOKEN``) → the TOML file given with
+``--config`` → defaults. ``config.example.toml`` mirrors this module key by key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from daemon.errors import ConfigError
+
+_DEFAULT_EXCLUDES = (".*", "*.tmp", "*.part", "*.partial", "~$*", "*.swp", "*.crdownload")
+
+# The TOML file of the load in progress; pydantic-settings builds sources from the class, so the
+# path travels here rather than through a mutable class attribute.
+_toml_data: ContextVar[dict[str, Any]] = ContextVar("_toml_data", default={})  # noqa: B039
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiSettings(_Section):
+    url: str = "http://127.0.0.1:8787/api/v1"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(
+                "must start with http:// or https:// (e.g. https://db.marpledata.com/api/v1)"
+            )
+        return value.rstrip("/")
+
+    def resolved_token(self) -> SecretStr:
+        """The token from ``token``, else ``token_file``, else the systemd credential ``token``.
+
+        Raises ConfigError naming every place looked at when none has one.
+        """
+        if self.token is not None and self.token.get_secret_value().strip():
+            return SecretStr(self.token.get_secret_value().strip())
+        if self.token_file is not None:
+            return _read_token_file(self.token_file, "api.token_file")
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir:
+            cred = Path(cred_dir) / "token"
+            if cred.exists():
+                return _read_token_file(cred, "systemd credential 'token'")
+        raise ConfigError(
+            "api.token: no API token configured — set [api] token or token_file, the "
+            "environment variable INBOXD_API__TOKEN, or the systemd credential 'token' "
+            "(LoadCredential=token:/etc/inboxd/token)"
+        )
+
+
+def _read_token_file(path: Path, key: str) -> SecretStr:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"{key} = {str(path)!r}: cannot read it ({exc.strerror}) — check the path and that "
+            "the inboxd user may read it"
+        ) from None
+    if not text:
+        raise ConfigError(f"{key} = {str(path)!r}: the file is empty — put the API token in it")
+    return SecretStr(text)
+
+
+class RouteSettings(_Section):
+    """Files whose relative path matches ``glob`` go to ``stream`` with extra ``metadata``."""
+
+    glob: str
+    stream: int | str | None = None
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class UploadSettings(_Section):
+    stream: int | str = 1
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    part_concurrency: int = Field(default=4, ge=1, le=64)
+    workers: int = Field(default=2, ge=1, le=64)
+    # What to do when a dataset of the same name exists and was not made from this file.
+    on_name_clash: Literal["rename", "fail", "overwrite"] = "rename"
+    # Template for the dataset name; {path} is the path relative to the inbox.
+    dataset_name: str = "{path}"
+    # Read <file>.meta.json next to a data file and merge it into the metadata.
+    sidecar_metadata: bool = True
+    # Name path components as metadata: e.g. ["vehicle", "driver"] for vehicle/driver/file.mf4.
+    path_metadata: list[str] = Field(default_factory=list)
+    plugin_args: str | None = None
+
+
+class RetrySettings(_Section):
+    attempts: int = Field(default=6, ge=1, le=100)
+    base_seconds: float = Field(default=0.5, gt=0)
+    cap_seconds: float = Field(default=60.0, gt=0)
+    # How long a job waits before its next try after a step ran out of attempts.
+    job_backoff_cap_seconds: float = Field(default=900.0, gt=0)
+
+
+class InboxSettings(_Section):
+    path: Path = Path("/srv/inbox")
+    settle_seconds: float = Field(default=5.0, ge=0)
+    after_upload: Literal["keep", "archive", "delete"] = "keep"
+    archive_path: Path | None = None
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=lambda: list(_DEFAULT_EXCLUDES))
+    follow_symlinks: bool = False
+    rescan_seconds: float = Field(default=600.0, ge=0)
+    force_polling: bool | None = None
+
+
+class StateSettings(_Section):
+    path: Path = Path("/var/lib/inboxd/state.db")
+    prune_after_days: float = Field(default=30.0, gt=0)
+
+
+class PollSettings(_Section):
+    interval_seconds: float = Field(default=2.0, gt=0)
+    batch_size: int = Field(default=100, ge=1, le=1000)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    """Everything inboxd can be told. Frozen: build a new one to change it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INBOXD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    upload: UploadSettings = Field(default_factory=UploadSettings)
+    inbox: InboxSettings = Field(default_factory=InboxSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    poll: PollSettings = Field(default_factory=PollSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    routes: list[RouteSettings] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: overrides, then environment, then the TOML file.
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, _toml_data.get()))
+
+
+def load_settings(
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    require_token: bool = False,
+) -> Settings:
+    """Load the settings from ``path`` (TOML), the environment and ``overrides``.
+
+    Raises ConfigError with one line per problem: the key, the value and what to do.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(
+                f"--config {str(path)!r}: no such file — pass the path of your config.toml "
+                "(see config.example.toml)"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"--config {str(path)!r}: cannot read it ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config {str(path)!r}: not valid TOML ({exc})") from None
+    token = _toml_data.set(data)
+    try:
+        settings = Settings(**dict(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    finally:
+        _toml_data.reset(token)
+    problems = _cross_checks(settings)
+    if require_token:
+        try:
+            settings.api.resolved_token()
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        value = err.get("input")
+        shown = "<hidden>" if "token" in key else repr(value)
+        if err["type"] == "extra_forbidden":
+            lines.append(
+                f"{key}: unknown key — remove it or check its spelling in config.example.toml"
+            )
+            continue
+        if err["type"] == "missing":
+            lines.append(f"{key}: required — add it")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{key} = {shown}: {msg}")
+    return lines
+
+
+def _cross_checks(settings: Settings) -> list[str]:
+    problems = []
+    inbox = settings.inbox
+    if inbox.after_upload == "archive" and inbox.archive_path is None:
+        problems.append(
+            'inbox.after_upload = "archive" needs inbox.archive_path — set the folder that '
+            "uploaded files are moved to"
+        )
+    if settings.api.ca_file is not None and not settings.api.ca_file.is_file():
+        problems.append(
+            f"api.ca_file = {str(settings.api.ca_file)!r}: no such file — give the PEM bundle "
+            "of the CA that signed the server's certificate"
+        )
+    if (
+        "{path}" not in settings.upload.dataset_name
+        and "{name}" not in settings.upload.dataset_name
+    ):
+        problems.append(
+            f"upload.dataset_name = {settings.upload.dataset_name!r}: must contain {{path}} or "
+            "{name}, or every file would get the same dataset name"
+        )
+    if settings.retry.cap_seconds < settings.retry.base_seconds:
+        problems.append("retry.cap_seconds must be >= retry.base_seconds")
+    return problems

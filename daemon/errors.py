@@ -1,0 +1,199 @@
+"""The one exception tree of inboxd, split by what the caller does next.
+
+::
+
+    InboxdError                      every error inboxd raises on purpose
+    ├── ConfigError                  fix the configuration (exit status 78)
+    ├── StateError                   the state database is unusable; fix or move it
+    ├── ApiError                     the Marple DB API answered with an error
+    │   ├── AuthError                403: token missing, wrong or revoked — pause, fix the token
+    │   ├── NotFoundError            404: unknown stream, ingestion or dataset — give up
+    │   ├── ConflictError            409: name taken, or ingestion in another state — decide
+    │   ├── RejectedError            400/405/413/422…: the request itself is wrong — give up
+    │   ├── RateLimitedError         429: retry after ``retry_after`` seconds
+    │   ├── ServerError              5xx: retry with backoff
+    │   └── ProtocolError            a 2xx answer we cannot understand — retry a few times
+    ├── TransportError               no (complete) answer: connect/read failure, timeout, reset
+    ├── StorageError                 a presigned/SAS storage request failed — retry, then fall back
+    │   └── UrlExpiredError          the signed URL expired — fetch fresh URLs
+    ├── FileProblem                  the local file cannot be uploaded as it is
+    │   ├── FileChangedError         it changed (or vanished) while being uploaded — restart it
+    │   └── EmptyFileError           0 bytes: the API refuses ``file_size`` 0
+    └── UploadFailed                 an ingestion ended in ``abort``; ``reason`` says why
+
+Every error carries ``retryable`` (may the same step be tried again?) and ``advice``
+(what a person should do), and its ``str()`` never contains a token or a signed URL.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class InboxdError(Exception):
+    """Base of every error inboxd raises on purpose."""
+
+    retryable: ClassVar[bool] = False
+    #: Short machine-readable category, recorded in the queue and in metrics.
+    kind: ClassVar[str] = "error"
+    advice: str = ""
+
+    def __init__(self, message: str, *, advice: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if advice is not None:
+            self.advice = advice
+
+    def __str__(self) -> str:
+        if self.advice:
+            return f"{self.message} — {self.advice}"
+        return self.message
+
+
+class ConfigError(InboxdError):
+    """The configuration is invalid; ``problems`` holds one line per problem."""
+
+    kind = "config"
+    exit_status: ClassVar[int] = 78  # EX_CONFIG; systemd's RestartPreventExitStatus=78
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+class StateError(InboxdError):
+    """The state database cannot be used (corrupt, too new, unwritable)."""
+
+    kind = "state"
+
+
+class ApiError(InboxdError):
+    """The Marple DB API answered with an error status (or an error body)."""
+
+    kind = "api"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        endpoint: str = "",
+        advice: str | None = None,
+    ) -> None:
+        self.status = status
+        self.endpoint = endpoint
+        prefix = f"{endpoint}: " if endpoint else ""
+        code = f"HTTP {status}: " if status is not None else ""
+        super().__init__(f"{prefix}{code}{message}", advice=advice)
+        self.detail = message
+
+
+class AuthError(ApiError):
+    kind = "auth"
+    advice = (
+        "the API token is missing, wrong, expired or lacks access; set a valid token "
+        "([api] token / token_file / INBOXD_API__TOKEN) and run `inboxd check`"
+    )
+
+
+class NotFoundError(ApiError):
+    kind = "not_found"
+
+
+class ConflictError(ApiError):
+    kind = "conflict"
+
+
+class RejectedError(ApiError):
+    kind = "rejected"
+
+
+class RateLimitedError(ApiError):
+    retryable = True
+    kind = "rate_limited"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = 429,
+        endpoint: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, endpoint=endpoint)
+        self.retry_after = retry_after
+
+
+class ServerError(RateLimitedError):
+    """5xx. Shares ``retry_after`` with 429 because 503 may carry ``Retry-After`` too."""
+
+    kind = "server"
+
+
+class ProtocolError(ApiError):
+    """A success status with a body we cannot use (invalid JSON, missing fields)."""
+
+    retryable = True
+    kind = "protocol"
+
+
+class TransportError(InboxdError):
+    """No complete answer arrived. The request may or may not have reached the server."""
+
+    retryable = True
+    kind = "network"
+
+    def __init__(self, message: str, *, maybe_sent: bool = True, advice: str | None = None):
+        super().__init__(message, advice=advice)
+        #: False only when we know the server never saw the request (connect failed).
+        self.maybe_sent = maybe_sent
+
+
+class StorageError(InboxdError):
+    """A request to a presigned storage URL failed."""
+
+    retryable = True
+    kind = "storage"
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.retry_after: float | None = None
+
+
+class UrlExpiredError(StorageError):
+    kind = "url_expired"
+
+
+class FileProblem(InboxdError):
+    """The local file cannot be uploaded as it is."""
+
+    kind = "file"
+
+
+class FileChangedError(FileProblem):
+    kind = "file_changed"
+    advice = "the file was modified, replaced or removed while it was uploaded; it will be retaken"
+
+
+class EmptyFileError(FileProblem):
+    kind = "empty_file"
+    advice = (
+        "Marple DB refuses empty files (file_size must be > 0); write data into it or remove it"
+    )
+
+
+class UploadFailed(InboxdError):
+    """The ingestion could not be finished and was aborted on the server."""
+
+    kind = "upload_failed"
+
+    def __init__(self, reason: str, *, cause_kind: str = "upload_failed") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: the ``kind`` of the error that made the upload give up
+        self.cause_kind = cause_kind

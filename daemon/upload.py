@@ -1,0 +1,747 @@
+"""One file's ingestion: create → upload in the server's mode → complete, or abort.
+
+The flow saves where it is through a ``Journal`` *before* each side effect and records what
+finished *after* it, so a process that dies at any point can be resumed by passing the saved
+``Resume`` back in: the ingestion is reused (never a second dataset), multipart uploads send only
+the parts still missing, and a ``complete`` whose answer was lost is recognised, not repeated
+into an abort.
+
+Failures end one of three ways:
+
+* retryable trouble that outlasted its retries (network, 5xx, 429) is raised unchanged and the
+  ingestion is left open for a later resume — unless ``abort_on_give_up`` is set (one-shot
+  ``inboxd push``), which aborts it;
+* permanent trouble (a rejected request, a file that changed or vanished, storage that keeps
+  refusing even the server fallback) aborts the ingestion with a reason and raises
+  ``UploadFailed`` (or ``FileChangedError`` so the caller can start the new version);
+* cancellation is re-raised; the ingestion is aborted only when ``abort_on_cancel`` is set.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import anyio
+import structlog
+
+from daemon import retry
+from daemon.client import (
+    FAILED_STATUSES,
+    Dataset,
+    FileSlice,
+    Ingestion,
+    MarpleClient,
+    Progress,
+    Stream,
+)
+from daemon.errors import (
+    ApiError,
+    AuthError,
+    ConflictError,
+    EmptyFileError,
+    FileChangedError,
+    FileProblem,
+    InboxdError,
+    RejectedError,
+    StorageError,
+    TransportError,
+    UploadFailed,
+    UrlExpiredError,
+)
+
+_log = structlog.get_logger(__name__)
+
+#: Metadata key that ties a dataset to the upload that made it (see ``daemon.client``).
+UPLOAD_KEY_FIELD = "inboxd_upload_id"
+_MAX_FILE_SIZE = 256 * 1024**3
+_AZURE_VERSION = "2023-11-03"
+_AZURE_PUT_BLOB_MAX = 32 * 1024 * 1024
+_AZURE_BLOCK_SIZE = 8 * 1024 * 1024
+_AZURE_MAX_BLOCKS = 50_000
+_URL_MARGIN = 0.1  # refresh signed URLs once 90 % of their lifetime has passed
+
+Stage = Literal["new", "creating", "uploading", "completing", "completed"]
+NameClash = Literal["rename", "fail", "overwrite"]
+
+
+@dataclass
+class Resume:
+    """What an earlier attempt of this upload got done (what the queue persisted)."""
+
+    stage: Stage = "new"
+    ingestion_id: int | None = None
+    dataset_id: int | None = None
+    dataset_name: str | None = None
+    mode: str | None = None
+    part_size: int | None = None
+    parts_done: set[int] = field(default_factory=set)
+    fell_back: bool = False
+
+
+class Journal(Protocol):
+    """Where the flow records progress; the daemon's implementation writes to the queue."""
+
+    async def save(self, resume: Resume) -> None:
+        """Persist the whole ``resume`` (stage, ingestion fields) durably before returning."""
+
+    async def part_done(self, part_number: int) -> None:
+        """Persist that a part (or Azure block) is stored."""
+
+
+class MemoryJournal:
+    """A journal for one-shot uploads: keeps the state in memory only."""
+
+    def __init__(self) -> None:
+        self.resume = Resume()
+        self.saves = 0
+
+    async def save(self, resume: Resume) -> None:
+        self.resume = replace(resume, parts_done=set(resume.parts_done))
+        self.saves += 1
+
+    async def part_done(self, part_number: int) -> None:
+        self.resume.parts_done.add(part_number)
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """The file to upload, pinned to the identity it had when it was taken."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def stat(cls, path: Path) -> FileRef:
+        """Pin ``path`` as it is now."""
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise FileChangedError(
+                f"{path.name}: the file vanished before it was uploaded"
+            ) from None
+        except OSError as exc:
+            raise FileProblem(f"{path.name}: cannot stat it ({exc.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise FileProblem(
+                f"{path.name}: not a regular file", advice="only plain files are uploaded"
+            )
+        return cls(path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    file: FileRef
+    dataset_name: str
+    stream: Stream
+    metadata: dict[str, Any]
+    #: Unique per file identity; written into the dataset's metadata.
+    upload_key: str
+    on_name_clash: NameClash = "rename"
+    plugin_args: str | None = None
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    dataset_id: int
+    ingestion_id: int
+    dataset_name: str
+    mode: str
+    fell_back: bool
+    bytes_sent: int
+    #: True when a lost answer was recovered by finding the work already done on the server.
+    recovered: bool = False
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    policy: retry.RetryPolicy = field(default_factory=retry.RetryPolicy)
+    part_concurrency: int = 4
+    #: storage attempts per part/object before giving up on storage (then: fallback or abort)
+    storage_attempts: int = 5
+    server_fallback: bool = True
+    abort_on_give_up: bool = False
+    abort_on_cancel: bool = False
+
+
+class _Sent:
+    """Counts bytes sent; a failed request's bytes are taken back so the total stays honest."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.total = 0
+        self._progress = progress
+
+    def tracker(self) -> tuple[Progress, Callable[[], None]]:
+        sent = 0
+
+        def add(n: int) -> None:
+            nonlocal sent
+            sent += n
+            self.total += n
+            if self._progress is not None:
+                self._progress(n)
+
+        def undo() -> None:
+            nonlocal sent
+            self.total -= sent
+            if self._progress is not None and sent:
+                self._progress(-sent)
+            sent = 0
+
+        return add, undo
+
+
+async def upload_file(
+    client: MarpleClient,
+    request: UploadRequest,
+    *,
+    options: UploadOptions | None = None,
+    resume: Resume | None = None,
+    journal: Journal | None = None,
+    progress: Progress | None = None,
+) -> UploadResult:
+    """Run (or resume) the whole ingestion flow for one file. See the module docstring."""
+    flow = _Flow(client, request, options or UploadOptions(), resume, journal, progress)
+    return await flow.run()
+
+
+class _Flow:
+    def __init__(
+        self,
+        client: MarpleClient,
+        req: UploadRequest,
+        opts: UploadOptions,
+        resume: Resume | None,
+        journal: Journal | None,
+        progress: Progress | None,
+    ) -> None:
+        self.client = client
+        self.req = req
+        self.opts = opts
+        self.state = replace(resume) if resume is not None else Resume()
+        self.state.parts_done = set(self.state.parts_done)
+        self.journal: Journal = journal if journal is not None else MemoryJournal()
+        self.sent = _Sent(progress)
+        self.ingestion: Ingestion | None = None
+        self.log = _log.bind(dataset=req.dataset_name)
+
+    @property
+    def name(self) -> str:
+        return self.state.dataset_name or self.req.dataset_name
+
+    async def _save(self, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(self.state, key, value)
+        await self.journal.save(self.state)
+
+    async def run(self) -> UploadResult:
+        f = self.req.file
+        if f.size == 0:
+            raise EmptyFileError(f"{f.path.name}: the file is empty (0 bytes)")
+        if f.size > _MAX_FILE_SIZE:
+            raise FileProblem(
+                f"{f.path.name}: {f.size} bytes is above the 256 GiB limit of Marple DB",
+                advice="split the file",
+            )
+        self._check_unchanged()
+        if self.state.ingestion_id is None or self.state.stage in ("new", "creating"):
+            done = await self._create()
+            if done is not None:
+                return done
+        try:
+            if self.state.stage == "uploading":
+                await self._upload()
+                self._check_unchanged()
+            if self.state.stage in ("uploading", "completing"):
+                recovered = await self._complete()
+            else:
+                recovered = True
+        except anyio.get_cancelled_exc_class():
+            if self.opts.abort_on_cancel:
+                await self._abort("upload cancelled (inboxd was stopped)")
+            raise
+        except FileChangedError as exc:
+            await self._abort(f"file changed during upload: {exc.message}")
+            raise
+        except UploadFailed:
+            raise
+        except InboxdError as exc:
+            if exc.retryable and not self.opts.abort_on_give_up and not isinstance(exc, AuthError):
+                raise  # left open: the caller resumes it later
+            if isinstance(exc, AuthError) and not self.opts.abort_on_give_up:
+                raise  # a token problem pauses uploads; the ingestion stays resumable
+            reason = f"upload failed: {exc.message}"
+            await self._abort(reason)
+            raise UploadFailed(reason, cause_kind=exc.kind) from exc
+        await self._save(stage="completed")
+        assert self.state.ingestion_id is not None and self.state.dataset_id is not None
+        return UploadResult(
+            dataset_id=self.state.dataset_id,
+            ingestion_id=self.state.ingestion_id,
+            dataset_name=self.name,
+            mode=self.state.mode or "?",
+            fell_back=self.state.fell_back,
+            bytes_sent=self.sent.total,
+            recovered=recovered,
+        )
+
+    def _check_unchanged(self) -> None:
+        f = self.req.file
+        try:
+            now = FileRef.stat(f.path)
+        except FileChangedError:
+            raise
+        if (now.size, now.mtime_ns, now.inode) != (f.size, f.mtime_ns, f.inode):
+            raise FileChangedError(
+                f"{f.path.name}: was {f.size} bytes (inode {f.inode}), now {now.size} bytes "
+                f"(inode {now.inode}) with another modification time"
+            )
+
+    # ---- create -------------------------------------------------------------------------
+
+    def _is_ours(self, ds: Dataset | None) -> bool:
+        return ds is not None and (ds.metadata or {}).get(UPLOAD_KEY_FIELD) == self.req.upload_key
+
+    async def _lookup(self, name: str) -> Dataset | None:
+        datapool = self.req.stream.datapool or "default"
+        return await retry.call(
+            lambda: self.client.dataset(datapool, path=name),
+            self.opts.policy,
+            what="find dataset",
+        )
+
+    async def _create(self) -> UploadResult | None:
+        """Create the ingestion; returns a result when the work turns out to be done already."""
+        policy = self.opts.policy
+        overwrite = self.req.on_name_clash == "overwrite"
+        # A crash after the POST was sent leaves "creating": we cannot know whether it landed.
+        ambiguous = self.state.stage == "creating"
+        attempt = 0
+        suffix = 1
+        while True:
+            attempt += 1
+            if ambiguous:
+                ds = await self._lookup(self.name)
+                if ds is not None and self._is_ours(ds):
+                    status = ds.import_status
+                    if (
+                        status is not None
+                        and status != "UPLOADING"
+                        and status not in FAILED_STATUSES
+                    ):
+                        # Completed earlier and the journal lost that (a power cut in WAL
+                        # mode can drop the last commits): nothing to upload again.
+                        return self._already_done(ds)
+                    overwrite = True  # re-open our own dataset: same id, fresh ingestion
+                ambiguous = False
+            await self._save(stage="creating", dataset_name=self.name)
+            try:
+                ing = await self.client.create_ingestion(
+                    stream_id=self.req.stream.id,
+                    dataset_name=self.name,
+                    file_size=self.req.file.size,
+                    metadata={**self.req.metadata, UPLOAD_KEY_FIELD: self.req.upload_key},
+                    overwrite=overwrite,
+                    plugin_args=self.req.plugin_args,
+                )
+            except ConflictError as exc:
+                ds = await self._lookup(self.name)
+                if self._is_ours(ds):
+                    ambiguous = True
+                    continue
+                if self.req.on_name_clash == "fail":
+                    raise UploadFailed(
+                        f"a dataset named {self.name!r} already exists in stream "
+                        f"{self.req.stream.id} and was not made from this file "
+                        '(upload.on_name_clash = "fail")',
+                        cause_kind="name_clash",
+                    ) from exc
+                if self.req.on_name_clash == "overwrite":
+                    overwrite = True
+                    continue
+                suffix += 1
+                self.state.dataset_name = _numbered(self.req.dataset_name, suffix)
+                attempt -= 1  # a rename is not a failed try
+                continue
+            except InboxdError as exc:
+                if not exc.retryable or attempt >= policy.attempts:
+                    raise
+                # 5xx, a lost answer or garbage: the dataset may exist now. Look before retrying.
+                ambiguous = not (isinstance(exc, TransportError) and not exc.maybe_sent)
+                wait = policy.delay(attempt, retry.retry_after_of(exc))
+                self.log.info("retry", step="create ingestion", attempt=attempt, error=str(exc))
+                await anyio.sleep(wait)
+                continue
+            self.ingestion = ing
+            await self._save(
+                stage="uploading",
+                ingestion_id=ing.ingestion_id,
+                dataset_id=ing.dataset_id,
+                mode=ing.mode,
+                part_size=ing.part_size,
+                parts_done=set(),
+                fell_back=False,
+            )
+            self.log.info("ingestion.created", ingestion_id=ing.ingestion_id, mode=ing.mode)
+            return None
+
+    def _already_done(self, ds: Dataset) -> UploadResult:
+        self.log.info("ingestion.recovered", dataset_id=ds.id, import_status=ds.import_status)
+        return UploadResult(
+            dataset_id=ds.id,
+            ingestion_id=self.state.ingestion_id or 0,
+            dataset_name=self.name,
+            mode=self.state.mode or "?",
+            fell_back=self.state.fell_back,
+            bytes_sent=0,
+            recovered=True,
+        )
+
+    # ---- upload -------------------------------------------------------------------------
+
+    async def _upload(self) -> None:
+        mode = self.state.mode
+        fresh_url = self.ingestion.presigned_url if self.ingestion is not None else None
+        if self.state.fell_back or mode == "server":
+            await self._server_upload()
+        elif mode == "multipart":
+            await self._multipart()
+        elif mode in ("single", "azure"):
+            if fresh_url is None:
+                # Resumed after a restart: the signed URL was not kept (it is a credential and
+                # has likely expired), so the same ingestion continues through the API server.
+                await self._fallback("resumed after a restart without a storage URL")
+                return
+            try:
+                if mode == "single":
+                    await self._put_slice(fresh_url, 0, self.req.file.size, "single upload")
+                else:
+                    await self._azure(fresh_url)
+            except StorageError as exc:
+                await self._fallback(exc.message)
+        else:
+            raise RejectedError(
+                f"the server chose upload mode {mode!r}, which this inboxd does not know",
+                endpoint="POST /ingestion",
+                advice="upgrade inboxd",
+            )
+
+    async def _fallback(self, why: str) -> None:
+        if not self.opts.server_fallback:
+            raise StorageError(f"direct storage upload failed: {why}")
+        self.log.warning("upload.fallback_to_server", reason=why)
+        await self._save(fell_back=True)
+        await self._server_upload()
+
+    def _slice(self, offset: int, length: int) -> FileSlice:
+        f = self.req.file
+        return FileSlice(f.path, offset, length, inode=f.inode, min_size=f.size)
+
+    async def _server_upload(self) -> None:
+        assert self.state.ingestion_id is not None
+        ingestion_id = self.state.ingestion_id
+
+        async def once() -> None:
+            add, undo = self.sent.tracker()
+            try:
+                await self.client.upload_server(
+                    ingestion_id,
+                    self._slice(0, self.req.file.size),
+                    filename=os.fsdecode(self.req.file.path.name),
+                    progress=add,
+                )
+            except BaseException:
+                undo()
+                raise
+
+        await retry.call(once, self.opts.policy, what="server upload")
+
+    async def _put_slice(
+        self,
+        url: str,
+        offset: int,
+        length: int,
+        what: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """PUT part of the file to a signed URL, with storage retries."""
+        await self._storage_retry(
+            lambda add: self.client.storage_put(
+                url, self._slice(offset, length), headers=headers, progress=add, what=what
+            ),
+            what,
+        )
+
+    async def _storage_retry(
+        self, put: Callable[[Progress], Any], what: str, *, expired_ok: bool = False
+    ) -> None:
+        """Retry one storage request; an expired URL is raised at once for the caller."""
+        attempt = 0
+        while True:
+            attempt += 1
+            add, undo = self.sent.tracker()
+            try:
+                await put(add)
+                return
+            except UrlExpiredError:
+                undo()
+                raise
+            except (StorageError, TransportError) as exc:
+                undo()
+                if attempt >= self.opts.storage_attempts:
+                    raise StorageError(
+                        f"{what}: gave up after {attempt} tries: {exc.message}"
+                    ) from exc
+                wait = self.opts.policy.delay(attempt, getattr(exc, "retry_after", None))
+                self.log.info("retry", step=what, attempt=attempt, error=str(exc))
+                await anyio.sleep(wait)
+            except BaseException:
+                undo()
+                raise
+
+    async def _multipart(self) -> None:
+        assert self.state.ingestion_id is not None
+        part_size = self.state.part_size
+        if not part_size or part_size <= 0:
+            raise RejectedError(
+                "multipart ingestion without a part_size", endpoint="POST /ingestion"
+            )
+        size = self.req.file.size
+        total = math.ceil(size / part_size)
+        todo = [n for n in range(1, total + 1) if n not in self.state.parts_done]
+        if len(todo) < total:
+            self.log.info("multipart.resume", parts_done=total - len(todo), parts_total=total)
+        urls = _PartUrlCache(self.client, self.state.ingestion_id, total, self.opts.policy)
+        pending = iter(todo)
+
+        async def worker() -> None:
+            for n in pending:
+                start = (n - 1) * part_size
+                length = min(part_size, size - start)
+                await self._put_part(urls, n, start, length)
+
+        await _run_workers(min(self.opts.part_concurrency, len(todo)), worker)
+
+    async def _put_part(self, urls: _PartUrlCache, n: int, start: int, length: int) -> None:
+        refreshes = 0
+        while True:
+            url = await urls.get(n)
+            try:
+                await self._put_slice(url, start, length, f"part {n}")
+            except UrlExpiredError:
+                refreshes += 1
+                if refreshes > self.opts.storage_attempts:
+                    raise
+                self.log.info("multipart.url_expired", part=n)
+                urls.invalidate(n)
+                continue
+            break
+        self.state.parts_done.add(n)
+        await self.journal.part_done(n)
+
+    async def _azure(self, sas_url: str) -> None:
+        size = self.req.file.size
+        base_headers = {"x-ms-version": _AZURE_VERSION}
+        if size <= _AZURE_PUT_BLOB_MAX:
+            headers = {**base_headers, "x-ms-blob-type": "BlockBlob"}
+            await self._put_slice(sas_url, 0, size, "azure put blob", headers)
+            return
+        block = max(_AZURE_BLOCK_SIZE, math.ceil(size / _AZURE_MAX_BLOCKS))
+        if self.state.part_size != block:
+            await self._save(part_size=block, parts_done=set())
+        total = math.ceil(size / block)
+        ids = [_block_id(n) for n in range(1, total + 1)]
+        pending = iter([n for n in range(1, total + 1) if n not in self.state.parts_done])
+
+        async def worker() -> None:
+            for n in pending:
+                start = (n - 1) * block
+                length = min(block, size - start)
+                url = f"{sas_url}&comp=block&blockid={_quote(ids[n - 1])}"
+                await self._put_slice(url, start, length, f"azure block {n}", base_headers)
+                self.state.parts_done.add(n)
+                await self.journal.part_done(n)
+
+        await _run_workers(min(self.opts.part_concurrency, total), worker)
+        xml = "".join(f"<Latest>{i}</Latest>" for i in ids)
+        body = f'<?xml version="1.0" encoding="utf-8"?><BlockList>{xml}</BlockList>'.encode()
+        await self._storage_retry(
+            lambda add: self.client.storage_put(
+                f"{sas_url}&comp=blocklist",
+                body,
+                headers={**base_headers, "Content-Type": "application/xml"},
+                what="azure put block list",
+            ),
+            "azure put block list",
+        )
+
+    # ---- complete / abort ---------------------------------------------------------------
+
+    async def _complete(self) -> bool:
+        """Complete the upload; True when a lost earlier answer turned out to have succeeded."""
+        assert self.state.ingestion_id is not None and self.state.dataset_id is not None
+        ingestion_id = self.state.ingestion_id
+        resumed = self.state.stage == "completing"
+        await self._save(stage="completing")
+        if resumed and await self._server_has_it():
+            return True
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.client.complete(ingestion_id)
+                return False
+            except ConflictError:
+                # "not in UPLOADING": an earlier complete went through, or the server failed it.
+                if await self._server_has_it():
+                    return True
+                raise
+            except RejectedError as exc:
+                # 400 from complete: the size check failed and the server marked it FAILED.
+                raise UploadFailed(
+                    f"the server refused to complete the upload: {exc.detail}",
+                    cause_kind="size_mismatch",
+                ) from exc
+            except InboxdError as exc:
+                if not exc.retryable or attempt >= self.opts.policy.attempts:
+                    raise
+                wait = self.opts.policy.delay(attempt, retry.retry_after_of(exc))
+                self.log.info("retry", step="complete", attempt=attempt, error=str(exc))
+                await anyio.sleep(wait)
+                if await self._server_has_it():
+                    return True
+
+    async def _server_has_it(self) -> bool:
+        """Has the dataset moved past UPLOADING? Then a complete already succeeded."""
+        assert self.state.dataset_id is not None
+        dataset_id = self.state.dataset_id
+        statuses = await retry.call(
+            lambda: self.client.datasets_status(self.req.stream.id, [dataset_id]),
+            self.opts.policy,
+            what="dataset status",
+        )
+        for st in statuses:
+            if st.dataset_id == dataset_id and st.import_status not in (None, "UPLOADING"):
+                if st.import_status in FAILED_STATUSES:
+                    why = st.import_message or st.import_status
+                    raise UploadFailed(
+                        f"the server marked the upload failed: {why}",
+                        cause_kind="server_failed",
+                    )
+                return True
+        return False
+
+    async def _abort(self, reason: str) -> None:
+        """Abort the open ingestion, shielded from cancellation; never raises."""
+        ingestion_id = self.state.ingestion_id
+        if ingestion_id is None:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+            try:
+                await retry.call(
+                    lambda: self.client.abort(ingestion_id, reason),
+                    retry.RetryPolicy(attempts=3, base=0.2, cap=2.0),
+                    what="abort",
+                )
+                self.log.warning("ingestion.aborted", ingestion_id=ingestion_id, reason=reason)
+            except (ApiError, InboxdError) as exc:
+                self.log.error("ingestion.abort_failed", ingestion_id=ingestion_id, error=str(exc))
+
+
+class _PartUrlCache:
+    """Signed part URLs fetched in batches, refreshed when near expiry or reported expired."""
+
+    def __init__(
+        self, client: MarpleClient, ingestion_id: int, total: int, policy: retry.RetryPolicy
+    ) -> None:
+        self._client = client
+        self._ingestion_id = ingestion_id
+        self._total = total
+        self._policy = policy
+        self._urls: dict[int, tuple[str, float]] = {}  # part → (url, good until)
+        self._lock = anyio.Lock()
+
+    async def get(self, n: int) -> str:
+        async with self._lock:
+            hit = self._urls.get(n)
+            if hit is not None and time.monotonic() < hit[1]:
+                return hit[0]
+            batch = await retry.call(
+                lambda: self._client.part_urls(self._ingestion_id, n, min(32, self._total - n + 1)),
+                self._policy,
+                what="part urls",
+            )
+            ttl = batch.expires_in if batch.expires_in is not None else 3600.0
+            until = time.monotonic() + ttl * (1 - _URL_MARGIN)
+            for p in batch.parts:
+                self._urls[p.part_number] = (p.url, until)
+            # Forget parts already sent so the cache stays small on huge files.
+            for k in [k for k in self._urls if k < n - 64]:
+                del self._urls[k]
+            if n not in self._urls:
+                raise RejectedError(
+                    f"the server sent no URL for part {n}",
+                    endpoint="GET /ingestion/{id}/upload/part-urls",
+                )
+            return self._urls[n][0]
+
+    def invalidate(self, n: int) -> None:
+        self._urls.pop(n, None)
+
+
+async def _run_workers(count: int, worker: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``count`` copies of ``worker``; the first failure cancels the rest and is raised
+    as itself (not as an ExceptionGroup) so callers can tell what to do next."""
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(worker)
+    except BaseExceptionGroup as group:
+        raise _most_telling(group) from None
+
+
+def _most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(eg: BaseExceptionGroup[BaseException]) -> None:
+        for exc in eg.exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                walk(exc)
+            else:
+                leaves.append(exc)
+
+    walk(group)
+    cancelled = anyio.get_cancelled_exc_class()
+    for exc in leaves:
+        if not isinstance(exc, cancelled):
+            return exc
+    return leaves[0]
+
+
+def _block_id(n: int) -> str:
+    # Azure wants ids of one length per blob; a fixed-width counter is stable across restarts.
+    return base64.b64encode(f"inboxd-{n:08d}".encode()).decode()
+
+
+def _quote(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+def _numbered(name: str, n: int) -> str:
+    """``run.csv`` → ``run (2).csv``: the rename policy for a name taken by another file."""
+    head, sep, last = name.rpartition("/")
+    stem, dot, ext = last.rpartition(".")
+    if not dot or not stem:
+        stem, ext, dot = last, "", ""
+    return f"{head}{sep}{stem} ({n}){dot}{ext}"
