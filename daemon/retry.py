@@ -27,18 +27,19 @@ class RetryPolicy:
     attempts: int = 6
     base: float = 0.5
     cap: float = 60.0
+    #: the longest ``Retry-After`` obeyed; a confused or hostile header cannot stall us longer
+    max_retry_after: float = 300.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before try ``attempt + 1`` (``attempt`` counts from 1).
 
         Full jitter (uniform in [0, min(cap, base * 2**(attempt-1))]) spreads clients that failed
-        together; a server's ``Retry-After`` is a floor, bounded by the cap so a hostile or
-        confused header cannot stall a worker for hours.
+        together; a server's ``Retry-After`` is a floor, itself bounded by ``max_retry_after``.
         """
         ceiling = min(self.cap, self.base * (2 ** max(attempt - 1, 0)))
         wait = random.uniform(0, ceiling)
         if retry_after is not None and retry_after > 0:
-            wait = max(wait, min(retry_after, self.cap))
+            wait = max(wait, min(retry_after, self.max_retry_after))
         return wait
 
 

@@ -66,7 +66,6 @@ _AZURE_VERSION = "2023-11-03"
 _AZURE_PUT_BLOB_MAX = 32 * 1024 * 1024
 _AZURE_BLOCK_SIZE = 8 * 1024 * 1024
 _AZURE_MAX_BLOCKS = 50_000
-_URL_MARGIN = 0.1  # refresh signed URLs once 90 % of their lifetime has passed
 
 Stage = Literal["new", "creating", "uploading", "completing", "completed"]
 NameClash = Literal["rename", "fail", "overwrite"]
@@ -169,6 +168,8 @@ class UploadOptions:
     #: storage attempts per part/object before giving up on storage (then: fallback or abort)
     storage_attempts: int = 5
     server_fallback: bool = True
+    #: refresh signed URLs once this fraction of their lifetime is left (0.1 = at 90 %)
+    url_refresh_margin: float = 0.1
     abort_on_give_up: bool = False
     abort_on_cancel: bool = False
 
@@ -520,7 +521,9 @@ class _Flow:
         todo = [n for n in range(1, total + 1) if n not in self.state.parts_done]
         if len(todo) < total:
             self.log.info("multipart.resume", parts_done=total - len(todo), parts_total=total)
-        urls = _PartUrlCache(self.client, self.state.ingestion_id, total, self.opts.policy)
+        urls = _PartUrlCache(
+            self.client, self.state.ingestion_id, total, self.opts.policy, self.opts.url_refresh_margin
+        )
         pending = iter(todo)
 
         async def worker() -> None:
@@ -661,8 +664,14 @@ class _PartUrlCache:
     """Signed part URLs fetched in batches, refreshed when near expiry or reported expired."""
 
     def __init__(
-        self, client: MarpleClient, ingestion_id: int, total: int, policy: retry.RetryPolicy
+        self,
+        client: MarpleClient,
+        ingestion_id: int,
+        total: int,
+        policy: retry.RetryPolicy,
+        margin: float,
     ) -> None:
+        self._margin = margin
         self._client = client
         self._ingestion_id = ingestion_id
         self._total = total
@@ -681,7 +690,7 @@ class _PartUrlCache:
                 what="part urls",
             )
             ttl = batch.expires_in if batch.expires_in is not None else 3600.0
-            until = time.monotonic() + ttl * (1 - _URL_MARGIN)
+            until = time.monotonic() + ttl * (1 - self._margin)
             for p in batch.parts:
                 self._urls[p.part_number] = (p.url, until)
             # Forget parts already sent so the cache stays small on huge files.
