@@ -70,6 +70,38 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(check)
     check.set_defaults(func=_cmd_check)
 
+    run = sub.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
+    _config_arg(run)
+    run.add_argument(
+        "--grace",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight uploads may take to finish (default 20)",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    status = sub.add_parser("status", help="show queued, moving, done and failed files")
+    _config_arg(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, help="refresh interval (--watch)")
+    status.add_argument("--limit", type=int, default=50, help="jobs listed per state")
+    status.set_defaults(func=_cmd_status)
+
+    retry = sub.add_parser("retry", help="requeue a failed job (or all failed jobs)")
+    _config_arg(retry)
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("job_id", nargs="?", type=int, help="the job id shown by status")
+    which.add_argument("--all-failed", action="store_true", help="every failed job")
+    retry.set_defaults(func=_cmd_retry)
+
+    demo = sub.add_parser(
+        "demo", help="see a file go through end to end: sandbox + daemon in a temporary folder"
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    demo.set_defaults(func=_cmd_demo)
+
     sandbox = sub.add_parser("sandbox", help="run the local Marple-DB-compatible test server")
     from daemon.sandbox import add_sandbox_arguments
 
@@ -319,3 +351,84 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 
     serve_forever(config, on_ready=ready)
     return EXIT_OK
+
+
+# ---- run / status / retry ----------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from daemon.service import Service
+
+    settings = load_settings(args.config, require_token=True)
+    logs.configure(settings.log.level, settings.log.format)
+    anyio.run(Service(settings, grace_seconds=args.grace).run)
+    return EXIT_OK
+
+
+def _open_readonly(settings: Settings) -> Any:
+    from daemon.errors import StateError
+    from daemon.queue import Queue, QueueError
+
+    path = settings.state.path
+    if not path.exists():
+        raise StateError(
+            f"no state database at {path}",
+            advice="the daemon has not run with this config yet (check [state] path)",
+        )
+
+    async def opener() -> Queue:
+        try:
+            return await Queue.open(path, readonly=True)
+        except QueueError as exc:
+            raise StateError(str(exc)) from None
+
+    return opener
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from daemon import status
+
+    settings = load_settings(args.config)
+    opener = _open_readonly(settings)
+
+    async def once() -> int:
+        queue = await opener()
+        try:
+            while True:
+                snap = await status.snapshot(queue, limit=args.limit)
+                if args.json:
+                    print(status.to_json(snap), flush=True)
+                else:
+                    if args.watch and sys.stdout.isatty():
+                        sys.stdout.write("\x1b[H\x1b[2J")
+                    print(status.render(snap), flush=True)
+                if not args.watch:
+                    return EXIT_OK
+                await anyio.sleep(args.interval)
+        finally:
+            await queue.close()
+
+    return anyio.run(once)
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from daemon.queue import Queue
+
+    settings = load_settings(args.config)
+
+    async def go() -> int:
+        queue = await Queue.open(settings.state.path)
+        try:
+            return await queue.requeue(None if args.all_failed else args.job_id)
+        finally:
+            await queue.close()
+
+    n = anyio.run(go)
+    print(f"requeued {n} job(s)")
+    return EXIT_OK if n else EXIT_FAILED
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(keep=args.keep)

@@ -147,6 +147,9 @@ class UploadRequest:
     upload_key: str
     on_name_clash: NameClash = "rename"
     plugin_args: str | None = None
+    #: upload keys of earlier, unfinished versions of this same file: their dataset (aborted
+    #: or still uploading, so holding no imported data) may be taken over instead of renaming
+    predecessor_keys: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -312,6 +315,11 @@ class _Flow:
     def _is_ours(self, ds: Dataset | None) -> bool:
         return ds is not None and (ds.metadata or {}).get(UPLOAD_KEY_FIELD) == self.req.upload_key
 
+    def _is_predecessor(self, ds: Dataset | None) -> bool:
+        if ds is None or (ds.metadata or {}).get(UPLOAD_KEY_FIELD) not in self.req.predecessor_keys:
+            return False
+        return ds.import_status in FAILED_STATUSES or ds.import_status in (None, "UPLOADING")
+
     async def _lookup(self, name: str) -> Dataset | None:
         datapool = self.req.stream.datapool or "default"
         return await retry.call(
@@ -358,6 +366,9 @@ class _Flow:
                 ds = await self._lookup(self.name)
                 if self._is_ours(ds):
                     ambiguous = True
+                    continue
+                if self._is_predecessor(ds):
+                    overwrite = True
                     continue
                 if self.req.on_name_clash == "fail":
                     raise UploadFailed(
@@ -522,7 +533,11 @@ class _Flow:
         if len(todo) < total:
             self.log.info("multipart.resume", parts_done=total - len(todo), parts_total=total)
         urls = _PartUrlCache(
-            self.client, self.state.ingestion_id, total, self.opts.policy, self.opts.url_refresh_margin
+            self.client,
+            self.state.ingestion_id,
+            total,
+            self.opts.policy,
+            self.opts.url_refresh_margin,
         )
         pending = iter(todo)
 

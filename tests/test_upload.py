@@ -171,7 +171,9 @@ async def test_random_api_faults_still_deliver_once(
     data = write_file(tmp_path / "r.bin", 3 * 256 * 1024)
     async with client_factory() as client:
         result = await upload_file(
-            client, request_for(tmp_path / "r.bin"), options=opts(policy=RetryPolicy(12, 0.01, 0.05))
+            client,
+            request_for(tmp_path / "r.bin"),
+            options=opts(policy=RetryPolicy(12, 0.01, 0.05)),
         )
     assert sandbox.dataset_bytes(result.dataset_id) == data
     assert len(sandbox.datasets) == 1

@@ -1,0 +1,115 @@
+"""Where a settled file goes: its dataset name, its stream and its metadata.
+
+Pure decisions from the settings and the file's path (plus its optional sidecar
+``<file>.meta.json``); no network, no database. Stream references stay as written (id or
+name) here; the service resolves names to ids once at start-up.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from daemon.config import Settings
+
+SIDECAR_SUFFIX = ".meta.json"
+_SIDECAR_MAX = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Route:
+    """The decision for one file."""
+
+    stream: int | str
+    dataset_name: str
+    metadata: dict[str, Any]
+    #: a person-readable problem with the sidecar, recorded but not fatal
+    warning: str | None = None
+
+
+def dataset_name_for(rel: str, template: str = "{path}") -> str:
+    """The dataset name for a relative path, always valid UTF-8.
+
+    Bytes of a file name that are not UTF-8 are written as ``%XX`` (and a literal ``%`` stays as
+    it is), so the name is readable, stable and distinct from other files' names.
+    """
+    path = _printable(rel)
+    pure = PurePosixPath(path)
+    parent = str(pure.parent) if str(pure.parent) != "." else ""
+    return template.format(path=path, name=pure.name, stem=pure.stem, parent=parent)
+
+
+def _printable(rel: str) -> str:
+    raw = os.fsencode(rel)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        out = []
+        text = raw.decode("utf-8", "surrogateescape")
+        for ch in text:
+            code = ord(ch)
+            out.append(f"%{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else ch)
+        return "".join(out)
+
+
+def route(rel: str, inbox: Path, settings: Settings) -> Route:
+    """Decide stream, dataset name and metadata for the file at ``inbox / rel``."""
+    up = settings.upload
+    stream: int | str = up.stream
+    metadata: dict[str, Any] = dict(up.metadata)
+    for r in settings.routes:
+        if _matches(rel, r.glob):
+            if r.stream is not None:
+                stream = r.stream
+            metadata.update(r.metadata)
+            break
+    parts = PurePosixPath(_printable(rel)).parts[:-1]
+    for key, value in zip(up.path_metadata, parts, strict=False):
+        metadata[key] = value
+    warning = None
+    if up.sidecar_metadata:
+        extra, warning = read_sidecar(inbox / (rel + SIDECAR_SUFFIX))
+        metadata.update(extra)
+    return Route(stream, dataset_name_for(rel, up.dataset_name), metadata, warning)
+
+
+def _matches(rel: str, pattern: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    if fnmatch.fnmatchcase(rel, pattern) or fnmatch.fnmatchcase(name, pattern):
+        return True
+    # "a/**/b" also matches "a/b": ** may stand for no folder at all.
+    return "**/" in pattern and fnmatch.fnmatchcase(rel, pattern.replace("**/", ""))
+
+
+def read_sidecar(path: Path) -> tuple[dict[str, Any], str | None]:
+    """Metadata from a sidecar JSON file: (values, problem). A missing sidecar is no problem."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        return {}, f"{path.name}: cannot read the sidecar ({exc.strerror}); metadata ignored"
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(_SIDECAR_MAX + 1)
+    if len(data) > _SIDECAR_MAX:
+        return {}, f"{path.name}: sidecar larger than {_SIDECAR_MAX} bytes; metadata ignored"
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        return {}, f"{path.name}: not valid JSON ({exc}); metadata ignored"
+    if not isinstance(obj, dict):
+        return {}, f"{path.name}: must hold a JSON object; metadata ignored"
+    clean = {
+        str(k): v for k, v in obj.items() if isinstance(v, str | int | float | bool) or v is None
+    }
+    dropped = sorted(set(map(str, obj)) - set(clean))
+    problem = (
+        f"{path.name}: values of {', '.join(dropped)} are not plain strings/numbers; ignored"
+        if dropped
+        else None
+    )
+    return clean, problem

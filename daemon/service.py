@@ -1,0 +1,309 @@
+"""The composition root of ``inboxd run``: one task group holding every component.
+
+Start order: queue (open, recover) → client (resolve streams) → workers, poller, disposal →
+watcher (its start-up scan done) → ready. SIGTERM/SIGINT stop intake at once, give in-flight
+uploads ``grace_seconds`` to finish, then cancel them at a safe point (every step is journaled,
+so a cancelled upload resumes on the next start) and exit 0.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from daemon import __version__
+from daemon.client import MarpleClient
+from daemon.config import Settings
+from daemon.disposal import Disposal
+from daemon.errors import ConfigError, InboxdError, StateError
+from daemon.poller import Poller
+from daemon.queue import FileIdentity, NewJob, Queue, QueueError
+from daemon.retry import RetryPolicy
+from daemon.routing import SIDECAR_SUFFIX, route
+from daemon.streams import StreamDirectory
+from daemon.upload import UploadOptions
+from daemon.watcher import DEFAULT_EXCLUDES, Watcher, WatchRules
+from daemon.workers import Pause, Workers, WorkerSettings
+
+_log = structlog.get_logger(__name__)
+HEARTBEAT_SECONDS = 2.0
+_PROBE_SECONDS = 30.0
+
+
+class Service:
+    """A running daemon. ``await Service(settings).run()`` until cancelled or signalled."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        grace_seconds: float = 20.0,
+        on_ready: Callable[[Service], None] | None = None,
+        handle_signals: bool = True,
+        probe_seconds: float = _PROBE_SECONDS,
+    ) -> None:
+        self.probe_seconds = probe_seconds
+        self.settings = settings
+        self.grace_seconds = grace_seconds
+        self.on_ready = on_ready
+        self.handle_signals = handle_signals
+        self.inbox = settings.inbox.path.absolute()
+        self._beat_now = anyio.Event()
+        self.pause = Pause(on_change=lambda: self._beat_now.set())
+        self.started_at = time.time()
+        self.queue: Queue | None = None
+        self.workers: Workers | None = None
+        self.poller: Poller | None = None
+        self.watcher: Watcher | None = None
+        self.streams: StreamDirectory | None = None
+        self._stop = anyio.Event()
+
+    def stop(self) -> None:
+        """Ask for a graceful stop (what SIGTERM does)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until stopped; returns after a graceful stop."""
+        s = self.settings
+        if not self.inbox.is_dir():
+            raise ConfigError(
+                f"inbox.path = {str(s.inbox.path)!r}: no such folder — create it or fix the path"
+            )
+        lock = _lock_state(s.state.path)
+        try:
+            try:
+                queue = await Queue.open(s.state.path)
+            except QueueError as exc:
+                raise StateError(str(exc)) from None
+            self.queue = queue
+            try:
+                await self._run(queue)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await queue.close()
+        finally:
+            os.close(lock)
+
+    async def _run(self, queue: Queue) -> None:
+        s = self.settings
+        owner = f"inboxd-{os.getpid()}-{int(self.started_at)}"
+        recovered = await queue.recover(owner)
+        for job in recovered:
+            _log.info("job.recovered", job_id=job.id, path=job.identity.rel, stage=job.stage.value)
+        await queue.clear_all_settling()
+        async with _client(s) as client:
+            self.streams = StreamDirectory(client)
+            r = s.retry
+            policy = RetryPolicy(attempts=r.attempts, base=r.base_seconds, cap=r.cap_seconds)
+            self.workers = Workers(
+                queue,
+                client,
+                self.inbox,
+                self.streams,
+                WorkerSettings(
+                    count=s.upload.workers,
+                    options=UploadOptions(
+                        policy=policy, part_concurrency=s.upload.part_concurrency
+                    ),
+                    on_name_clash=s.upload.on_name_clash,
+                    backoff_base=max(r.base_seconds, 1.0),
+                    backoff_cap=r.job_backoff_cap_seconds,
+                    plugin_args=s.upload.plugin_args,
+                ),
+                pause=self.pause,
+                owner=owner,
+            )
+            self.poller = Poller(
+                queue, client, interval=s.poll.interval_seconds, batch_size=s.poll.batch_size
+            )
+            disposal = Disposal(queue, self.inbox, s.inbox.after_upload, s.inbox.archive_path)
+            self.watcher = Watcher(
+                self.inbox,
+                self._rules(),
+                on_ready=self._on_ready,
+                on_skip=self._on_skip,
+                on_settling=self._on_settling,
+            )
+            async with anyio.create_task_group() as tg:
+                if self.handle_signals:
+                    tg.start_soon(self._signals)
+                await tg.start(self._heartbeat)
+                await tg.start(self.workers.run)
+                await tg.start(self.poller.run)
+                await tg.start(disposal.run)
+                tg.start_soon(self._probe_when_paused, client)
+                tg.start_soon(self._housekeeping)
+                watcher_scope = anyio.CancelScope()
+                await tg.start(self._watch, watcher_scope)
+                _log.info(
+                    "daemon.ready",
+                    version=__version__,
+                    inbox=str(self.inbox),
+                    workers=s.upload.workers,
+                )
+                if self.on_ready is not None:
+                    self.on_ready(self)
+                await self._stop.wait()
+                _log.info("daemon.stopping", grace_seconds=self.grace_seconds)
+                watcher_scope.cancel()
+                self.workers.stopping.set()
+                self.workers.wake()
+                with anyio.move_on_after(self.grace_seconds):
+                    while self.workers.active:
+                        await anyio.sleep(0.05)
+                if self.workers.active:
+                    _log.warning("daemon.cancel_in_flight", jobs=sorted(self.workers.active))
+                tg.cancel_scope.cancel()
+        _log.info("daemon.stopped")
+
+    async def _watch(
+        self, scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        assert self.watcher is not None
+        with scope:
+            await self.watcher.run(task_status=task_status)
+
+    def _rules(self) -> WatchRules:
+        inbox = self.settings.inbox
+        exclude = tuple(inbox.exclude)
+        if self.settings.upload.sidecar_metadata:
+            exclude += ("*" + SIDECAR_SUFFIX,)
+        ignore: tuple[Path, ...] = ()
+        if inbox.archive_path is not None:
+            ignore = (inbox.archive_path.absolute(),)
+        _ = DEFAULT_EXCLUDES  # the config's default mirrors the watcher's
+        return WatchRules(
+            settle_seconds=inbox.settle_seconds,
+            include=tuple(inbox.include),
+            exclude=exclude,
+            follow_symlinks=inbox.follow_symlinks,
+            ignore_dirs=ignore,
+            rescan_seconds=inbox.rescan_seconds,
+            force_polling=inbox.force_polling,
+        )
+
+    async def _on_ready(self, files: list[FileIdentity]) -> None:
+        assert self.queue is not None and self.workers is not None
+        items = []
+        for ident in files:
+            r = await anyio.to_thread.run_sync(route, ident.rel, self.inbox, self.settings)
+            if r.warning:
+                _log.warning("route.sidecar", path=ident.rel, problem=r.warning)
+            stream_id = await self._stream_id(r.stream, ident.rel)
+            items.append(NewJob(ident, stream_id, r.dataset_name, r.metadata))
+        new = await self.queue.enqueue_many(items)
+        for ident in files:
+            await self.queue.clear_settling(ident.rel)
+        if new:
+            _log.info("watcher.enqueued", files=len(new))
+            self.workers.wake()
+
+    async def _stream_id(self, ref: int | str, rel: str) -> int:
+        """Resolve a stream name for intake; waits out an API outage instead of dropping files."""
+        assert self.streams is not None
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self.streams.resolve(ref)
+            except InboxdError as exc:
+                wait = min(60.0, 0.5 * 2**attempt) if exc.retryable else 60.0
+                _log.warning("route.stream_unresolved", path=rel, stream=ref, error=str(exc))
+                await anyio.sleep(wait)
+
+    async def _on_skip(self, rel: str, reason: str) -> None:
+        _log.warning("watcher.skip", path=rel, reason=reason)
+
+    async def _on_settling(self, rel: str, size: int | None) -> None:
+        assert self.queue is not None
+        if size is None:
+            await self.queue.clear_settling(rel)
+        else:
+            await self.queue.set_settling(rel, size, time.time())
+
+    async def _heartbeat(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        assert self.queue is not None
+        queue = self.queue
+        first = True
+        while True:
+            info = {
+                "version": __version__,
+                "inbox": str(self.inbox),
+                "paused": self.pause.reason,
+                "workers": self.settings.upload.workers,
+            }
+            await queue.heartbeat(os.getpid(), self.started_at, info)
+            if first:
+                task_status.started()
+                first = False
+            with anyio.move_on_after(HEARTBEAT_SECONDS):
+                await self._beat_now.wait()
+            self._beat_now = anyio.Event()
+
+    async def _probe_when_paused(self, client: MarpleClient) -> None:
+        while True:
+            await anyio.sleep(self.probe_seconds if self.pause.paused else 0.5)
+            if not self.pause.paused:
+                continue
+            try:
+                await client.streams()
+            except InboxdError as exc:
+                _log.warning("daemon.still_paused", error=str(exc))
+                continue
+            _log.info("daemon.resumed", reason="the token is accepted again")
+            self.pause.resume()
+
+    async def _housekeeping(self) -> None:
+        assert self.queue is not None
+        days = self.settings.state.prune_after_days
+        while True:
+            pruned = await self.queue.prune(days * 86400)
+            if pruned:
+                _log.info("queue.pruned", jobs=pruned)
+                await self.queue.vacuum_if_worthwhile()
+            await anyio.sleep(3600)
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                _log.info("daemon.signal", signal=signal.Signals(signum).name)
+                self.stop()
+
+
+def _client(settings: Settings) -> MarpleClient:
+    api = settings.api
+    return MarpleClient(
+        api.url,
+        api.resolved_token(),
+        timeout=api.timeout,
+        verify_tls=api.verify_tls,
+        ca_file=api.ca_file,
+    )
+
+
+def _lock_state(db: Path) -> int:
+    """Hold an exclusive lock next to the database: two daemons on one queue would race."""
+    db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = db.with_name(db.name + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StateError(
+            f"another inboxd (pid {other}) is running with the state database {db}",
+            advice="stop it first, or give this one its own [state] path",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd

@@ -1,0 +1,340 @@
+"""Upload workers: claim a job, run (or resume) its ingestion, record the outcome.
+
+Each outcome is one of: uploaded (→ the poller takes over), back in the queue with a per-job
+backoff (transient trouble; the ingestion stays open and is resumed), failed with a reason a
+person understands (permanent trouble), superseded (the file changed; its new version is a new
+job), or paused (the token was refused: nothing else is tried until a probe succeeds).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from daemon.client import MarpleClient
+from daemon.errors import (
+    AuthError,
+    ConflictError,
+    EmptyFileError,
+    FileChangedError,
+    FileProblem,
+    InboxdError,
+    NotFoundError,
+    UploadFailed,
+)
+from daemon.queue import Job, JobState, Queue, Stage
+from daemon.streams import StreamDirectory
+from daemon.upload import FileRef, Resume, UploadOptions, UploadRequest, upload_file
+
+_log = structlog.get_logger(__name__)
+
+LEASE_SECONDS = 60.0
+_IDLE_POLL = 1.0  # also picks up `inboxd retry` done by another process
+_PROGRESS_EVERY = 1.0  # seconds between bytes_sent writes (a write per chunk would be waste)
+_MAX_ATTEMPTS_UNEXPECTED = 20
+_UNFINISHED = (JobState.SUPERSEDED, JobState.FAILED, JobState.UPLOADING)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    count: int
+    options: UploadOptions
+    on_name_clash: str
+    backoff_base: float
+    backoff_cap: float
+    plugin_args: str | None = None
+
+
+class Pause:
+    """Shared "uploads are paused" state: set on a refused token, cleared by a probe."""
+
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        self._on_change = on_change
+        self.reason: str | None = None
+        self._resumed = anyio.Event()
+        self._resumed.set()
+
+    @property
+    def paused(self) -> bool:
+        return self.reason is not None
+
+    def pause(self, reason: str) -> None:
+        if self.reason is None:
+            self._resumed = anyio.Event()
+        self.reason = reason
+        if self._on_change is not None:
+            self._on_change()
+
+    def resume(self) -> None:
+        self.reason = None
+        self._resumed.set()
+        if self._on_change is not None:
+            self._on_change()
+
+    async def wait_resumed(self) -> None:
+        await self._resumed.wait()
+
+
+class _Journal:
+    """The upload flow's journal, written to the queue before/after each side effect."""
+
+    def __init__(self, queue: Queue, job_id: int) -> None:
+        self._queue = queue
+        self._job_id = job_id
+
+    async def save(self, resume: Resume) -> None:
+        named: dict[str, Any] = {}
+        if resume.dataset_name is not None:
+            named["dataset_name"] = resume.dataset_name
+        await self._queue.save_progress(
+            self._job_id,
+            stage=Stage(resume.stage),
+            ingestion_id=resume.ingestion_id,
+            dataset_id=resume.dataset_id,
+            mode=resume.mode,
+            part_size=resume.part_size,
+            fell_back=resume.fell_back,
+            **named,
+        )
+        if not resume.parts_done:
+            await self._queue.clear_parts(self._job_id)
+
+    async def part_done(self, part_number: int) -> None:
+        await self._queue.mark_part_done(self._job_id, part_number)
+
+
+class Workers:
+    """``count`` upload loops over one queue."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        client: MarpleClient,
+        inbox: Path,
+        streams: StreamDirectory,
+        settings: WorkerSettings,
+        *,
+        pause: Pause | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self.queue = queue
+        self.client = client
+        self.inbox = inbox
+        self.streams = streams
+        self.settings = settings
+        self.pause = pause or Pause()
+        self.owner = owner or f"inboxd-{os.getpid()}"
+        self.stopping = anyio.Event()
+        self._wake = anyio.Event()
+        self.active: dict[int, Job] = {}
+
+    def wake(self) -> None:
+        """New work was queued: stop idling."""
+        self._wake.set()
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the workers until cancelled, or until ``stopping`` is set and work is done."""
+        async with anyio.create_task_group() as tg:
+            for i in range(self.settings.count):
+                tg.start_soon(self._loop, i)
+            task_status.started()
+
+    async def _loop(self, index: int) -> None:
+        log = _log.bind(worker=index)
+        while not self.stopping.is_set():
+            if self.pause.paused:
+                with anyio.move_on_after(_IDLE_POLL):
+                    await self.pause.wait_resumed()
+                continue
+            job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS)
+            if job is None:
+                await self._idle()
+                continue
+            try:
+                await self._process(job)
+            except Exception:  # the daemon must outlive any one file
+                log.exception("worker.unexpected", job_id=job.id)
+                await self._backoff(job, "internal error (see the log); will retry", "internal")
+
+    async def _idle(self) -> None:
+        due = await self.queue.next_due_at()
+        wait = _IDLE_POLL if due is None else min(_IDLE_POLL, max(0.0, due - time.time()))
+        with anyio.move_on_after(wait):
+            await self._wake.wait()
+        if self._wake.is_set():
+            self._wake = anyio.Event()
+
+    async def _process(self, job: Job) -> None:
+        rel = job.identity.rel
+        structlog.contextvars.bind_contextvars(job_id=job.id, path=rel)
+        try:
+            self.active[job.id] = job
+            saver = _ProgressSaver(self.queue, job.id)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_lease, job.id)
+                tg.start_soon(saver.run)
+                try:
+                    await self._upload(job, saver)
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            self.active.pop(job.id, None)
+            structlog.contextvars.unbind_contextvars("job_id", "path")
+
+    async def _keep_lease(self, job_id: int) -> None:
+        while True:
+            await anyio.sleep(LEASE_SECONDS / 3)
+            await self.queue.renew_lease(job_id, self._owner_of(job_id), LEASE_SECONDS)
+
+    def _owner_of(self, job_id: int) -> str:
+        job = self.active.get(job_id)
+        return job.lease_owner if job is not None and job.lease_owner else self.owner
+
+    async def _upload(self, job: Job, sent: _ProgressSaver) -> None:
+        try:
+            stream = await self.streams.get(job.stream_id)
+        except NotFoundError as exc:
+            await self.queue.mark_failed(job.id, error=str(exc), kind=exc.kind)
+            return
+        except AuthError as exc:
+            self.pause.pause(str(exc))
+            await self.queue.retry_later(job.id, error=str(exc), kind=exc.kind, delay=0.0)
+            return
+        except InboxdError as exc:
+            await self._backoff(job, str(exc), exc.kind)
+            return
+        ident = job.identity
+        ref = FileRef(self.inbox / ident.rel, ident.size, ident.mtime_ns, ident.inode)
+        resume = Resume(
+            stage=job.stage.value if job.stage.value != "completed" else "completing",
+            ingestion_id=job.ingestion_id,
+            dataset_id=job.dataset_id,
+            dataset_name=job.dataset_name,
+            mode=job.mode,
+            part_size=job.part_size,
+            parts_done=await self.queue.parts_done(job.id) if job.ingestion_id else set(),
+            fell_back=job.fell_back,
+        )
+        request = UploadRequest(
+            file=ref,
+            dataset_name=job.dataset_name,
+            stream=stream,
+            metadata=dict(job.metadata),
+            upload_key=job.upload_key,
+            on_name_clash=self.settings.on_name_clash,  # type: ignore[arg-type]
+            plugin_args=self.settings.plugin_args,
+            predecessor_keys=await self._predecessors(job),
+        )
+        log = _log.bind(job_id=job.id, path=ident.rel)
+        log.info("upload.start", size=ident.size, attempt=job.attempts + 1, stage=resume.stage)
+        started = time.monotonic()
+        try:
+            result = await upload_file(
+                self.client,
+                request,
+                options=self.settings.options,
+                resume=resume,
+                journal=_Journal(self.queue, job.id),
+                progress=sent.add,
+            )
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await sent.flush()
+            raise
+        except EmptyFileError as exc:
+            await self.queue.mark_failed(job.id, error=str(exc), kind=exc.kind)
+        except FileChangedError as exc:
+            await self._changed(job, exc)
+        except FileProblem as exc:
+            await self.queue.mark_failed(job.id, error=str(exc), kind=exc.kind)
+        except UploadFailed as exc:
+            log.warning("upload.failed", reason=exc.reason, kind=exc.cause_kind)
+            await self.queue.mark_failed(job.id, error=exc.reason, kind=exc.cause_kind)
+        except AuthError as exc:
+            self.pause.pause(str(exc))
+            log.error("upload.paused", reason=str(exc))
+            await self.queue.retry_later(job.id, error=str(exc), kind=exc.kind, delay=0.0)
+        except (ConflictError, NotFoundError) as exc:
+            # The ingestion is gone or closed on the server (aborted there, superseded):
+            # start this file afresh; the upload key finds and reuses our dataset.
+            if job.attempts >= self.settings.options.policy.attempts:
+                await self.queue.mark_failed(job.id, error=str(exc), kind=exc.kind)
+            else:
+                await self.queue.reset_ingestion(job.id)
+                await self._backoff(job, str(exc), exc.kind)
+        except InboxdError as exc:
+            if exc.retryable:
+                await sent.flush()
+                await self._backoff(job, str(exc), exc.kind)
+            else:
+                await self.queue.mark_failed(job.id, error=str(exc), kind=exc.kind)
+        else:
+            await self.queue.save_progress(job.id, bytes_sent=ident.size)
+            await self.queue.mark_uploaded(job.id)
+            log.info(
+                "upload.done",
+                dataset_id=result.dataset_id,
+                mode=result.mode,
+                fell_back=result.fell_back,
+                recovered=result.recovered,
+                seconds=round(time.monotonic() - started, 3),
+            )
+
+    async def _predecessors(self, job: Job) -> frozenset[str]:
+        """Keys of earlier versions of this file that never finished (see UploadRequest)."""
+        older = await self.queue.find_by_rel(job.identity.rel)
+        return frozenset(j.upload_key for j in older if j.id != job.id and j.state in _UNFINISHED)
+
+    async def _changed(self, job: Job, exc: FileChangedError) -> None:
+        path = self.inbox / job.identity.rel
+        if path.exists():
+            # The watcher settles and enqueues the new version as its own job.
+            await self.queue.mark_superseded(job.id, reason=f"file changed: {exc.message}")
+        else:
+            await self.queue.mark_failed(
+                job.id,
+                error=f"file vanished before its upload finished: {exc.message}",
+                kind="file_vanished",
+            )
+
+    async def _backoff(self, job: Job, error: str, kind: str) -> None:
+        if kind == "internal" and job.attempts + 1 >= _MAX_ATTEMPTS_UNEXPECTED:
+            await self.queue.mark_failed(job.id, error=error, kind=kind)
+            return
+        s = self.settings
+        ceiling = min(s.backoff_cap, s.backoff_base * (2 ** min(job.attempts, 30)))
+        delay = random.uniform(ceiling / 2, ceiling)
+        _log.info("job.backoff", job_id=job.id, delay=round(delay, 2), error=error)
+        await self.queue.retry_later(job.id, error=error, kind=kind, delay=delay)
+
+
+class _ProgressSaver:
+    """Keeps ``bytes_sent`` in the queue current, at most once a second."""
+
+    def __init__(self, queue: Queue, job_id: int) -> None:
+        self._queue = queue
+        self._job_id = job_id
+        self.total = 0
+        self._dirty = False
+
+    def add(self, n: int) -> None:
+        self.total += n
+        self._dirty = True
+
+    async def flush(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            await self._queue.save_progress(self._job_id, bytes_sent=max(self.total, 0))
+
+    async def run(self) -> None:
+        while True:
+            await anyio.sleep(_PROGRESS_EVERY)
+            await self.flush()

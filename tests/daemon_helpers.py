@@ -1,0 +1,146 @@
+"""Helpers for end-to-end daemon tests: a config on disk, an in-process service, waits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from daemon.config import Settings, load_settings
+from daemon.queue import Queue
+from daemon.sandbox import Sandbox
+from daemon.service import Service
+from tests.conftest import TOKEN
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp: Path, sb: Sandbox, **sections: dict[str, Any]) -> Path:
+    """A config file for a daemon on ``tmp/inbox`` against ``sb``; ``sections`` override keys."""
+    base: dict[str, dict[str, Any]] = {
+        "api": {"url": sb.url, "token": TOKEN, "timeout": 5.0},
+        "inbox": {"path": str(tmp / "inbox"), "settle_seconds": 0.2},
+        "state": {"path": str(tmp / "state" / "state.db")},
+        "upload": {"stream": 1, "workers": 2, "part_concurrency": 2},
+        "retry": {
+            "attempts": 4,
+            "base_seconds": 0.05,
+            "cap_seconds": 0.3,
+            "job_backoff_cap_seconds": 0.5,
+        },
+        "poll": {"interval_seconds": 0.2},
+        "log": {"format": "json", "level": "debug"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    (tmp / "inbox").mkdir(exist_ok=True)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml(value)}")
+    path = tmp / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+@asynccontextmanager
+async def running_service(config: Path, **kw: Any) -> AsyncIterator[Service]:
+    """Run the daemon in this process until the block ends (then a graceful stop)."""
+    settings = load_settings(config)
+    service = Service(settings, handle_signals=False, grace_seconds=kw.pop("grace", 2.0), **kw)
+    ready = anyio.Event()
+    service.on_ready = lambda _s: ready.set()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service.run)
+        with anyio.fail_after(15):
+            await ready.wait()
+        try:
+            yield service
+        finally:
+            service.stop()
+
+
+async def wait_until(cond: Callable[[], Any], timeout: float = 30.0, step: float = 0.05) -> Any:
+    """Poll ``cond`` (sync or async) until truthy; fail after ``timeout`` seconds."""
+    with anyio.fail_after(timeout):
+        while True:
+            value = cond()
+            if hasattr(value, "__await__"):
+                value = await value
+            if value:
+                return value
+            await anyio.sleep(step)
+
+
+async def counts(settings_or_config: Settings | Path) -> dict[str, int]:
+    """Job counts per state, read with a separate read-only connection."""
+    settings = (
+        settings_or_config
+        if isinstance(settings_or_config, Settings)
+        else load_settings(settings_or_config)
+    )
+    if not settings.state.path.exists():
+        return {}
+    queue = await Queue.open(settings.state.path, readonly=True)
+    try:
+        return await queue.counts()
+    finally:
+        await queue.close()
+
+
+def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``inboxd run`` as a real child process (for signals and SIGKILL)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "--config", str(config), "--grace", "3"],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+        )
+
+
+def inboxd(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run an ``inboxd`` command to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def server_datasets(sb: Sandbox) -> dict[str, list[int]]:
+    """Dataset name → ids on the sandbox (to check "exactly once")."""
+    out: dict[str, list[int]] = {}
+    for ds in list(sb.datasets.values()):
+        out.setdefault(ds.path, []).append(ds.id)
+    return out
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,177 @@
+"""The daemon as a real process: SIGTERM is a graceful stop, SIGKILL loses nothing."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from daemon.sandbox import Sandbox
+from tests.conftest import write_file
+from tests.daemon_helpers import inboxd, server_datasets, start_daemon, write_config
+
+KiB = 1024
+pytestmark = pytest.mark.slow
+
+
+def _wait(cond: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _status(config: Path) -> dict:  # type: ignore[type-arg]
+    import json
+
+    out = inboxd("status", "--config", str(config), "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _done(config: Path, n: int) -> bool:
+    if not (config.parent / "state" / "state.db").exists():
+        return False  # the daemon is still starting
+    return _status(config)["counts"]["done"] == n
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=30)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def _check_exactly_once(sb: Sandbox, files: dict[str, bytes]) -> None:
+    names = server_datasets(sb)
+    assert sorted(names) == sorted(files)
+    for name, data in files.items():
+        assert len(names[name]) == 1, f"{name}: {names[name]}"
+        assert sb.dataset_bytes(names[name][0]) == data, name
+    assert not [i for i in sb.ingestions.values() if i.state == "UPLOADING"]
+
+
+def _files(inbox: Path) -> dict[str, bytes]:
+    sizes = [3 * KiB, 50 * KiB, 300 * KiB, 700 * KiB, 1300 * KiB, 2100 * KiB]
+    return {
+        f"run{i}/data{i}.bin": write_file(inbox / f"run{i}/data{i}.bin", s, i)
+        for i, s in enumerate(sizes)
+    }
+
+
+def test_sigterm_stops_gracefully_and_exits_zero(sandbox: Sandbox, tmp_path: Path) -> None:
+    config = write_config(tmp_path, sandbox, log={"level": "info"})
+    files = _files(tmp_path / "inbox")
+    proc = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        _wait(lambda: _done(config, len(files)), 60, "all files done")
+        assert _status(config)["daemon"]["alive"] is True
+    finally:
+        code = _stop(proc)
+    assert code == 0
+    log = (tmp_path / "daemon.log").read_text()
+    assert "daemon.stopped" in log
+    assert _status(config)["daemon"]["alive"] is False
+    _check_exactly_once(sandbox, files)
+
+
+def test_sigterm_mid_upload_resumes_after_restart(sandbox: Sandbox, tmp_path: Path) -> None:
+    sandbox.faults.storage_delay_per_mib = 3.0
+    config = write_config(tmp_path, sandbox, upload={"part_concurrency": 1, "workers": 1})
+    data = write_file(tmp_path / "inbox" / "big.bin", 2048 * KiB)
+    proc = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        _wait(
+            lambda: any(r.kind == "storage" and r.status == 200 for r in sandbox.requests),
+            30,
+            "a part",
+        )
+    finally:
+        code = _stop(proc)  # grace (3 s) is shorter than the upload: it is cancelled and kept
+    assert code == 0
+    parts_before = sum(1 for r in sandbox.requests if r.kind == "storage" and r.status == 200)
+    sandbox.faults.storage_delay_per_mib = 0.0
+    proc = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        _wait(lambda: _done(config, 1), 60, "upload after restart")
+    finally:
+        assert _stop(proc) == 0
+    parts = [r.path for r in sandbox.requests if r.kind == "storage" and r.status == 200]
+    assert {p.rsplit("/", 1)[-1] for p in parts} == {str(n) for n in range(1, 9)}
+    # Parts acknowledged before the stop are not sent again; at most the one part that was
+    # in flight when the grace period ran out (part_concurrency = 1) is.
+    assert len(parts) <= 8 + 1
+    assert parts_before >= 1
+    _check_exactly_once(sandbox, {"big.bin": data})
+
+
+@pytest.mark.parametrize(
+    "point",
+    ["after_create", "mid_multipart", "after_complete"],
+)
+def test_sigkill_at_a_point_then_restart(sandbox: Sandbox, tmp_path: Path, point: str) -> None:
+    sandbox.faults.storage_delay_per_mib = 1.0
+    sandbox.config.import_seconds = 2.0
+    config = write_config(tmp_path, sandbox, upload={"part_concurrency": 1, "workers": 1})
+    data = write_file(tmp_path / "inbox" / "victim.bin", 1500 * KiB)
+
+    def reached() -> bool:
+        reqs = list(sandbox.requests)
+        if point == "after_create":
+            return any(r.path.endswith("/ingestion") and r.method == "POST" for r in reqs)
+        if point == "mid_multipart":
+            return sum(1 for r in reqs if r.kind == "storage" and r.status == 200) >= 2
+        return any(r.path.endswith("/upload/complete") and r.status == 200 for r in reqs)
+
+    proc = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        _wait(reached, 30, point)
+    finally:
+        _kill(proc)
+    sandbox.faults.storage_delay_per_mib = 0.0
+    proc = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        _wait(lambda: _done(config, 1), 60, "done after restart")
+    finally:
+        assert _stop(proc) == 0
+    _check_exactly_once(sandbox, {"victim.bin": data})
+    if point == "after_complete":
+        # Completed before the kill: nothing is uploaded again, no second ingestion.
+        assert len(sandbox.ingestions) == 1
+
+
+def test_random_sigkills_lose_nothing_and_duplicate_nothing(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    rnd = random.Random(20261122)
+    sandbox.faults.storage_delay_per_mib = 0.6
+    config = write_config(tmp_path, sandbox, upload={"workers": 2, "part_concurrency": 2})
+    inbox = tmp_path / "inbox"
+    files = _files(inbox)
+    kills = 0
+    for _ in range(10):
+        proc = start_daemon(config, tmp_path / "daemon.log")
+        time.sleep(rnd.uniform(0.4, 1.6))
+        _kill(proc)
+        kills += 1
+        if rnd.random() < 0.3:  # files keep arriving between crashes
+            name = f"late/{kills}.csv"
+            files[name] = write_file(inbox / name, rnd.randint(1, 900 * KiB), 100 + kills)
+    sandbox.faults.storage_delay_per_mib = 0.0
+    proc = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        _wait(lambda: _done(config, len(files)), 90, "all files done")
+    finally:
+        assert _stop(proc) == 0
+    assert kills == 10
+    _check_exactly_once(sandbox, files)
