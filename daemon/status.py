@@ -145,6 +145,8 @@ def render(snap: Snapshot) -> str:
     for job in waiting[:10]:
         when = max(0.0, (job["next_attempt_at"] or snap.taken_at) - snap.taken_at)
         lines.append(f"  ↻ {job['path']}  retry in {_duration(when)}: {job['error']}")
+    for job in groups.get("done", [])[:5]:
+        lines.append(f"  ✓ {job['path']}  dataset {job['dataset_id']} ({job['import_status']})")
     failed = groups.get("failed", [])
     if failed:
         lines.append("recent failures:")

@@ -1,0 +1,217 @@
+"""The command line as a user runs it: real processes, the sandbox over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Settings, load_settings
+from daemon.errors import ConfigError
+from daemon.sandbox import Sandbox
+from tests.conftest import TOKEN, write_file
+from tests.daemon_helpers import REPO, inboxd, write_config
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+# ---- configuration ------------------------------------------------------------------------
+
+
+def test_bad_config_exits_78_with_one_line_per_problem(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[api]\nurl = "ftp://nowhere"\ntoken = "x"\ntimeout = -3\ncolour = "blue"\n'
+        '[upload]\nworkers = 0\n[inbox]\nafter_upload = "archive"\n'
+    )
+    result = run("check", "--config", str(cfg))
+    assert result.returncode == 78
+    lines = [ln.strip() for ln in result.stderr.splitlines()[1:]]
+    assert any(ln.startswith("api.url = 'ftp://nowhere': must start with http") for ln in lines)
+    assert any(ln.startswith("api.timeout = -3") for ln in lines)
+    assert any(ln.startswith("api.colour: unknown key") for ln in lines)
+    assert any(ln.startswith("upload.workers = 0") for ln in lines)
+    assert len(lines) == 4  # the archive_path check runs once the values themselves are valid
+
+
+def test_cross_checks_and_missing_token(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[inbox]\nafter_upload = "archive"\n')
+    result = run("check", "--config", str(cfg), env={"CREDENTIALS_DIRECTORY": ""})
+    assert result.returncode == 78
+    assert "inbox.after_upload" in result.stderr and "archive_path" in result.stderr
+    assert "api.token: no API token configured" in result.stderr
+
+
+def test_missing_or_broken_config_file(tmp_path: Path) -> None:
+    result = run("check", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 78
+    assert "no such file" in result.stderr
+    (tmp_path / "broken.toml").write_text("[api\nurl=")
+    result = run("check", "--config", str(tmp_path / "broken.toml"))
+    assert result.returncode == 78
+    assert "not valid TOML" in result.stderr
+
+
+def test_token_value_never_printed_in_config_errors(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[api]\ntoken = 12345678\n")
+    result = run("check", "--config", str(cfg))
+    assert result.returncode == 78
+    assert "12345678" not in result.stderr
+    assert "api.token = <hidden>" in result.stderr
+
+
+def test_token_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "tokfile").write_text("from-file\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "token").write_text("from-credential")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[api]\ntoken_file = "{tmp_path / "tokfile"}"\n')
+    assert load_settings(cfg).api.resolved_token().get_secret_value() == "from-file"
+    cfg.write_text("")
+    assert load_settings(cfg).api.resolved_token().get_secret_value() == "from-credential"
+    monkeypatch.setenv("INBOXD_API__TOKEN", "from-env")
+    settings = load_settings(cfg)
+    assert settings.api.resolved_token().get_secret_value() == "from-env"
+    assert "from-env" not in repr(settings) and "from-env" not in str(settings.api)
+    (tmp_path / "empty").write_text("  \n")
+    monkeypatch.delenv("INBOXD_API__TOKEN")
+    cfg.write_text(f'[api]\ntoken_file = "{tmp_path / "empty"}"\n')
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_settings(cfg, require_token=True)
+
+
+def test_environment_overrides_file_and_nests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[upload]\nworkers = 3\nmetadata = { rig = "a" }\n')
+    monkeypatch.setenv("INBOXD_UPLOAD__WORKERS", "7")
+    s = load_settings(cfg)
+    assert s.upload.workers == 7
+    assert s.upload.metadata == {"rig": "a"}
+
+
+def test_example_config_mirrors_the_settings_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every key of the model is documented in config.example.toml, with its default."""
+    example = REPO / "config.example.toml"
+    text = example.read_text()
+    settings = load_settings(example)
+    defaults = Settings()
+    for section, model in Settings.model_fields.items():
+        if section == "routes":
+            assert "[[routes]]" in text
+            continue
+        sub = getattr(defaults, section)
+        for key in type(sub).model_fields:
+            assert f"{key} = " in text or f"# {key} = " in text, f"[{section}] {key} undocumented"
+        assert getattr(settings, section) == sub, f"[{section}] example differs from defaults"
+    # The uncommented part is valid TOML on its own.
+    tomllib.loads(text)
+
+
+# ---- check / push against the sandbox ----------------------------------------------------
+
+
+def test_check_reports_each_step(sandbox: Sandbox, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, sandbox, upload={"stream": "Vehicle Logs"})
+    ok = run("check", "--config", str(cfg))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "ok    token accepted (2 stream(s) visible)" in ok.stdout
+    assert "ok    stream 2 ('Vehicle Logs'" in ok.stdout
+    bad = run("check", "--config", str(cfg), env={"INBOXD_API__TOKEN": "nope-nope"})
+    assert bad.returncode == 1
+    assert "FAIL  token accepted by GET /streams" in bad.stdout and "nope-nope" not in bad.stdout
+    cfg2 = write_config(tmp_path, sandbox, upload={"stream": "missing"})
+    miss = run("check", "--config", str(cfg2))
+    assert miss.returncode == 1
+    assert "no stream 'missing'" in miss.stdout and "'inbox'" in miss.stdout
+
+
+def test_check_when_the_server_is_down(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[api]\nurl = "http://127.0.0.1:9/api/v1"\ntoken = "t"\ntimeout = 2\n')
+    result = run("check", "--config", str(cfg))
+    assert result.returncode == 1
+    assert "cannot connect" in result.stdout
+
+
+def test_push_uploads_waits_and_reports_json(sandbox: Sandbox, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, sandbox)
+    a = write_file(tmp_path / "a.csv", 3000, 1)
+    b = write_file(tmp_path / "b.mf4", 700 * 1024, 2)
+    (tmp_path / "empty.csv").write_bytes(b"")
+    result = run(
+        "push",
+        "--config",
+        str(cfg),
+        "--json",
+        "--metadata",
+        "run=7",
+        str(tmp_path / "a.csv"),
+        str(tmp_path / "b.mf4"),
+        str(tmp_path / "empty.csv"),
+    )
+    assert result.returncode == 1, result.stderr  # one file failed
+    doc = json.loads(result.stdout)
+    rows = {Path(r["file"]).name: r for r in doc["files"]}
+    assert rows["a.csv"]["import_status"] == "FINISHED"
+    assert rows["b.mf4"]["mode"] == "multipart"
+    assert "empty" in rows["empty.csv"]["error"]
+    assert sandbox.dataset_bytes(rows["a.csv"]["dataset_id"]) == a
+    assert sandbox.dataset_bytes(rows["b.mf4"]["dataset_id"]) == b
+    assert sandbox.datasets[rows["a.csv"]["dataset_id"]].metadata["run"] == "7"
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_push_refuses_a_taken_name_unless_overwrite(sandbox: Sandbox, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, sandbox)
+    write_file(tmp_path / "x.csv", 100)
+    assert run("push", "--config", str(cfg), "--no-wait", str(tmp_path / "x.csv")).returncode == 0
+    again = run("push", "--config", str(cfg), "--no-wait", str(tmp_path / "x.csv"))
+    assert again.returncode == 1
+    assert "already exists" in again.stdout
+    forced = run("push", "--config", str(cfg), "--overwrite", str(tmp_path / "x.csv"))
+    assert forced.returncode == 0, forced.stdout
+    assert len(sandbox.datasets) == 1
+
+
+def test_demo_runs_end_to_end() -> None:
+    result = run("demo", timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "every file imported exactly once" in result.stdout
+
+
+def test_status_without_a_database_says_so(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[state]\npath = "{tmp_path / "none.db"}"\n')
+    result = inboxd("status", "--config", str(cfg))
+    assert result.returncode == 1
+    assert "no state database" in result.stderr
+
+
+def test_version_and_help() -> None:
+    assert run("--version").stdout.startswith("inboxd ")
+    helped = run("--help").stdout
+    for cmd in ("push", "check", "run", "status", "retry", "sandbox", "demo"):
+        assert cmd in helped
