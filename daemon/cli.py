@@ -344,7 +344,10 @@ async def _check(settings: Settings) -> int:
 def _cmd_sandbox(args: argparse.Namespace) -> int:
     from daemon.sandbox import config_from_args, ready_message, serve_forever
 
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        raise ConfigError(f"sandbox: {exc}") from None
 
     def ready(sb: Any) -> None:
         print(ready_message(sb), flush=True)

@@ -1,0 +1,125 @@
+"""Running the sandbox: in a background thread for tests, or in the foreground for the CLI.
+
+The socket is bound here, before uvicorn starts, so port 0 can be resolved to the real port
+and the state (`Sandbox.url`) is correct the moment `running_sandbox` yields. The server thread
+has its own event loop, so the context manager works from sync and async tests alike.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+from daemon.sandbox.app import Sandbox
+from daemon.sandbox.config import SandboxConfig
+
+START_TIMEOUT = 10.0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0 = any free port)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(512)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with a hook that runs once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None] | None = None):
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self._on_started is not None:
+            self._on_started()
+
+
+def _uvicorn_config(sandbox: Sandbox, *, quiet: bool) -> uvicorn.Config:
+    return uvicorn.Config(
+        sandbox,
+        lifespan="off",
+        ws="none",
+        # In tests the host application owns logging; uvicorn must not reconfigure it.
+        log_config=None if quiet else uvicorn.config.LOGGING_CONFIG,
+        log_level="warning" if quiet else "info",
+        access_log=not quiet,
+        timeout_graceful_shutdown=2,
+    )
+
+
+@contextmanager
+def running_sandbox(config: SandboxConfig) -> Iterator[Sandbox]:
+    """Run a sandbox in a background thread; yield it once it accepts connections."""
+    sandbox = Sandbox(config)
+    sandbox.prepare()
+    sock = _bind(config.host, config.port)
+    sandbox.bound(config.host, sock.getsockname()[1])
+    server = _Server(_uvicorn_config(sandbox, quiet=True))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="inboxd-sandbox", daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the sandbox server thread stopped during start-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sandbox server did not start in time")
+            time.sleep(0.005)
+        yield sandbox
+    finally:
+        server.should_exit = True
+        thread.join(timeout=START_TIMEOUT)
+        sock.close()
+
+
+def ready_message(sb: Sandbox) -> str:
+    """A config snippet, ready to paste, pointing inboxd at this sandbox."""
+    stream = sb.config.streams[0].id if sb.config.streams else 1
+    return (
+        f"# inboxd sandbox at {sb.url}; data in {sb.config.data_dir}\n"
+        "[api]\n"
+        f'url = "{sb.url}"\n'
+        f'token = "{sb.config.token}"\n'
+        "\n"
+        "[upload]\n"
+        f"stream = {stream}\n"
+    )
+
+
+def serve_forever(config: SandboxConfig, on_ready: Callable[[Sandbox], None] | None = None) -> None:
+    """Serve in the foreground until Ctrl-C / SIGTERM; `on_ready` runs once it listens."""
+    sandbox = Sandbox(config)
+    sandbox.prepare()
+    sock = _bind(config.host, config.port)
+    sandbox.bound(config.host, sock.getsockname()[1])
+
+    def started() -> None:
+        if on_ready is not None:
+            on_ready(sandbox)
+
+    server = _Server(_uvicorn_config(sandbox, quiet=False), on_started=started)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn re-raises the SIGINT it handled gracefully; the server has stopped by now.
+        pass
+    finally:
+        sock.close()
