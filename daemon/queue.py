@@ -1,0 +1,1209 @@
+"""The durable job queue: one SQLite file holds everything inboxd persists.
+
+This is the only module that writes SQL. Every other part of the daemon talks to the state
+database through :class:`Queue`.
+
+Usage -- one idiom, an async context manager around the awaited constructor::
+
+    async with await Queue.open(state_dir / "state.db") as q:
+        await q.enqueue_many(items)
+        job = await q.claim(owner, lease_seconds=60)
+
+(``__aexit__`` calls :meth:`Queue.close`; a composition root that owns the queue for the
+lifetime of a task group may call ``close()`` itself in its ``finally``.)
+
+A job's life (method: transition)::
+
+    enqueue_many      new file identity → QUEUED; older QUEUED job of the same rel still at
+                      stage NEW → SUPERSEDED
+    claim             QUEUED (due) → UPLOADING, with a lease
+    retry_later       UPLOADING → QUEUED later, keeping stage, ingestion fields and parts
+    recover           UPLOADING of a dead process → QUEUED now, keeping the same
+    mark_uploaded     UPLOADING → IMPORTING, stage COMPLETED
+    record_import     IMPORTING → DONE, or FAILED, once the import status is terminal
+    mark_failed       → FAILED;   mark_superseded → SUPERSEDED (the file changed or vanished)
+    requeue           FAILED → QUEUED with a fresh ingestion (``inboxd retry``)
+    set_after_upload  DONE: after_upload = "archived" | "deleted" | "kept"
+    prune             old DONE / FAILED / SUPERSEDED rows deleted; DONE ones go to the ledger
+
+``stage`` (NEW → CREATING → UPLOADING → COMPLETING → COMPLETED) records how far the ingestion
+got. The worker persists it *before* each side effect, so after a crash ``recover`` hands the job
+back with its stage, ingestion ids and finished parts and the worker resumes instead of
+starting over.
+
+Schema (``PRAGMA user_version`` = number of migrations applied, see ``MIGRATIONS``)::
+
+    jobs(id INTEGER PRIMARY KEY AUTOINCREMENT, rel BLOB, size, mtime_ns, inode, state, stage,
+         stream_id, dataset_name, metadata JSON, upload_key, ingestion_id, dataset_id, mode,
+         part_size, bytes_sent, attempts, next_attempt_at, last_error, error_kind,
+         import_status, import_progress, import_message, fell_back, after_upload,
+         created_at, updated_at, started_at, uploaded_at, finished_at,
+         lease_owner, lease_expires_at)                UNIQUE(rel, size, mtime_ns, inode)
+    parts(job_id → jobs ON DELETE CASCADE, part_number)   PRIMARY KEY(job_id, part_number)
+    ledger(rel, size, mtime_ns, inode, dataset_id, finished_at)   files done, jobs pruned
+    daemon(id = 1, pid, started_at, heartbeat_at, info JSON)     liveness for ``status``
+    settling(rel BLOB PRIMARY KEY, size, since)                  files the watcher waits on
+
+Conventions: times are ``time.time()`` floats; ``rel`` is stored as ``os.fsencode(rel)`` so
+names that are not UTF-8 round-trip byte for byte; inodes at or above 2**63 are stored as
+their two's-complement negative (SQLite integers are signed 64-bit) and converted back on read.
+"""
+
+# Every f-string SQL in this module interpolates module constants or fixed column names, never
+# caller data; values always travel as bound parameters.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal, TypedDict
+
+import aiosqlite
+import anyio
+
+__all__ = [
+    "MIGRATIONS",
+    "DaemonInfo",
+    "FileIdentity",
+    "Job",
+    "JobState",
+    "NewJob",
+    "Queue",
+    "QueueError",
+    "SettlingFile",
+    "Stage",
+    "Totals",
+]
+
+
+class QueueError(Exception):
+    """The state database cannot be used: its message says which file and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data model
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """One version of one file in the inbox: a changed file is a new identity."""
+
+    rel: str  # relative to the inbox, as os.fsdecode gives it (may hold surrogate escapes)
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+class JobState(StrEnum):
+    """Where a job is in its life; see the module docstring for the transitions."""
+
+    QUEUED = "queued"
+    UPLOADING = "uploading"
+    IMPORTING = "importing"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class Stage(StrEnum):
+    """How far the ingestion flow got; persisted before each side effect."""
+
+    NEW = "new"
+    CREATING = "creating"
+    UPLOADING = "uploading"
+    COMPLETING = "completing"
+    COMPLETED = "completed"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What the watcher hands to :meth:`Queue.enqueue_many` for one file."""
+
+    identity: FileIdentity
+    stream_id: int
+    dataset_name: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one row of ``jobs``; re-read it after a write to see the new values."""
+
+    id: int
+    identity: FileIdentity
+    state: JobState
+    stage: Stage
+    stream_id: int
+    dataset_name: str
+    metadata: dict[str, Any]
+    upload_key: str  # uuid4 hex; tags the dataset so a lost create POST can be recognised
+    ingestion_id: int | None
+    dataset_id: int | None
+    mode: str | None
+    part_size: int | None
+    bytes_sent: int
+    attempts: int  # tries that ended without success (retry_later, recover, mark_failed)
+    next_attempt_at: float
+    last_error: str | None
+    error_kind: str | None
+    import_status: str | None
+    import_progress: float | None
+    import_message: str | None
+    fell_back: bool
+    after_upload: str | None  # None until archived/deleted/kept
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    uploaded_at: float | None
+    finished_at: float | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+
+
+@dataclass(frozen=True)
+class DaemonInfo:
+    """The running (or last) daemon's heartbeat, for ``inboxd status``."""
+
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SettlingFile:
+    """A file the watcher has seen but is waiting on until it stops changing."""
+
+    rel: str
+    size: int
+    since: float
+
+
+class Totals(TypedDict):
+    """Aggregates for ``status``; ``*_done`` include pruned jobs (from the ledger)."""
+
+    files_done: int
+    bytes_done: int
+    files_pending: int  # queued + uploading
+    bytes_pending: int  # bytes of those not yet sent
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema and migrations
+
+
+Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+_Params = Sequence[Any] | Mapping[str, Any]
+
+
+async def _migrate_v1(db: aiosqlite.Connection) -> None:
+    """v0 → v1: the initial schema."""
+    statements = [
+        # No CHECK constraints on state/stage: SQLite cannot alter a CHECK, so a new state in
+        # a later version would need a full table rebuild. The enums guard the values.
+        """
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids never reused after prune
+            rel BLOB NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            inode INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            stage TEXT NOT NULL,
+            stream_id INTEGER NOT NULL,
+            dataset_name TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            upload_key TEXT NOT NULL,
+            ingestion_id INTEGER,
+            dataset_id INTEGER,
+            mode TEXT,
+            part_size INTEGER,
+            bytes_sent INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            last_error TEXT,
+            error_kind TEXT,
+            import_status TEXT,
+            import_progress REAL,
+            import_message TEXT,
+            fell_back INTEGER NOT NULL DEFAULT 0,
+            after_upload TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            started_at REAL,
+            uploaded_at REAL,
+            finished_at REAL,
+            lease_owner TEXT,
+            lease_expires_at REAL
+        )
+        """,
+        # One job per file identity; its rel prefix also serves find_by_rel and superseding.
+        "CREATE UNIQUE INDEX jobs_identity ON jobs(rel, size, mtime_ns, inode)",
+        # counts (covering), list_jobs/recent_failures per state, jobs_to_poll, recover.
+        "CREATE INDEX jobs_state_updated ON jobs(state, updated_at, id)",
+        # Partial indexes for the hot paths. Without statistics the planner prefers
+        # jobs_state_updated (equality on state) and then sorts every queued row, so the queries
+        # that need these name them with INDEXED BY: a schema change that breaks one fails
+        # loudly instead of silently turning a claim into a full sort.
+        # claim and next_due_at: the queued jobs in due order, nothing else.
+        "CREATE INDEX jobs_due ON jobs(next_attempt_at, id) WHERE state = 'queued'",
+        "CREATE INDEX jobs_queued_created ON jobs(created_at) WHERE state = 'queued'",
+        "CREATE INDEX jobs_after_upload ON jobs(finished_at, id)"
+        " WHERE state = 'done' AND after_upload IS NULL",
+        # WITHOUT ROWID: the key is the row, so 50,000 parts cost one small b-tree entry each.
+        """
+        CREATE TABLE parts (
+            job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+            part_number INTEGER NOT NULL,
+            PRIMARY KEY (job_id, part_number)
+        ) WITHOUT ROWID
+        """,
+        # The primary key is the UNIQUE(rel, size, mtime_ns, inode) that enqueue looks up.
+        """
+        CREATE TABLE ledger (
+            rel BLOB NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            inode INTEGER NOT NULL,
+            dataset_id INTEGER,
+            finished_at REAL NOT NULL,
+            PRIMARY KEY (rel, size, mtime_ns, inode)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE daemon (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            pid INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL,
+            info TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE settling (
+            rel BLOB PRIMARY KEY,
+            size INTEGER NOT NULL,
+            since REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+    ]
+    for statement in statements:
+        await db.execute(statement)
+
+
+# MIGRATIONS[i] takes the schema from version i to i + 1; the code's schema version is
+# len(MIGRATIONS). A v2 is one more function appended here; all pending steps and the new
+# user_version are applied in a single transaction, so a failed step leaves the file untouched.
+MIGRATIONS: list[Migration] = [_migrate_v1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Row mapping
+
+_JOB_COLUMNS: Final = (
+    "id, rel, size, mtime_ns, inode, state, stage, stream_id, dataset_name, metadata, upload_key,"
+    " ingestion_id, dataset_id, mode, part_size, bytes_sent, attempts, next_attempt_at,"
+    " last_error, error_kind, import_status, import_progress, import_message, fell_back,"
+    " after_upload, created_at, updated_at, started_at, uploaded_at, finished_at,"
+    " lease_owner, lease_expires_at"
+)
+
+_INODE_WRAP: Final = 1 << 64
+_INODE_MAX_SIGNED: Final = (1 << 63) - 1
+
+
+def _inode_to_db(inode: int) -> int:
+    # st_ino is unsigned 64-bit; some filesystems use the top bit and SQLite would overflow.
+    return inode - _INODE_WRAP if inode > _INODE_MAX_SIGNED else inode
+
+
+def _inode_from_db(inode: int) -> int:
+    return inode + _INODE_WRAP if inode < 0 else inode
+
+
+def _job_from_row(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        identity=FileIdentity(
+            rel=os.fsdecode(row["rel"]),
+            size=row["size"],
+            mtime_ns=row["mtime_ns"],
+            inode=_inode_from_db(row["inode"]),
+        ),
+        state=JobState(row["state"]),
+        stage=Stage(row["stage"]),
+        stream_id=row["stream_id"],
+        dataset_name=row["dataset_name"],
+        metadata=json.loads(row["metadata"]),
+        upload_key=row["upload_key"],
+        ingestion_id=row["ingestion_id"],
+        dataset_id=row["dataset_id"],
+        mode=row["mode"],
+        part_size=row["part_size"],
+        bytes_sent=row["bytes_sent"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+        error_kind=row["error_kind"],
+        import_status=row["import_status"],
+        import_progress=row["import_progress"],
+        import_message=row["import_message"],
+        fell_back=bool(row["fell_back"]),
+        after_upload=row["after_upload"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        uploaded_at=row["uploaded_at"],
+        finished_at=row["finished_at"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+    )
+
+
+class _Unset(Enum):
+    """Marks a keyword argument that was not given, so that None can be stored."""
+
+    TOKEN = 0
+
+
+_UNSET: Final = _Unset.TOKEN
+
+# What "start this file fresh" forgets (reset_ingestion and requeue share it). The upload key
+# is kept on purpose: it tags the dataset this job made, and the upload flow re-opens that
+# dataset (overwrite, same id) when it finds it aborted or failed, instead of renaming around
+# its own earlier attempt. fell_back is kept: it is history, not ingestion state.
+_RESET_INGESTION_SQL: Final = (
+    "stage = 'new', ingestion_id = NULL, dataset_id = NULL, mode = NULL, part_size = NULL,"
+    " bytes_sent = 0"
+)
+
+_BUSY_TIMEOUT_MS: Final = 10_000
+_NOT_A_DATABASE: Final = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
+
+
+def _make_private_dirs(directory: Path) -> None:
+    # Path.mkdir(parents=True) gives the intermediate directories the default mode; create each
+    # missing level ourselves so every directory we make is 0700.
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for level in reversed(missing):
+        level.mkdir(mode=0o700, exist_ok=True)
+
+
+def _create_private_file(path: Path) -> None:
+    # SQLite would create the file 0644 (minus umask), but it names every file uploaded and
+    # holds their metadata: create it 0600 first. SQLite gives -wal and -shm the same mode.
+    if path.exists():
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> QueueError:
+    if getattr(exc, "sqlite_errorname", None) in _NOT_A_DATABASE:
+        return QueueError(
+            f"state database {path} is not a valid SQLite database ({exc}); move it away"
+            " (inboxd then starts a fresh one, and may upload files still in the inbox again)"
+            " or restore it from a backup"
+        )
+    return QueueError(
+        f"cannot open state database {path}: {exc}; check that the path is on a local"
+        " filesystem and that its directory and file are readable and writable by this user"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The queue
+
+
+class Queue:
+    """The durable job queue over one aiosqlite connection.
+
+    Operations on one instance are serialised by a lock and every write is one short
+    transaction that is shielded from cancellation: a write either happens completely or not
+    at all, and the connection is never left inside a transaction. Several instances (even in
+    several processes) may share the file; claims stay atomic through ``BEGIN IMMEDIATE``.
+    """
+
+    def __init__(self, db: aiosqlite.Connection, path: Path, *, readonly: bool) -> None:
+        """Wrap an open connection; use :meth:`open` instead."""
+        self._db: aiosqlite.Connection | None = db
+        self._path = path
+        self._readonly = readonly
+        self._lock = anyio.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path, *, readonly: bool = False) -> Queue:
+        """Open (creating and migrating when writable) the state database at ``path``.
+
+        ``readonly=True`` opens it with ``mode=ro`` for ``inboxd status`` and never writes; it
+        works while the daemon writes (WAL lets readers and one writer run concurrently).
+        Raises :class:`QueueError` for a missing (read-only), corrupt, or too-new database.
+        """
+        path = Path(path)
+        if readonly:
+            if not path.exists():
+                raise QueueError(
+                    f"no state database at {path}; start the daemon once, or check the state"
+                    " directory setting"
+                )
+            target: str = path.resolve().as_uri() + "?mode=ro"
+        else:
+            try:
+                _make_private_dirs(path.parent)
+                _create_private_file(path)
+            except OSError as exc:
+                raise QueueError(
+                    f"cannot create state database {path}: {exc}; check the state directory"
+                    " setting and its permissions"
+                ) from exc
+            target = str(path)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, the sqlite3 module never
+            # opens a transaction behind our back.
+            db = await aiosqlite.connect(target, uri=readonly, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _open_error(path, exc) from exc
+        queue = cls(db, path, readonly=readonly)
+        try:
+            await queue._configure()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await db.close()
+            raise
+        return queue
+
+    async def _configure(self) -> None:
+        db = self._conn()
+        db.row_factory = sqlite3.Row
+        try:
+            # The daemon's transactions are short; 10 s only matters if another process holds
+            # the write lock (a migration, a `retry` from the CLI).
+            await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            if self._readonly:
+                await db.execute("PRAGMA query_only = ON")
+                # Any read fails here on a file that is not a database.
+                version = await self._user_version()
+            else:
+                await self._configure_writer(db)
+                version = await self._user_version()
+        except sqlite3.Error as exc:
+            raise _open_error(self._path, exc) from exc
+
+        known = len(MIGRATIONS)
+        if version > known:
+            raise QueueError(
+                f"state database {self._path} was written by a newer inboxd (schema v{version},"
+                f" this inboxd knows up to v{known}); upgrade inboxd or move the file away"
+            )
+        if version < known:
+            if self._readonly:
+                raise QueueError(
+                    f"state database {self._path} has schema v{version}, this inboxd needs"
+                    f" v{known}; start the daemon once to upgrade it"
+                )
+            await self._migrate(known)
+
+    async def _configure_writer(self, db: aiosqlite.Connection) -> None:
+        rows = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+        mode = next(iter(rows))[0]
+        if str(mode).lower() != "wal":
+            # Without WAL the status reader would block the writer, and a network filesystem
+            # (where WAL is refused) is not safe for SQLite at all.
+            raise QueueError(
+                f"state database {self._path} cannot use WAL journaling (got {mode!r}); put"
+                " the state directory on a local filesystem"
+            )
+        # NORMAL is safe in WAL mode: a power cut may lose the last few commits but never
+        # corrupts the database, and every ingestion step is safe to replay (the stage is
+        # written before the side effect). It saves an fsync per commit.
+        await db.execute("PRAGMA synchronous = NORMAL")
+        await db.execute("PRAGMA foreign_keys = ON")
+        # The enqueue batch table lives in memory: a hardened service may have no writable
+        # temp directory, and the batch is bounded by what the watcher hands over.
+        await db.execute("PRAGMA temp_store = MEMORY")
+        await db.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS enqueue_batch ("
+            " seq INTEGER PRIMARY KEY, rel BLOB, size INTEGER, mtime_ns INTEGER,"
+            " inode INTEGER, stream_id INTEGER, dataset_name TEXT, metadata TEXT,"
+            " upload_key TEXT)"
+        )
+
+    async def _user_version(self) -> int:
+        rows = await self._conn().execute_fetchall("PRAGMA user_version")
+        return int(next(iter(rows))[0])
+
+    async def _migrate(self, target: int) -> None:
+        async with self._write() as db:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = await self._user_version()
+            if version > target:
+                raise QueueError(
+                    f"state database {self._path} was written by a newer inboxd (schema"
+                    f" v{version}); upgrade inboxd or move the file away"
+                )
+            try:
+                for step in MIGRATIONS[version:target]:
+                    await step(db)
+            except sqlite3.Error as exc:
+                raise QueueError(
+                    f"cannot upgrade state database {self._path} from schema v{version} to"
+                    f" v{target}: {exc}; the file was left unchanged, keep it and report this"
+                ) from exc
+            # PRAGMA cannot take a bound parameter; target is an int we computed.
+            await db.execute(f"PRAGMA user_version = {int(target)}")
+
+    async def close(self) -> None:
+        """Close the connection (idempotent); the last connection checkpoints the WAL."""
+        db, self._db = self._db, None
+        if db is not None:
+            with anyio.CancelScope(shield=True):
+                await db.close()
+
+    async def __aenter__(self) -> Queue:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def readonly(self) -> bool:
+        """Whether this instance was opened read-only."""
+        return self._readonly
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise QueueError(f"state database {self._path} is closed")
+        return self._db
+
+    def _error(self, exc: sqlite3.Error) -> QueueError:
+        return QueueError(f"state database {self._path}: {exc}")
+
+    def _check_writable(self) -> None:
+        if self._readonly:
+            raise QueueError(
+                f"state database {self._path} was opened read-only; this operation writes"
+            )
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction (BEGIN IMMEDIATE … COMMIT), serialised and shielded."""
+        self._check_writable()
+        db = self._conn()
+        async with self._lock:
+            # Shielded: a cancelled caller must not leave the shared connection mid-transaction
+            # (the next BEGIN would fail) nor leave it unknown whether the write happened.
+            with anyio.CancelScope(shield=True):
+                try:
+                    # IMMEDIATE takes the write lock up front, so the read-then-write inside
+                    # cannot fail with SQLITE_BUSY_SNAPSHOT halfway through.
+                    await db.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield db
+                        await db.execute("COMMIT")
+                    except BaseException:
+                        # Also after a failed COMMIT, which can leave the transaction open.
+                        await self._rollback(db)
+                        raise
+                except sqlite3.Error as exc:
+                    raise self._error(exc) from exc
+
+    @staticmethod
+    async def _rollback(db: aiosqlite.Connection) -> None:
+        # ROLLBACK fails when SQLite already ended the transaction itself (it does on I/O
+        # errors, a full disk, ...); the original error is the one worth raising.
+        with suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+
+    # A lone write statement needs no BEGIN: SQLite runs it as its own transaction and takes
+    # the write lock before it reads anything (exactly what BEGIN IMMEDIATE does; a stale
+    # snapshot is retried under the busy handler). One trip to the connection's thread instead
+    # of three also means the write lock is never held across event-loop turns: with
+    # BEGIN/UPDATE/COMMIT as three awaits, a second connection could starve (seen in the
+    # concurrent-claim test).
+
+    async def _execute(self, sql: str, params: _Params = ()) -> int:
+        """One autocommitted write statement; returns the number of rows changed."""
+        self._check_writable()
+        db = self._conn()
+        changed = 0
+        async with self._lock:
+            with anyio.CancelScope(shield=True):
+                try:
+                    # Read rowcount without closing the cursor: closing costs a second trip to
+                    # the connection's thread, and mark_part_done runs once per part.
+                    cursor = await db.execute(sql, params)
+                    changed = cursor.rowcount
+                except sqlite3.Error as exc:
+                    raise self._error(exc) from exc
+        return changed
+
+    async def _write_returning(self, sql: str, params: _Params = ()) -> list[sqlite3.Row]:
+        """One autocommitted ``UPDATE … RETURNING``; fetching all rows completes (commits) it."""
+        self._check_writable()
+        db = self._conn()
+        rows: list[sqlite3.Row] = []
+        async with self._lock:
+            with anyio.CancelScope(shield=True):
+                try:
+                    rows = list(await db.execute_fetchall(sql, params))
+                except sqlite3.Error as exc:
+                    raise self._error(exc) from exc
+        return rows
+
+    async def _fetch(self, sql: str, params: _Params = ()) -> list[sqlite3.Row]:
+        db = self._conn()
+        async with self._lock:
+            try:
+                return list(await db.execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+
+    async def _fetch_jobs(self, where: str, params: _Params = ()) -> list[Job]:
+        rows = await self._fetch(f"SELECT {_JOB_COLUMNS} FROM jobs {where}", params)
+        return [_job_from_row(row) for row in rows]
+
+    def _expect_job(self, changed: int, job_id: int) -> None:
+        if changed == 0:
+            raise QueueError(f"no job {job_id} in state database {self._path}")
+
+    # -- enqueue and claim ----------------------------------------------------------------------
+
+    async def enqueue_many(self, items: Sequence[NewJob]) -> list[int]:
+        """Create a job for each file identity not seen before; return the new ids in order.
+
+        One transaction for the whole batch. An identity that already has a job (in any state)
+        or is in the ledger is skipped. A new identity for a ``rel`` supersedes the older jobs
+        of that ``rel`` that are QUEUED at stage NEW (nothing happened yet, nothing to abort);
+        jobs that got further are left for the worker, which notices the change and aborts.
+        """
+        if not items:
+            return []
+        now = time.time()
+        rows = [
+            (
+                seq,
+                os.fsencode(item.identity.rel),
+                item.identity.size,
+                item.identity.mtime_ns,
+                _inode_to_db(item.identity.inode),
+                item.stream_id,
+                item.dataset_name,
+                json.dumps(item.metadata, separators=(",", ":")),
+                uuid.uuid4().hex,
+            )
+            for seq, item in enumerate(items)
+        ]
+        async with self._write() as db:
+            await db.execute("DELETE FROM temp.enqueue_batch")
+            await db.executemany(
+                "INSERT INTO temp.enqueue_batch VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+            )
+            max_before = next(iter(await db.execute_fetchall("SELECT max(id) FROM jobs")))[0]
+            # ORDER BY seq: ids follow the batch order, so "newer" below means "later".
+            inserted = await db.execute_fetchall(
+                "INSERT INTO jobs (rel, size, mtime_ns, inode, state, stage, stream_id,"
+                " dataset_name, metadata, upload_key, next_attempt_at, created_at, updated_at)"
+                " SELECT b.rel, b.size, b.mtime_ns, b.inode, 'queued', 'new', b.stream_id,"
+                " b.dataset_name, b.metadata, b.upload_key, :now, :now, :now"
+                " FROM temp.enqueue_batch AS b"
+                " WHERE NOT EXISTS (SELECT 1 FROM ledger AS l WHERE l.rel = b.rel"
+                "   AND l.size = b.size AND l.mtime_ns = b.mtime_ns AND l.inode = b.inode)"
+                " ORDER BY b.seq"
+                " ON CONFLICT (rel, size, mtime_ns, inode) DO NOTHING"
+                " RETURNING id",
+                {"now": now},
+            )
+            new_ids = sorted(row[0] for row in inserted)
+            if new_ids:
+                await db.execute(
+                    "UPDATE jobs SET state = 'superseded', finished_at = :now,"
+                    " updated_at = :now, error_kind = 'superseded',"
+                    " last_error = 'file changed before its upload started; now job '"
+                    "   || newer.id"
+                    " FROM (SELECT rel, max(id) AS id FROM jobs WHERE id > :max_before"
+                    "       GROUP BY rel) AS newer"
+                    " WHERE jobs.rel = newer.rel AND jobs.id < newer.id"
+                    " AND jobs.state = 'queued' AND jobs.stage = 'new'",
+                    {"now": now, "max_before": max_before or 0},
+                )
+            await db.execute("DELETE FROM temp.enqueue_batch")
+        return new_ids
+
+    async def claim(self, owner: str, lease_seconds: float, now: float | None = None) -> Job | None:
+        """Atomically take the next due QUEUED job for ``owner``; None when nothing is due.
+
+        Order: ``next_attempt_at``, then id. The job becomes UPLOADING with a lease until
+        ``now + lease_seconds``; ``attempts`` is not changed (it counts tries that failed).
+        One ``UPDATE … WHERE id = (SELECT … LIMIT 1) RETURNING`` statement: SQLite makes it
+        atomic across connections and processes (see ``_execute`` for why no explicit BEGIN).
+        """
+        now = time.time() if now is None else now
+        rows = await self._write_returning(
+            "UPDATE jobs SET state = 'uploading', lease_owner = :owner,"
+            " lease_expires_at = :expires, started_at = coalesce(started_at, :now),"
+            " updated_at = :now"
+            " WHERE id = (SELECT id FROM jobs INDEXED BY jobs_due WHERE state = 'queued'"
+            "             AND next_attempt_at <= :now"
+            "             ORDER BY next_attempt_at, id LIMIT 1)"
+            f" RETURNING {_JOB_COLUMNS}",
+            {"owner": owner, "expires": now + lease_seconds, "now": now},
+        )
+        return _job_from_row(rows[0]) if rows else None
+
+    async def renew_lease(self, job_id: int, owner: str, lease_seconds: float) -> bool:
+        """Extend ``owner``'s lease; False if the job is no longer UPLOADING under it."""
+        now = time.time()
+        changed = await self._execute(
+            "UPDATE jobs SET lease_expires_at = ?, updated_at = ?"
+            " WHERE id = ? AND state = 'uploading' AND lease_owner = ?",
+            (now + lease_seconds, now, job_id, owner),
+        )
+        return changed == 1
+
+    async def next_due_at(self) -> float | None:
+        """The earliest ``next_attempt_at`` among QUEUED jobs (workers sleep until then)."""
+        rows = await self._fetch(
+            "SELECT min(next_attempt_at) FROM jobs INDEXED BY jobs_due WHERE state = 'queued'"
+        )
+        value = rows[0][0]
+        return None if value is None else float(value)
+
+    # -- progress -------------------------------------------------------------------------------
+
+    async def save_progress(
+        self,
+        job_id: int,
+        *,
+        stage: Stage | _Unset = _UNSET,
+        ingestion_id: int | _Unset | None = _UNSET,
+        dataset_id: int | _Unset | None = _UNSET,
+        mode: str | _Unset | None = _UNSET,
+        part_size: int | _Unset | None = _UNSET,
+        bytes_sent: int | _Unset = _UNSET,
+        fell_back: bool | _Unset = _UNSET,
+        dataset_name: str | _Unset = _UNSET,
+        upload_key: str | _Unset = _UNSET,
+    ) -> None:
+        """Store the given fields (only those; None is stored as NULL), committed on return.
+
+        Call it before the side effect it describes: after a crash the stored stage says what
+        may have happened.
+        """
+        given: dict[str, Any] = {
+            "stage": stage,
+            "ingestion_id": ingestion_id,
+            "dataset_id": dataset_id,
+            "mode": mode,
+            "part_size": part_size,
+            "bytes_sent": bytes_sent,
+            "fell_back": fell_back,
+            "dataset_name": dataset_name,
+            "upload_key": upload_key,
+        }
+        fields = {name: value for name, value in given.items() if value is not _UNSET}
+        if "stage" in fields:
+            fields["stage"] = str(Stage(fields["stage"]))
+        if "fell_back" in fields:
+            fields["fell_back"] = int(bool(fields["fell_back"]))
+        fields["updated_at"] = time.time()
+        # Column names come from the fixed keys above, never from the caller.
+        assignments = ", ".join(f"{name} = :{name}" for name in fields)
+        changed = await self._execute(
+            f"UPDATE jobs SET {assignments} WHERE id = :job_id", {**fields, "job_id": job_id}
+        )
+        self._expect_job(changed, job_id)
+
+    async def mark_part_done(self, job_id: int, part_number: int) -> None:
+        """Record that part ``part_number`` of the current ingestion is stored (idempotent)."""
+        await self._execute(
+            "INSERT INTO parts (job_id, part_number) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (job_id, part_number),
+        )
+
+    async def parts_done(self, job_id: int) -> set[int]:
+        """The part numbers recorded for the job's current ingestion."""
+        rows = await self._fetch("SELECT part_number FROM parts WHERE job_id = ?", (job_id,))
+        return {row[0] for row in rows}
+
+    async def clear_parts(self, job_id: int) -> None:
+        """Forget the job's recorded parts."""
+        await self._execute("DELETE FROM parts WHERE job_id = ?", (job_id,))
+
+    async def reset_ingestion(self, job_id: int) -> Job:
+        """Start the file fresh: forget ingestion fields and parts, stage NEW, new upload key.
+
+        Returns the updated job (its ``upload_key`` is kept, see ``_RESET_INGESTION_SQL``).
+        """
+        async with self._write() as db:
+            rows = await db.execute_fetchall(
+                f"UPDATE jobs SET {_RESET_INGESTION_SQL}, updated_at = ? WHERE id = ?"
+                f" RETURNING {_JOB_COLUMNS}",
+                (time.time(), job_id),
+            )
+            await db.execute("DELETE FROM parts WHERE job_id = ?", (job_id,))
+            jobs = [_job_from_row(row) for row in rows]
+        if not jobs:
+            raise QueueError(f"no job {job_id} in state database {self._path}")
+        return jobs[0]
+
+    # -- transitions ----------------------------------------------------------------------------
+
+    async def retry_later(self, job_id: int, *, error: str, kind: str, delay: float) -> None:
+        """Back to QUEUED after ``delay`` seconds; keeps stage, ingestion and parts to resume."""
+        now = time.time()
+        changed = await self._execute(
+            "UPDATE jobs SET state = 'queued', attempts = attempts + 1, next_attempt_at = ?,"
+            " last_error = ?, error_kind = ?, lease_owner = NULL, lease_expires_at = NULL,"
+            " updated_at = ? WHERE id = ?",
+            (now + delay, error, kind, now, job_id),
+        )
+        self._expect_job(changed, job_id)
+
+    async def mark_failed(self, job_id: int, *, error: str, kind: str) -> None:
+        """FAILED for good (until ``requeue``); its parts are dropped."""
+        now = time.time()
+        async with self._write() as db:
+            async with db.execute(
+                "UPDATE jobs SET state = 'failed', attempts = attempts + 1, last_error = ?,"
+                " error_kind = ?, finished_at = ?, updated_at = ?, lease_owner = NULL,"
+                " lease_expires_at = NULL WHERE id = ?",
+                (error, kind, now, now, job_id),
+            ) as cursor:
+                self._expect_job(cursor.rowcount, job_id)
+            await db.execute("DELETE FROM parts WHERE job_id = ?", (job_id,))
+
+    async def mark_superseded(self, job_id: int, *, reason: str) -> None:
+        """SUPERSEDED (the file changed or vanished); ``reason`` is kept in ``last_error``."""
+        now = time.time()
+        async with self._write() as db:
+            async with db.execute(
+                "UPDATE jobs SET state = 'superseded', last_error = ?, error_kind = 'superseded',"
+                " finished_at = ?, updated_at = ?, lease_owner = NULL, lease_expires_at = NULL"
+                " WHERE id = ?",
+                (reason, now, now, job_id),
+            ) as cursor:
+                self._expect_job(cursor.rowcount, job_id)
+            await db.execute("DELETE FROM parts WHERE job_id = ?", (job_id,))
+
+    async def mark_uploaded(self, job_id: int) -> None:
+        """The ingestion is completed: IMPORTING at stage COMPLETED, lease and parts dropped."""
+        now = time.time()
+        async with self._write() as db:
+            async with db.execute(
+                "UPDATE jobs SET state = 'importing', stage = 'completed', uploaded_at = ?,"
+                " updated_at = ?, lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
+                (now, now, job_id),
+            ) as cursor:
+                self._expect_job(cursor.rowcount, job_id)
+            await db.execute("DELETE FROM parts WHERE job_id = ?", (job_id,))
+
+    async def jobs_to_poll(self, limit: int = 100) -> list[Job]:
+        """IMPORTING jobs, least recently updated first (each poll moves a job to the back)."""
+        return await self._fetch_jobs(
+            "WHERE state = 'importing' ORDER BY updated_at, id LIMIT ?", (limit,)
+        )
+
+    async def record_import(
+        self,
+        job_id: int,
+        *,
+        status: str,
+        progress: float | None,
+        message: str | None,
+        terminal: bool,
+        failed: bool,
+    ) -> bool:
+        """Store an import status; terminal → DONE, or FAILED (kind "import") if ``failed``.
+
+        Returns False (and changes nothing) if the job is no longer IMPORTING, so a late or
+        duplicate poll cannot move a finished or requeued job.
+        """
+        now = time.time()
+        if terminal and failed:
+            transition = (
+                ", state = 'failed', finished_at = :now, error_kind = 'import', last_error = :error"
+            )
+        elif terminal:
+            transition = ", state = 'done', finished_at = :now"
+        else:
+            transition = ""
+        changed = await self._execute(
+            "UPDATE jobs SET import_status = :status, import_progress = :progress,"
+            f" import_message = :message, updated_at = :now{transition}"
+            " WHERE id = :job_id AND state = 'importing'",
+            {
+                "status": status,
+                "progress": progress,
+                "message": message,
+                "now": now,
+                "error": f"import failed: {message}",
+                "job_id": job_id,
+            },
+        )
+        return changed == 1
+
+    async def jobs_for_after_upload(self, limit: int = 100) -> list[Job]:
+        """DONE jobs whose after-upload action (archive/delete/keep) is not done yet."""
+        rows = await self._fetch(
+            f"SELECT {_JOB_COLUMNS} FROM jobs INDEXED BY jobs_after_upload"
+            " WHERE state = 'done' AND after_upload IS NULL ORDER BY finished_at, id LIMIT ?",
+            (limit,),
+        )
+        return [_job_from_row(row) for row in rows]
+
+    async def set_after_upload(self, job_id: int, value: str) -> None:
+        """Record the after-upload action taken: "archived", "deleted" or "kept"."""
+        changed = await self._execute(
+            "UPDATE jobs SET after_upload = ?, updated_at = ? WHERE id = ?",
+            (value, time.time(), job_id),
+        )
+        self._expect_job(changed, job_id)
+
+    async def recover(self, owner: str, now: float | None = None) -> list[Job]:
+        """At start-up: UPLOADING jobs of other owners or with expired leases → QUEUED now.
+
+        Stage, ingestion fields and parts are kept so the worker resumes. The job is due at
+        once and keeps its place in line (``next_attempt_at`` is never moved later): an
+        ingestion left open on the server should be finished before thousands of newer files,
+        not after. The interrupted try counts as an attempt (a file that crashes the daemon
+        must not loop unnoticed).
+        Returns the recovered jobs, for logging.
+        """
+        now = time.time() if now is None else now
+        rows = await self._write_returning(
+            "UPDATE jobs SET state = 'queued', next_attempt_at = min(next_attempt_at, :now),"
+            " attempts = attempts + 1, error_kind = 'interrupted',"
+            " last_error = 'interrupted: ' || coalesce(lease_owner, 'unknown worker')"
+            "   || ' stopped while uploading',"
+            " lease_owner = NULL, lease_expires_at = NULL, updated_at = :now"
+            " WHERE state = 'uploading' AND (lease_owner IS NOT :owner"
+            "   OR lease_expires_at IS NULL OR lease_expires_at <= :now)"
+            f" RETURNING {_JOB_COLUMNS}",
+            {"owner": owner, "now": now},
+        )
+        return sorted((_job_from_row(row) for row in rows), key=lambda job: job.id)
+
+    async def requeue(self, job_id: int | None = None) -> int:
+        """``inboxd retry``: FAILED jobs (one, or all) back to QUEUED from scratch.
+
+        attempts → 0; ``last_error``/``error_kind`` are cleared (the CLI reports them before it
+        requeues); ingestion reset as in :meth:`reset_ingestion` (a failed job's ingestion was
+        aborted), import and after-upload fields cleared. Returns how many jobs were requeued.
+        """
+        now = time.time()
+        where = "state = 'failed'" + ("" if job_id is None else " AND id = :job_id")
+        async with self._write() as db:
+            rows = await db.execute_fetchall(
+                f"UPDATE jobs SET state = 'queued', {_RESET_INGESTION_SQL}, attempts = 0,"
+                " next_attempt_at = :now, last_error = NULL, error_kind = NULL,"
+                " import_status = NULL, import_progress = NULL, import_message = NULL,"
+                " after_upload = NULL, started_at = NULL, uploaded_at = NULL,"
+                " finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL,"
+                f" updated_at = :now WHERE {where} RETURNING id",
+                {"now": now, "job_id": job_id},
+            )
+            ids = [(row[0],) for row in rows]
+            await db.executemany("DELETE FROM parts WHERE job_id = ?", ids)
+        return len(ids)
+
+    # -- ledger and housekeeping ----------------------------------------------------------------
+
+    async def prune(self, older_than_seconds: float, now: float | None = None) -> int:
+        """Delete finished jobs older than the cutoff; returns how many were deleted.
+
+        DONE jobs are copied into the ledger first, so a file kept in the inbox is never
+        uploaded again. DONE jobs whose after-upload action is still pending are kept.
+        """
+        cutoff = (time.time() if now is None else now) - older_than_seconds
+        prunable = (
+            "finished_at < :cutoff AND (state IN ('failed', 'superseded')"
+            " OR (state = 'done' AND after_upload IS NOT NULL))"
+        )
+        async with self._write() as db:
+            await db.execute(
+                "INSERT INTO ledger (rel, size, mtime_ns, inode, dataset_id, finished_at)"
+                " SELECT rel, size, mtime_ns, inode, dataset_id, finished_at FROM jobs"
+                f" WHERE state = 'done' AND {prunable}"
+                " ON CONFLICT DO NOTHING",
+                {"cutoff": cutoff},
+            )
+            async with db.execute(f"DELETE FROM jobs WHERE {prunable}", {"cutoff": cutoff}) as c:
+                deleted = c.rowcount
+        return deleted
+
+    async def vacuum_if_worthwhile(self) -> bool:
+        """VACUUM when more than a quarter of the pages are free; returns whether it ran."""
+        self._check_writable()
+        rows = await self._fetch("SELECT * FROM pragma_page_count(), pragma_freelist_count()")
+        pages, free = rows[0][0], rows[0][1]
+        if pages == 0 or free * 4 <= pages:
+            return False
+        await self._execute("VACUUM")
+        return True
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    async def get(self, job_id: int) -> Job | None:
+        """The job with this id, or None."""
+        jobs = await self._fetch_jobs("WHERE id = ?", (job_id,))
+        return jobs[0] if jobs else None
+
+    async def find_by_rel(self, rel: str) -> list[Job]:
+        """All jobs (every identity, every state) for this inbox-relative path, oldest first."""
+        return await self._fetch_jobs("WHERE rel = ? ORDER BY id", (os.fsencode(rel),))
+
+    # -- daemon liveness and settling files -----------------------------------------------------
+
+    async def heartbeat(self, pid: int, started_at: float, info: dict[str, Any]) -> None:
+        """Record that the daemon ``pid`` is alive now, with a JSON-able ``info`` blob."""
+        await self._execute(
+            "INSERT INTO daemon (id, pid, started_at, heartbeat_at, info) VALUES (1, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET pid = excluded.pid,"
+            " started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at,"
+            " info = excluded.info",
+            (pid, started_at, time.time(), json.dumps(info)),
+        )
+
+    async def daemon_info(self) -> DaemonInfo | None:
+        """The last heartbeat, or None if no daemon has ever run on this database."""
+        rows = await self._fetch("SELECT pid, started_at, heartbeat_at, info FROM daemon")
+        if not rows:
+            return None
+        row = rows[0]
+        return DaemonInfo(
+            pid=row["pid"],
+            started_at=row["started_at"],
+            heartbeat_at=row["heartbeat_at"],
+            info=json.loads(row["info"]),
+        )
+
+    async def set_settling(self, rel: str, size: int, since: float) -> None:
+        """Record (or update) a file the watcher is waiting on."""
+        await self._execute(
+            "INSERT INTO settling (rel, size, since) VALUES (?, ?, ?)"
+            " ON CONFLICT (rel) DO UPDATE SET size = excluded.size, since = excluded.since",
+            (os.fsencode(rel), size, since),
+        )
+
+    async def clear_settling(self, rel: str) -> None:
+        """The watcher stopped waiting on ``rel`` (enqueued or gone)."""
+        await self._execute("DELETE FROM settling WHERE rel = ?", (os.fsencode(rel),))
+
+    async def clear_all_settling(self) -> None:
+        """Forget all settling files (at start-up: a previous run's entries are stale)."""
+        await self._execute("DELETE FROM settling")
+
+    async def list_settling(self, limit: int = 200) -> list[SettlingFile]:
+        """Settling files, longest waiting first."""
+        rows = await self._fetch(
+            "SELECT rel, size, since FROM settling ORDER BY since, rel LIMIT ?", (limit,)
+        )
+        return [SettlingFile(os.fsdecode(row[0]), row[1], row[2]) for row in rows]
+
+    # -- read side for status -------------------------------------------------------------------
+
+    async def counts(self) -> dict[str, int]:
+        """Jobs per state (every state present, zeros included) plus "settling"."""
+        result = {str(state): 0 for state in JobState}
+        for row in await self._fetch("SELECT state, count(*) FROM jobs GROUP BY state"):
+            result[row[0]] = row[1]
+        result["settling"] = (await self._fetch("SELECT count(*) FROM settling"))[0][0]
+        return result
+
+    async def list_jobs(
+        self,
+        states: Collection[JobState] | None = None,
+        limit: int = 200,
+        order: Literal["recent", "oldest"] = "recent",
+    ) -> list[Job]:
+        """Up to ``limit`` jobs in ``states`` (all when None), by last update.
+
+        "recent" = most recently updated first, "oldest" = least recently updated first.
+        """
+        if order not in ("recent", "oldest"):
+            raise ValueError(f"order must be 'recent' or 'oldest', not {order!r}")
+        wanted = sorted({JobState(s) for s in (JobState if states is None else states)})
+        direction = "DESC" if order == "recent" else "ASC"
+        # One indexed query per state, merged here: each reads at most `limit` index entries,
+        # whereas `state IN (...) ORDER BY` would sort every matching row.
+        per_state: list[list[Job]] = []
+        for state in wanted:
+            per_state.append(
+                await self._fetch_jobs(
+                    f"WHERE state = ? ORDER BY updated_at {direction}, id {direction} LIMIT ?",
+                    (str(state), limit),
+                )
+            )
+        merged: Iterable[Job] = heapq.merge(
+            *per_state, key=lambda job: (job.updated_at, job.id), reverse=order == "recent"
+        )
+        return list(merged)[:limit]
+
+    async def recent_failures(self, limit: int = 20) -> list[Job]:
+        """The most recently failed jobs first."""
+        return await self.list_jobs([JobState.FAILED], limit=limit, order="recent")
+
+    async def oldest_queued_at(self) -> float | None:
+        """When the oldest job still QUEUED was enqueued (how far behind the daemon is)."""
+        rows = await self._fetch(
+            "SELECT min(created_at) FROM jobs INDEXED BY jobs_queued_created WHERE state = 'queued'"
+        )
+        value = rows[0][0]
+        return None if value is None else float(value)
+
+    async def totals(self) -> Totals:
+        """Files and bytes done (pruned jobs included, via the ledger) and still pending."""
+        rows = await self._fetch(
+            "SELECT"
+            " (SELECT count(*) FROM jobs WHERE state = 'done'),"
+            " (SELECT coalesce(sum(size), 0) FROM jobs WHERE state = 'done'),"
+            " (SELECT count(*) FROM ledger),"
+            " (SELECT coalesce(sum(size), 0) FROM ledger),"
+            " (SELECT count(*) FROM jobs WHERE state IN ('queued', 'uploading')),"
+            " (SELECT coalesce(sum(max(size - bytes_sent, 0)), 0) FROM jobs"
+            "   WHERE state IN ('queued', 'uploading'))"
+        )
+        done, done_bytes, ledger, ledger_bytes, pending, pending_bytes = rows[0]
+        return Totals(
+            files_done=done + ledger,
+            bytes_done=done_bytes + ledger_bytes,
+            files_pending=pending,
+            bytes_pending=pending_bytes,
+        )

@@ -1,0 +1,735 @@
+"""Tests for daemon.queue against real SQLite files in tmp_path (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+import aiosqlite
+import anyio
+import pytest
+
+from daemon import queue as queue_module
+from daemon.queue import (
+    MIGRATIONS,
+    FileIdentity,
+    Job,
+    JobState,
+    NewJob,
+    Queue,
+    QueueError,
+    Stage,
+)
+
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def ident(rel: str, size: int = 10, mtime_ns: int = 1, inode: int = 1) -> FileIdentity:
+    return FileIdentity(rel=rel, size=size, mtime_ns=mtime_ns, inode=inode)
+
+
+def new(rel: str, size: int = 10, mtime_ns: int = 1, inode: int = 1) -> NewJob:
+    return NewJob(
+        identity=ident(rel, size, mtime_ns, inode),
+        stream_id=7,
+        dataset_name=Path(rel).name,
+        metadata={"source": "test", "rel": rel},
+    )
+
+
+def many(n: int, prefix: str = "f") -> list[NewJob]:
+    return [new(f"{prefix}/{i:06d}.csv", size=i + 1, mtime_ns=i, inode=i + 1) for i in range(n)]
+
+
+async def get(q: Queue, job_id: int) -> Job:
+    job = await q.get(job_id)
+    assert job is not None
+    return job
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "sub" / "inboxd.db"
+
+
+@pytest.fixture
+async def q(db_path: Path) -> AsyncIterator[Queue]:
+    async with await Queue.open(db_path) as opened:
+        yield opened
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    """A plain sqlite3 connection for inspecting (or hand-making) database files."""
+    return sqlite3.connect(path, isolation_level=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# schema, files, migrations
+
+
+async def test_open_creates_private_dirs_file_and_schema(db_path: Path) -> None:
+    async with await Queue.open(db_path) as q:
+        await q.enqueue_many([new("a.csv")])
+        assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
+        # SQLite gives the WAL the main file's mode: no world-readable copy of the state.
+        wal = db_path.with_name(db_path.name + "-wal")
+        assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
+        for directory in (db_path.parent, db_path.parent.parent):
+            assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+
+    con = raw(db_path)
+    try:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master")}
+        assert {"jobs", "parts", "ledger", "daemon", "settling"} <= tables
+    finally:
+        con.close()
+
+
+async def test_reopen_keeps_data(db_path: Path) -> None:
+    async with await Queue.open(db_path) as q:
+        (job_id,) = await q.enqueue_many([new("a.csv")])
+    async with await Queue.open(db_path) as q:
+        job = await get(q, job_id)
+        assert job.identity == ident("a.csv")
+        assert job.metadata == {"source": "test", "rel": "a.csv"}
+
+
+async def test_newer_schema_is_refused(db_path: Path) -> None:
+    async with await Queue.open(db_path):
+        pass
+    con = raw(db_path)
+    con.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    con.close()
+    for readonly in (False, True):
+        with pytest.raises(QueueError, match=r"newer inboxd .*upgrade inboxd or move"):
+            await Queue.open(db_path, readonly=readonly)
+
+
+async def test_garbage_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a database, just some text\n" * 200)
+    for readonly in (False, True):
+        with pytest.raises(QueueError, match=r"state\.db is not a valid SQLite database"):
+            await Queue.open(path, readonly=readonly)
+    assert path.read_bytes().startswith(b"this is not")  # never touched
+
+
+async def test_migrates_hand_made_v0_database(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    con = raw(db_path)
+    con.execute("CREATE TABLE unrelated (x)")  # a v0 file: exists, user_version 0
+    con.close()
+    async with await Queue.open(db_path) as q:
+        assert await q.enqueue_many([new("a.csv")]) == [1]
+    con = raw(db_path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    con.close()
+
+
+async def test_adding_a_migration_upgrades_v1_database(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with await Queue.open(db_path) as q:
+        (job_id,) = await q.enqueue_many([new("a.csv")])
+
+    async def v2(db: aiosqlite.Connection) -> None:
+        await db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+
+    monkeypatch.setattr(queue_module, "MIGRATIONS", [*MIGRATIONS, v2])
+    async with await Queue.open(db_path) as q:
+        assert (await get(q, job_id)).identity.rel == "a.csv"
+    con = raw(db_path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert con.execute("SELECT priority FROM jobs").fetchall() == [(0,)]
+    con.close()
+
+
+async def test_failed_migration_leaves_database_untouched(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with await Queue.open(db_path):
+        pass
+
+    async def broken_v2(db: aiosqlite.Connection) -> None:
+        await db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER")
+        await db.execute("THIS IS NOT SQL")
+
+    monkeypatch.setattr(queue_module, "MIGRATIONS", [*MIGRATIONS, broken_v2])
+    with pytest.raises(QueueError):
+        await Queue.open(db_path)
+    con = raw(db_path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+    columns = {row[1] for row in con.execute("PRAGMA table_info(jobs)")}
+    assert "priority" not in columns
+    con.close()
+
+
+async def test_readonly_needs_an_existing_current_database(tmp_path: Path) -> None:
+    with pytest.raises(QueueError, match="no state database"):
+        await Queue.open(tmp_path / "missing.db", readonly=True)
+    assert not (tmp_path / "missing.db").exists()
+    empty = tmp_path / "empty.db"
+    raw(empty).close()
+    with pytest.raises(QueueError, match="start the daemon once"):
+        await Queue.open(empty, readonly=True)
+
+
+async def test_readonly_reads_while_writer_writes_and_refuses_writes(db_path: Path) -> None:
+    async with await Queue.open(db_path) as writer:
+        await writer.enqueue_many(many(10))
+        async with await Queue.open(db_path, readonly=True) as reader:
+            assert reader.readonly
+            assert (await reader.counts())["queued"] == 10
+            job = await writer.claim("w", 60)
+            assert job is not None
+            await writer.enqueue_many(many(5, prefix="g"))
+            counts = await reader.counts()
+            assert (counts["queued"], counts["uploading"]) == (14, 1)
+            assert [j.id for j in await reader.list_jobs([JobState.UPLOADING])] == [job.id]
+            with pytest.raises(QueueError, match="read-only"):
+                await reader.enqueue_many(many(1, prefix="h"))
+            with pytest.raises(QueueError, match="read-only"):
+                await reader.claim("r", 60)
+            with pytest.raises(QueueError, match="read-only"):
+                await reader.vacuum_if_worthwhile()
+            # The writer is unaffected by the reader.
+            await writer.save_progress(job.id, stage=Stage.CREATING)
+        assert (await writer.counts())["queued"] == 14
+
+
+async def test_closed_queue_raises(db_path: Path) -> None:
+    q = await Queue.open(db_path)
+    await q.close()
+    await q.close()  # idempotent
+    with pytest.raises(QueueError, match="closed"):
+        await q.counts()
+
+
+# ---------------------------------------------------------------------------------------------
+# enqueue
+
+
+async def test_enqueue_is_idempotent_per_identity(q: Queue) -> None:
+    first = await q.enqueue_many([new("a.csv"), new("b.csv"), new("a.csv")])
+    assert len(first) == 2
+    again = await q.enqueue_many([new("a.csv"), new("b.csv"), new("c.csv")])
+    assert len(again) == 1
+    assert (await get(q, again[0])).identity.rel == "c.csv"
+    assert await q.enqueue_many([]) == []
+    # Every job got its own upload key.
+    keys = {(await get(q, i)).upload_key for i in first + again}
+    assert len(keys) == 3
+    assert all(len(k) == 32 for k in keys)
+
+
+async def test_enqueue_finished_identity_does_nothing(q: Queue) -> None:
+    (job_id,) = await q.enqueue_many([new("a.csv")])
+    await q.mark_failed(job_id, error="boom", kind="file")
+    assert await q.enqueue_many([new("a.csv")]) == []
+
+
+async def test_enqueue_50k_in_one_call_is_fast(q: Queue) -> None:
+    items = many(50_000)
+    started = time.perf_counter()
+    ids = await q.enqueue_many(items)
+    elapsed = time.perf_counter() - started
+    assert len(ids) == 50_000
+    assert ids == sorted(ids)
+    assert elapsed < 3.0, f"enqueue of 50,000 took {elapsed:.2f} s"
+    started = time.perf_counter()
+    assert await q.enqueue_many(items) == []
+    assert time.perf_counter() - started < 3.0
+    assert (await q.counts())["queued"] == 50_000
+
+
+async def test_new_identity_supersedes_queued_job(q: Queue) -> None:
+    (old,) = await q.enqueue_many([new("a.csv", size=1)])
+    (other,) = await q.enqueue_many([new("b.csv")])
+    (newer,) = await q.enqueue_many([new("a.csv", size=2)])
+    old_job = await get(q, old)
+    assert old_job.state is JobState.SUPERSEDED
+    assert old_job.finished_at is not None
+    assert old_job.error_kind == "superseded"
+    assert f"job {newer}" in (old_job.last_error or "")
+    assert (await get(q, newer)).state is JobState.QUEUED
+    assert (await get(q, other)).state is JobState.QUEUED
+    assert [j.id for j in await q.find_by_rel("a.csv")] == [old, newer]
+
+
+async def test_supersede_within_one_batch(q: Queue) -> None:
+    ids = await q.enqueue_many([new("a.csv", size=1), new("a.csv", size=2), new("a.csv", size=3)])
+    states = [(await get(q, i)).state for i in ids]
+    assert states == [JobState.SUPERSEDED, JobState.SUPERSEDED, JobState.QUEUED]
+
+
+async def test_new_identity_leaves_started_jobs_alone(q: Queue) -> None:
+    uploading_id, resumable_id = await q.enqueue_many([new("a.csv"), new("b.csv")])
+    claimed = await q.claim("w", 60)
+    assert claimed is not None
+    assert claimed.id == uploading_id
+    # b.csv got as far as creating an ingestion, then went back to wait for a retry: it is
+    # QUEUED but something happened on the server, so only the worker may retire it.
+    claimed_b = await q.claim("w", 60)
+    assert claimed_b is not None
+    await q.save_progress(resumable_id, stage=Stage.UPLOADING, ingestion_id=5)
+    await q.retry_later(resumable_id, error="timeout", kind="network", delay=0)
+
+    await q.enqueue_many([new("a.csv", size=99), new("b.csv", size=99)])
+    assert (await get(q, uploading_id)).state is JobState.UPLOADING
+    assert (await get(q, resumable_id)).state is JobState.QUEUED
+
+
+async def test_non_utf8_and_big_inode_identity_round_trip(q: Queue) -> None:
+    rel = os.fsdecode(b"caf\xe9/na\xefve.csv")
+    identity = FileIdentity(rel=rel, size=3, mtime_ns=-5, inode=2**64 - 3)
+    (job_id,) = await q.enqueue_many([NewJob(identity, 1, "x", {})])
+    job = await get(q, job_id)
+    assert job.identity == identity
+    assert os.fsencode(job.identity.rel) == b"caf\xe9/na\xefve.csv"
+    assert [j.id for j in await q.find_by_rel(rel)] == [job_id]
+    assert await q.enqueue_many([NewJob(identity, 1, "x", {})]) == []
+    await q.set_settling(rel, 3, 1.0)
+    assert [s.rel for s in await q.list_settling()] == [rel]
+    await q.clear_settling(rel)
+    assert await q.list_settling() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# claim and leases
+
+
+async def test_claim_order_and_next_attempt_at(q: Queue) -> None:
+    a, b, c = await q.enqueue_many([new("a"), new("b"), new("c")])
+    job = await q.claim("w", 30, now=time.time())
+    assert job is not None
+    assert job.id == a
+    assert job.state is JobState.UPLOADING
+    assert job.lease_owner == "w"
+    assert job.started_at is not None
+    assert job.lease_expires_at == pytest.approx(job.started_at + 30)
+    assert job.attempts == 0
+
+    await q.retry_later(a, error="503", kind="server", delay=1000)
+    now = time.time()
+    assert [(await q.claim("w", 30, now=now)).id for _ in range(2)] == [b, c]  # type: ignore[union-attr]
+    assert await q.claim("w", 30, now=now) is None
+    due = await q.next_due_at()
+    assert due is not None
+    assert due == pytest.approx(now + 1000, abs=5)
+    again = await q.claim("w", 30, now=due)
+    assert again is not None
+    assert again.id == a
+    assert again.attempts == 1
+    assert again.started_at == job.started_at  # set once, on the first claim
+    assert await q.next_due_at() is None
+
+
+async def test_concurrent_claims_from_two_connections(db_path: Path) -> None:
+    total = 300
+    async with await Queue.open(db_path) as one, await Queue.open(db_path) as two:
+        await one.enqueue_many(many(total))
+        claimed: list[tuple[str, int]] = []
+
+        async def worker(q: Queue, name: str) -> None:
+            while (job := await q.claim(name, 60)) is not None:
+                claimed.append((name, job.id))
+                await anyio.sleep(0.001)  # "work": leaves the write lock free for the others
+
+        async with anyio.create_task_group() as tg:
+            for n in range(4):
+                tg.start_soon(worker, one, f"one-{n}")
+                tg.start_soon(worker, two, f"two-{n}")
+
+        ids = [job_id for _, job_id in claimed]
+        assert len(ids) == total
+        assert len(set(ids)) == total
+        assert {name[:3] for name, _ in claimed} == {"one", "two"}  # both really competed
+        assert (await one.counts())["uploading"] == total
+
+
+async def test_lease_renew_and_expiry(q: Queue) -> None:
+    (job_id,) = await q.enqueue_many([new("a")])
+    job = await q.claim("w1", 0.01)
+    assert job is not None
+    assert await q.renew_lease(job_id, "w1", 60)
+    assert (await get(q, job_id)).lease_expires_at == pytest.approx(time.time() + 60, abs=5)
+    assert not await q.renew_lease(job_id, "someone-else", 60)
+    # Our own live lease survives recover; once expired, it does not.
+    assert await q.recover("w1") == []
+    assert [j.id for j in await q.recover("w1", now=time.time() + 120)] == [job_id]
+    assert not await q.renew_lease(job_id, "w1", 60)
+
+
+# ---------------------------------------------------------------------------------------------
+# progress, parts, transitions
+
+
+async def test_save_progress_updates_only_given_fields(q: Queue) -> None:
+    (job_id,) = await q.enqueue_many([new("a")])
+    await q.save_progress(job_id, stage=Stage.CREATING, ingestion_id=11, mode="multipart")
+    await q.save_progress(job_id, dataset_id=22, part_size=1024, bytes_sent=2048, fell_back=True)
+    job = await get(q, job_id)
+    assert (job.stage, job.ingestion_id, job.dataset_id, job.mode) == (
+        Stage.CREATING,
+        11,
+        22,
+        "multipart",
+    )
+    assert (job.part_size, job.bytes_sent, job.fell_back) == (1024, 2048, True)
+    await q.save_progress(job_id, mode=None, dataset_name="renamed.csv", upload_key="k" * 32)
+    job = await get(q, job_id)
+    assert job.mode is None
+    assert job.ingestion_id == 11
+    assert (job.dataset_name, job.upload_key) == ("renamed.csv", "k" * 32)
+    with pytest.raises(QueueError, match="no job 999"):
+        await q.save_progress(999, stage=Stage.UPLOADING)
+
+
+async def test_parts(q: Queue) -> None:
+    a, b = await q.enqueue_many([new("a"), new("b")])
+    for part in (1, 2, 3, 2):
+        await q.mark_part_done(a, part)
+    await q.mark_part_done(b, 1)
+    assert await q.parts_done(a) == {1, 2, 3}
+    await q.clear_parts(a)
+    assert await q.parts_done(a) == set()
+    assert await q.parts_done(b) == {1}
+    with pytest.raises(QueueError):
+        await q.mark_part_done(12345, 1)  # no such job
+    await q.mark_part_done(b, 2)  # the failed statement left nothing behind
+    assert await q.parts_done(b) == {1, 2}
+
+
+async def test_retry_later_keeps_ingestion_fields(q: Queue) -> None:
+    (job_id,) = await q.enqueue_many([new("a")])
+    await q.claim("w", 60)
+    await q.save_progress(job_id, stage=Stage.UPLOADING, ingestion_id=1, dataset_id=2, mode="s3")
+    await q.mark_part_done(job_id, 1)
+    before = time.time()
+    await q.retry_later(job_id, error="connection reset", kind="network", delay=30)
+    job = await get(q, job_id)
+    assert job.state is JobState.QUEUED
+    assert (job.stage, job.ingestion_id, job.dataset_id, job.mode) == (
+        Stage.UPLOADING,
+        1,
+        2,
+        "s3",
+    )
+    assert (job.attempts, job.last_error, job.error_kind) == (1, "connection reset", "network")
+    assert job.next_attempt_at >= before + 30
+    assert (job.lease_owner, job.lease_expires_at) == (None, None)
+    assert await q.parts_done(job_id) == {1}
+
+
+async def test_reset_ingestion(q: Queue) -> None:
+    (job_id,) = await q.enqueue_many([new("a")])
+    key = (await get(q, job_id)).upload_key
+    await q.save_progress(
+        job_id, stage=Stage.UPLOADING, ingestion_id=1, dataset_id=2, mode="s3", part_size=5
+    )
+    await q.mark_part_done(job_id, 1)
+    job = await q.reset_ingestion(job_id)
+    assert job == await get(q, job_id)
+    assert job.stage is Stage.NEW
+    assert (job.ingestion_id, job.dataset_id, job.mode, job.part_size) == (None,) * 4
+    assert job.upload_key == key  # it still names the dataset this job made
+    assert await q.parts_done(job_id) == set()
+
+
+async def test_recover_after_crash_keeps_progress(db_path: Path) -> None:
+    q = await Queue.open(db_path)
+    crashed, waiting = await q.enqueue_many([new("a"), new("b")])
+    job = await q.claim("old-process", lease_seconds=3600)
+    assert job is not None
+    assert job.id == crashed
+    await q.save_progress(crashed, stage=Stage.UPLOADING, ingestion_id=9, mode="multipart")
+    for part in (1, 2):
+        await q.mark_part_done(crashed, part)
+    await q.close()  # the process dies: nothing releases the lease
+
+    async with await Queue.open(db_path) as q2:
+        recovered = await q2.recover("new-process")
+        assert [j.id for j in recovered] == [crashed]
+        job = await get(q2, crashed)
+        assert job.state is JobState.QUEUED
+        assert (job.stage, job.ingestion_id, job.mode) == (Stage.UPLOADING, 9, "multipart")
+        assert job.lease_owner is None
+        assert job.attempts == 1
+        assert job.error_kind == "interrupted"
+        assert await q2.parts_done(crashed) == {1, 2}
+        assert (await get(q2, waiting)).state is JobState.QUEUED
+        again = await q2.claim("new-process", 60)
+        assert again is not None
+        assert again.id == crashed  # kept its place in line, ahead of the newer job
+        assert await q2.recover("new-process") == []
+
+
+async def test_upload_and_import_transitions(q: Queue) -> None:
+    ok, bad, pending = await q.enqueue_many([new("ok"), new("bad"), new("pending")])
+    for job_id in (ok, bad, pending):
+        await q.claim("w", 60)
+        await q.mark_part_done(job_id, 1)
+        await q.mark_uploaded(job_id)
+        job = await get(q, job_id)
+        assert (job.state, job.stage) == (JobState.IMPORTING, Stage.COMPLETED)
+        assert job.uploaded_at is not None
+        assert job.lease_owner is None
+        assert await q.parts_done(job_id) == set()
+
+    assert [j.id for j in await q.jobs_to_poll()] == [ok, bad, pending]
+    applied = await q.record_import(
+        ok, status="importing", progress=0.5, message=None, terminal=False, failed=False
+    )
+    assert applied
+    assert [j.id for j in await q.jobs_to_poll()] == [bad, pending, ok]  # polled → to the back
+    job = await get(q, ok)
+    assert (job.state, job.import_status, job.import_progress) == (
+        JobState.IMPORTING,
+        "importing",
+        0.5,
+    )
+
+    await q.record_import(
+        ok, status="done", progress=1.0, message=None, terminal=True, failed=False
+    )
+    await q.record_import(
+        bad, status="error", progress=None, message="bad header", terminal=True, failed=True
+    )
+    done, failed = await get(q, ok), await get(q, bad)
+    assert done.state is JobState.DONE
+    assert done.finished_at is not None
+    assert failed.state is JobState.FAILED
+    assert (failed.last_error, failed.error_kind) == ("import failed: bad header", "import")
+    # A late duplicate poll cannot move a finished job.
+    late = await q.record_import(
+        ok, status="importing", progress=0.1, message=None, terminal=False, failed=False
+    )
+    assert not late
+    assert (await get(q, ok)).state is JobState.DONE
+    assert [j.id for j in await q.jobs_to_poll()] == [pending]
+
+    assert [j.id for j in await q.jobs_for_after_upload(10)] == [ok]
+    await q.set_after_upload(ok, "archived")
+    assert await q.jobs_for_after_upload(10) == []
+    assert (await get(q, ok)).after_upload == "archived"
+    totals = await q.totals()
+    assert (totals["files_done"], totals["bytes_done"]) == (1, 10)
+
+
+async def test_mark_failed_and_superseded(q: Queue) -> None:
+    a, b = await q.enqueue_many([new("a"), new("b")])
+    await q.claim("w", 60)
+    await q.mark_part_done(a, 1)
+    await q.mark_failed(a, error="permission denied", kind="file")
+    job = await get(q, a)
+    assert (job.state, job.last_error, job.error_kind) == (
+        JobState.FAILED,
+        "permission denied",
+        "file",
+    )
+    assert job.finished_at is not None
+    assert job.lease_owner is None
+    assert await q.parts_done(a) == set()
+    await q.mark_superseded(b, reason="file vanished")
+    job = await get(q, b)
+    assert (job.state, job.last_error) == (JobState.SUPERSEDED, "file vanished")
+    assert [j.id for j in await q.recent_failures(5)] == [a]
+    with pytest.raises(QueueError):
+        await q.mark_failed(999, error="x", kind="y")
+    # That transaction was rolled back; the connection takes the next one.
+    assert await q.requeue() == 1
+
+
+async def test_requeue(q: Queue) -> None:
+    a, b, c = await q.enqueue_many([new("a"), new("b"), new("c")])
+    for job_id in (a, b):
+        await q.claim("w", 60)
+        await q.save_progress(job_id, stage=Stage.UPLOADING, ingestion_id=3, dataset_id=4)
+        await q.retry_later(job_id, error="x", kind="network", delay=0)
+        await q.claim("w", 60)
+        await q.mark_failed(job_id, error="gave up", kind="network")
+    old_key = (await get(q, a)).upload_key
+
+    assert await q.requeue(c) == 0  # not failed
+    assert await q.requeue(a) == 1
+    job = await get(q, a)
+    assert job.state is JobState.QUEUED
+    assert (job.attempts, job.last_error, job.error_kind, job.finished_at) == (0,) + (None,) * 3
+    assert (job.stage, job.ingestion_id, job.dataset_id) == (Stage.NEW, None, None)
+    assert job.upload_key == old_key
+    assert job.next_attempt_at <= time.time()
+    assert (await get(q, b)).state is JobState.FAILED
+    assert await q.requeue() == 1
+    assert (await q.counts())["failed"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# ledger, pruning, housekeeping
+
+
+async def finish(q: Queue, job_id: int, after: str | None = "kept") -> None:
+    await q.claim("w", 60)
+    await q.save_progress(job_id, dataset_id=100 + job_id)
+    await q.mark_uploaded(job_id)
+    await q.record_import(
+        job_id, status="done", progress=1.0, message=None, terminal=True, failed=False
+    )
+    if after is not None:
+        await q.set_after_upload(job_id, after)
+
+
+async def test_ledger_prevents_reupload_after_prune(q: Queue) -> None:
+    kept, pending_after, failed, _queued = await q.enqueue_many(
+        [new("kept.csv"), new("pending.csv"), new("failed.csv"), new("queued.csv")]
+    )
+    await finish(q, kept)
+    await finish(q, pending_after, after=None)  # archive not done yet: must not be pruned
+    await q.claim("w", 60)
+    await q.mark_failed(failed, error="x", kind="file")
+
+    assert await q.prune(3600) == 0  # nothing is old enough
+    assert await q.prune(3600, now=time.time() + 7200) == 2
+    assert await q.get(kept) is None
+    assert await q.get(failed) is None
+    assert (await get(q, pending_after)).state is JobState.DONE
+
+    # The same file, still in the inbox, is not uploaded again; a changed one is.
+    assert await q.enqueue_many([new("kept.csv")]) == []
+    assert len(await q.enqueue_many([new("kept.csv", size=11)])) == 1
+    # A failed job leaves no ledger entry: the file is retried when it is seen again.
+    assert len(await q.enqueue_many([new("failed.csv")])) == 1
+    totals = await q.totals()
+    assert totals["files_done"] == 2  # one from the ledger, one still a job
+    assert totals["files_pending"] == 3
+
+
+async def test_vacuum_if_worthwhile(q: Queue) -> None:
+    await q.enqueue_many(many(3000))
+    await q.enqueue_many([new(f"f/{i:06d}.csv", size=0) for i in range(3000)])  # supersede all
+    assert await q.vacuum_if_worthwhile() is False
+    assert await q.prune(0, now=time.time() + 1) == 3000
+    assert await q.vacuum_if_worthwhile() is True
+    assert await q.vacuum_if_worthwhile() is False
+    assert (await q.counts())["queued"] == 3000
+
+
+async def test_heartbeat_and_daemon_info(q: Queue) -> None:
+    assert await q.daemon_info() is None
+    await q.heartbeat(123, 1000.0, {"version": "0.1.0", "workers": 4})
+    await q.heartbeat(456, 2000.0, {"version": "0.1.0", "workers": 2})
+    info = await q.daemon_info()
+    assert info is not None
+    assert (info.pid, info.started_at, info.info) == (
+        456,
+        2000.0,
+        {"version": "0.1.0", "workers": 2},
+    )
+    assert info.heartbeat_at == pytest.approx(time.time(), abs=5)
+
+
+async def test_settling(q: Queue) -> None:
+    await q.set_settling("a.csv", 1, 10.0)
+    await q.set_settling("b.csv", 2, 5.0)
+    await q.set_settling("a.csv", 3, 12.0)
+    assert [(s.rel, s.size, s.since) for s in await q.list_settling()] == [
+        ("b.csv", 2, 5.0),
+        ("a.csv", 3, 12.0),
+    ]
+    assert (await q.counts())["settling"] == 2
+    await q.clear_settling("b.csv")
+    assert (await q.counts())["settling"] == 1
+    await q.clear_all_settling()
+    assert (await q.counts())["settling"] == 0
+
+
+async def test_cancelled_write_completes_and_connection_stays_usable(
+    q: Queue, db_path: Path
+) -> None:
+    a, b = await q.enqueue_many([new("a"), new("b")])
+    # Another connection holds the write lock, so our write waits inside its transaction.
+    blocker = raw(db_path)
+    blocker.execute("BEGIN IMMEDIATE")
+    scope = anyio.CancelScope()
+
+    async def write() -> None:
+        with scope:
+            await q.mark_failed(a, error="x", kind="y")
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write)
+            await anyio.sleep(0.2)
+            scope.cancel()  # arrives mid-transaction
+            await anyio.sleep(0.05)
+            blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+    assert scope.cancel_called
+    # The shielded write ran to completion, and the connection is not left inside a
+    # transaction: the next writes work.
+    assert (await get(q, a)).state is JobState.FAILED
+    await q.save_progress(b, stage=Stage.CREATING)
+    assert (await get(q, b)).stage is Stage.CREATING
+
+
+# ---------------------------------------------------------------------------------------------
+# read side at scale
+
+
+async def test_status_reads_fast_on_100k_jobs(db_path: Path) -> None:
+    async with await Queue.open(db_path) as q:
+        await q.enqueue_many(many(100_000))
+        # Spread the states with one statement (far faster than 100,000 API calls); the
+        # fixture only shapes data, every read below goes through the API.
+        con = raw(db_path)
+        con.execute(
+            "UPDATE jobs SET state = CASE id % 10"
+            " WHEN 0 THEN 'failed' WHEN 1 THEN 'importing' WHEN 2 THEN 'uploading'"
+            " WHEN 3 THEN 'superseded' WHEN 4 THEN 'queued' WHEN 5 THEN 'queued'"
+            " ELSE 'done' END, finished_at = updated_at, updated_at = updated_at + id"
+        )
+        con.close()
+
+        timings: dict[str, float] = {}
+
+        async def timed(name: str, call: Awaitable[T]) -> T:
+            started = time.perf_counter()
+            result = await call
+            timings[name] = time.perf_counter() - started
+            return result
+
+        counts = await timed("counts", q.counts())
+        assert counts == {
+            "queued": 20_000,
+            "uploading": 10_000,
+            "importing": 10_000,
+            "done": 40_000,
+            "failed": 10_000,
+            "superseded": 10_000,
+            "settling": 0,
+        }
+        recent = await timed("list_jobs recent", q.list_jobs())
+        assert len(recent) == 200
+        assert recent[0].id == 100_000
+        oldest = await timed("list_jobs oldest", q.list_jobs([JobState.QUEUED], order="oldest"))
+        assert [j.id for j in oldest[:2]] == [4, 5]
+        await timed("recent_failures", q.recent_failures(20))
+        await timed("oldest_queued_at", q.oldest_queued_at())
+        await timed("totals", q.totals())
+        await timed("jobs_to_poll", q.jobs_to_poll())
+        await timed("jobs_for_after_upload", q.jobs_for_after_upload(100))
+        await timed("next_due_at", q.next_due_at())
+        await timed("claim", q.claim("w", 60))
+        print({name: round(t * 1000, 1) for name, t in timings.items()})  # ms, shown with -s
+        slow = {name: round(t, 3) for name, t in timings.items() if t > 0.3}
+        assert not slow, f"slow status reads: {slow}"

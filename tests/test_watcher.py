@@ -1,0 +1,688 @@
+"""Tests for daemon.watcher: real files in tmp_path, real watchfiles events.
+
+Negative assertions ("x is never reported") use a sentinel: a file written *after* the thing
+under test. Events are handled in order and every file waits the same settle time, so once the
+sentinel is reported anything that was going to be reported already has been.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+import watchfiles
+
+from daemon.queue import FileIdentity
+from daemon.watcher import MAX_BATCH, Watcher, WatchRules
+
+SETTLE = 0.2
+
+
+class Recorder:
+    """Collects what the watcher reports."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[FileIdentity]] = []
+        self.ready_at: dict[str, list[float]] = {}
+        self.skips: list[tuple[str, str]] = []
+        self.settling: list[tuple[str, int | None]] = []
+
+    async def on_ready(self, batch: list[FileIdentity]) -> None:
+        self.batches.append(list(batch))
+        now = time.time()
+        for f in batch:
+            self.ready_at.setdefault(f.rel, []).append(now)
+
+    async def on_skip(self, rel: str, reason: str) -> None:
+        self.skips.append((rel, reason))
+
+    async def on_settling(self, rel: str, size: int | None) -> None:
+        self.settling.append((rel, size))
+
+    @property
+    def ready(self) -> list[FileIdentity]:
+        return [f for batch in self.batches for f in batch]
+
+    def rels(self) -> list[str]:
+        return [f.rel for f in self.ready]
+
+    def times(self, rel: str) -> int:
+        return len(self.ready_at.get(rel, []))
+
+    def last(self, rel: str) -> FileIdentity:
+        return [f for f in self.ready if f.rel == rel][-1]
+
+    def skip_reasons(self, rel: str) -> list[str]:
+        return [reason for r, reason in self.skips if r == rel]
+
+    async def wait_for(self, cond: Callable[[], bool], timeout: float = 5.0) -> None:
+        with anyio.fail_after(timeout):
+            while not cond():
+                await anyio.sleep(0.01)
+
+    async def wait_ready(self, *rels: str, timeout: float = 5.0) -> None:
+        await self.wait_for(lambda: all(rel in self.ready_at for rel in rels), timeout)
+
+
+@asynccontextmanager
+async def watching(
+    inbox: Path,
+    rec: Recorder,
+    rules: WatchRules | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    cls: type[Watcher] = Watcher,
+) -> AsyncIterator[Watcher]:
+    watcher = cls(
+        inbox,
+        rules or WatchRules(settle_seconds=SETTLE),
+        on_ready=rec.on_ready,
+        on_skip=rec.on_skip,
+        on_settling=rec.on_settling,
+        clock=clock,
+    )
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(10):
+            await tg.start(watcher.run)
+        yield watcher
+        cancelled_at = time.monotonic()
+        tg.cancel_scope.cancel()
+    # Stopping must not wait for watchfiles' 5 s timeout.
+    assert time.monotonic() - cancelled_at < 1.0
+
+
+def write(path: Path | bytes, data: bytes = b"x") -> os.stat_result:
+    p = Path(os.fsdecode(path))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return p.stat()
+
+
+def make_old(path: Path) -> None:
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+
+
+def later(seconds: float) -> Callable[[], float]:
+    """A clock running ahead, so files just written count as old (ctime cannot be set back)."""
+    return lambda: time.time() + seconds
+
+
+def identity(inbox: Path, rel: str) -> FileIdentity:
+    st = os.stat(os.path.join(inbox, rel))
+    return FileIdentity(rel=rel, size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino)
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    path = tmp_path / "inbox"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    path = tmp_path / "outside"
+    path.mkdir()
+    return path
+
+
+# ---------------------------------------------------------------------------- start-up
+
+
+async def test_old_files_at_startup_are_ready_before_started(inbox: Path) -> None:
+    write(inbox / "a.csv", b"hello")
+    write(inbox / "sub" / "b.mf4", b"")
+    rec = Recorder()
+    async with watching(inbox, rec, clock=later(60)) as w:
+        # Handed over before started(): nothing to wait for.
+        assert sorted(rec.rels()) == ["a.csv", "sub/b.mf4"]
+        assert rec.last("a.csv") == identity(inbox, "a.csv")
+        assert w.pending() == 0
+        assert rec.settling == []
+
+
+async def test_fresh_file_at_startup_waits_for_settle(inbox: Path) -> None:
+    st = write(inbox / "fresh.csv", b"12345")
+    rec = Recorder()
+    async with watching(inbox, rec) as w:
+        assert rec.ready == []
+        assert w.pending() == 1
+        assert rec.settling == [("fresh.csv", 5)]
+        await rec.wait_ready("fresh.csv")
+        assert rec.ready_at["fresh.csv"][0] >= st.st_ctime + SETTLE - 0.01
+        assert w.pending() == 0
+        assert rec.settling == [("fresh.csv", 5), ("fresh.csv", None)]
+
+
+async def test_missing_inbox_raises(tmp_path: Path) -> None:
+    rec = Recorder()
+    w = Watcher(tmp_path / "nope", WatchRules(), on_ready=rec.on_ready)
+    with pytest.raises(FileNotFoundError):
+        await w.run()
+
+
+async def test_5000_files_at_startup_handed_over_in_batches(inbox: Path) -> None:
+    for d in range(10):
+        sub = inbox / f"d{d}"
+        sub.mkdir()
+        for i in range(500):
+            (sub / f"f{i}.csv").write_bytes(b"x")
+    rec = Recorder()
+    started = time.monotonic()
+    async with watching(inbox, rec, clock=later(60)):
+        elapsed = time.monotonic() - started
+        assert len(rec.ready) == 5000
+        assert len(set(rec.rels())) == 5000
+    assert elapsed < 3.0
+    assert all(1 <= len(b) <= MAX_BATCH for b in rec.batches)
+    assert len(rec.batches) >= 5
+
+
+async def test_files_due_in_the_same_tick_share_one_call(inbox: Path) -> None:
+    for i in range(1500):
+        (inbox / f"f{i}.csv").write_bytes(b"x")
+    # A clock running behind makes every timestamp look "in the future"; the watcher then
+    # counts from its own first look, which is the same moment for the whole scan chunk.
+    rec = Recorder()
+    async with watching(inbox, rec, clock=later(-30)) as w:
+        assert w.pending() == 1500
+        assert len(rec.settling) == 1500
+        await rec.wait_for(lambda: len(rec.ready) == 1500)
+    # One tick: one call per MAX_BATCH files, not one call per file.
+    assert [len(b) for b in rec.batches] == [1000, 500]
+    assert w.pending() == 0
+
+
+# ---------------------------------------------------------------------------- while running
+
+
+async def test_file_dropped_while_running(inbox: Path) -> None:
+    rec = Recorder()
+    async with watching(inbox, rec) as w:
+        written = time.time()
+        st = write(inbox / "drop.csv", b"abc")
+        await rec.wait_ready("drop.csv")
+        reported = rec.ready_at["drop.csv"][0]
+        assert rec.last("drop.csv") == FileIdentity("drop.csv", 3, st.st_mtime_ns, st.st_ino)
+        assert reported >= st.st_ctime + SETTLE - 0.01
+        assert reported - written < SETTLE + 1.0
+        assert rec.settling == [("drop.csv", 3), ("drop.csv", None)]
+        assert w.pending() == 0
+
+
+async def test_growing_file_reported_once_with_final_size(inbox: Path) -> None:
+    settle = 0.5  # well above the 0.1 s append interval, even on a busy machine
+    rec = Recorder()
+    path = inbox / "growing.mf4"
+    async with watching(inbox, rec, WatchRules(settle_seconds=settle)):
+        with path.open("wb") as f:
+            for _ in range(10):
+                f.write(b"x" * 1000)
+                f.flush()
+                last_write = time.time()
+                await anyio.sleep(0.1)
+        await rec.wait_ready("growing.mf4")
+        write(inbox / "sentinel.csv")
+        await rec.wait_ready("sentinel.csv")
+    assert rec.times("growing.mf4") == 1
+    assert rec.last("growing.mf4").size == 10_000
+    assert rec.ready_at["growing.mf4"][0] >= last_write + settle - 0.05
+    # Announced once when it started waiting (not on every write), released when reported.
+    sizes = [size for rel, size in rec.settling if rel == "growing.mf4"]
+    assert len(sizes) == 2
+    assert sizes[0] is not None and sizes[0] < 10_000
+    assert sizes[1] is None
+
+
+async def test_changed_file_reported_again(inbox: Path) -> None:
+    rec = Recorder()
+    path = inbox / "a.csv"
+    async with watching(inbox, rec):
+        first = write(path, b"one")
+        await rec.wait_ready("a.csv")
+
+        # ctime-only change (chmod): same identity, not reported again.
+        path.chmod(0o600)
+        write(inbox / "s1.csv")
+        await rec.wait_ready("s1.csv")
+        assert rec.times("a.csv") == 1
+
+        # Replaced by a new file (new inode), like an atomic save: reported again.
+        write(inbox / "a.csv.tmp", b"two")
+        os.replace(inbox / "a.csv.tmp", path)
+        await rec.wait_for(lambda: rec.times("a.csv") == 2)
+        second = rec.last("a.csv")
+        assert second.inode != first.st_ino
+        assert second == identity(inbox, "a.csv")
+
+        # Appended in place: new size, reported again.
+        with path.open("ab") as f:
+            f.write(b"three")
+        await rec.wait_for(lambda: rec.times("a.csv") == 3)
+        assert rec.last("a.csv").size == 8
+
+
+async def test_empty_file_settles_and_is_reported(inbox: Path) -> None:
+    rec = Recorder()
+    async with watching(inbox, rec):
+        st = write(inbox / "empty.csv", b"")
+        await rec.wait_ready("empty.csv")
+    assert rec.last("empty.csv").size == 0
+    assert rec.ready_at["empty.csv"][0] >= st.st_ctime + SETTLE - 0.01
+
+
+async def test_file_vanishing_while_settling_is_dropped(inbox: Path) -> None:
+    rec = Recorder()
+    async with watching(inbox, rec, WatchRules(settle_seconds=0.5)) as w:
+        write(inbox / "gone.csv", b"abc")
+        await rec.wait_for(lambda: ("gone.csv", 3) in rec.settling)
+        (inbox / "gone.csv").unlink()
+        await rec.wait_for(lambda: ("gone.csv", None) in rec.settling)
+        assert w.pending() == 0
+        write(inbox / "sentinel.csv")
+        await rec.wait_ready("sentinel.csv")
+    assert "gone.csv" not in rec.rels()
+    assert rec.skips == []
+
+
+async def test_new_nested_directories_are_picked_up(inbox: Path, outside: Path) -> None:
+    rec = Recorder()
+    async with watching(inbox, rec):
+        # mkdir -p then write at once: the file may exist before inotify watches the folder.
+        (inbox / "a" / "b" / "c").mkdir(parents=True)
+        write(inbox / "a" / "b" / "c" / "deep.csv")
+        # A whole tree moved in produces a single event, for its top folder.
+        write(outside / "tree" / "x" / "one.csv")
+        write(outside / "tree" / "two.csv")
+        (outside / "tree").rename(inbox / "tree")
+        await rec.wait_ready("a/b/c/deep.csv", "tree/x/one.csv", "tree/two.csv")
+        # Folders created later inside the moved tree are watched too.
+        write(inbox / "tree" / "x" / "y" / "three.csv")
+        await rec.wait_ready("tree/x/y/three.csv")
+    assert sorted(rec.rels()) == sorted(
+        ["a/b/c/deep.csv", "tree/x/one.csv", "tree/two.csv", "tree/x/y/three.csv"]
+    )
+
+
+async def test_folder_moved_out_is_forgotten_and_a_new_one_scanned(
+    inbox: Path, outside: Path
+) -> None:
+    rec = Recorder()
+    async with watching(inbox, rec) as w:
+        write(inbox / "d" / "sub" / "a.csv")
+        await rec.wait_ready("d/sub/a.csv")
+        # One event, for the folder: everything known under it goes.
+        (inbox / "d").rename(outside / "d_old")
+        await rec.wait_for(lambda: "d/sub/a.csv" not in w._reported and "d/sub" not in w._dirs)
+        # Another tree moved in under the same name is walked afresh.
+        write(outside / "other" / "sub" / "b.csv")
+        (outside / "other").rename(inbox / "d")
+        await rec.wait_ready("d/sub/b.csv")
+    assert sorted(rec.rels()) == ["d/sub/a.csv", "d/sub/b.csv"]
+
+
+async def test_copy2_of_old_file_waits_for_settle(inbox: Path, outside: Path) -> None:
+    src = outside / "old.csv"
+    write(src, b"data" * 100)
+    make_old(src)
+    rec = Recorder()
+    async with watching(inbox, rec):
+        shutil.copy2(src, inbox / "old.csv")
+        st = (inbox / "old.csv").stat()
+        assert st.st_mtime < time.time() - 3000  # mtime says old...
+        await rec.wait_ready("old.csv")
+    # ...but ctime says just written: it must still settle.
+    assert rec.ready_at["old.csv"][0] >= st.st_ctime + SETTLE - 0.01
+    assert ("old.csv", 400) in rec.settling
+
+
+# ---------------------------------------------------------------------------- filters
+
+
+EXCLUDED = [
+    ".hidden.csv",
+    "x.tmp",
+    "y.part",
+    "z.partial",
+    "~$report.xlsx",
+    "v.swp",
+    "dl.crdownload",
+    "run1.meta.json",
+    ".dotdir/inner.csv",
+    "sub/.dotdir2/inner.csv",
+    "sub/.hidden2.csv",
+    "UPPER.TMP",
+]
+
+
+async def test_default_excludes(inbox: Path) -> None:
+    for rel in EXCLUDED:
+        write(inbox / rel)
+    rec = Recorder()
+    async with watching(inbox, rec):
+        assert rec.rels() == []
+        assert rec.settling == []
+        for rel in EXCLUDED:
+            write(inbox / "live" / rel)
+        write(inbox / "live" / "sentinel.csv")
+        await rec.wait_ready("live/sentinel.csv")
+    assert rec.rels() == ["live/sentinel.csv"]
+    assert rec.skips == []
+    assert {rel for rel, _ in rec.settling} == {"live/sentinel.csv"}
+
+
+async def test_include_globs(tmp_path: Path) -> None:
+    names = [
+        "a.csv",
+        "B.CSV",
+        "b.txt",
+        "runs/x.mf4",
+        "runs/d/e/y.mf4",
+        "other/z.mf4",
+        "nested/c.csv",
+    ]
+    expected = ["B.CSV", "a.csv", "nested/c.csv", "runs/d/e/y.mf4", "runs/x.mf4"]
+    rules = WatchRules(settle_seconds=SETTLE, include=("*.csv", "runs/**/*.mf4"))
+    at_start, live = tmp_path / "at_start", tmp_path / "live"
+    for rel in names:
+        write(at_start / rel)
+    live.mkdir()
+    rec = Recorder()
+    async with watching(at_start, rec, rules, clock=later(60)):
+        assert sorted(rec.rels()) == expected
+    rec = Recorder()
+    async with watching(live, rec, rules):
+        for rel in names:
+            write(live / rel)
+        write(live / "zz_sentinel.csv")
+        await rec.wait_ready("zz_sentinel.csv")
+    assert sorted(rec.rels()) == [*expected, "zz_sentinel.csv"]
+
+
+async def test_ignore_dirs(inbox: Path) -> None:
+    archive = inbox / "archive"
+    write(archive / "done.csv")
+    write(inbox / "keep.csv")
+    rules = WatchRules(settle_seconds=SETTLE, ignore_dirs=(archive,))
+    rec = Recorder()
+    async with watching(inbox, rec, rules, clock=later(60)) as w:
+        assert rec.rels() == ["keep.csv"]
+        write(archive / "sub" / "new.csv")
+        # The uploader moves finished files into the archive: forgotten, not re-reported.
+        (inbox / "keep.csv").rename(archive / "keep.csv")
+        write(inbox / "sentinel.csv")
+        await rec.wait_ready("sentinel.csv")
+        assert "keep.csv" not in w._reported
+    assert sorted(rec.rels()) == ["keep.csv", "sentinel.csv"]
+
+
+# ---------------------------------------------------------------------------- special files
+
+
+async def test_symlinks_skipped_by_default(inbox: Path, outside: Path) -> None:
+    write(inbox / "target.csv")
+    write(outside / "secret.csv")
+    write(outside / "dir" / "in_dir.csv")
+    (inbox / "inside.csv").symlink_to(inbox / "target.csv")
+    (inbox / "outside.csv").symlink_to(outside / "secret.csv")
+    (inbox / "loop1.csv").symlink_to(inbox / "loop2.csv")
+    (inbox / "loop2.csv").symlink_to(inbox / "loop1.csv")
+    (inbox / "dangling.csv").symlink_to(inbox / "nothing.csv")
+    (inbox / "linkdir").symlink_to(outside / "dir")
+    links = ["dangling.csv", "inside.csv", "linkdir", "loop1.csv", "loop2.csv", "outside.csv"]
+    rec = Recorder()
+    async with watching(inbox, rec, clock=later(60)):
+        assert rec.rels() == ["target.csv"]
+        assert sorted(rec.skips) == [(rel, "symlink (follow_symlinks is off)") for rel in links]
+        # inotify (notify crate) does follow folder symlinks and reports writes behind them;
+        # the watcher must still never report anything through one.
+        write(outside / "dir" / "later.csv")
+        (inbox / "live.csv").symlink_to(outside / "secret.csv")
+        write(inbox / "sentinel.csv")
+        await rec.wait_ready("sentinel.csv")
+    assert sorted(rec.rels()) == ["sentinel.csv", "target.csv"]
+    assert rec.skip_reasons("live.csv") == ["symlink (follow_symlinks is off)"]
+    assert len(rec.skips) == len(links) + 1
+
+
+async def test_symlinks_followed_only_to_files_inside(inbox: Path, outside: Path) -> None:
+    write(inbox / "data" / "target.csv", b"12345")
+    write(outside / "secret.csv")
+    write(outside / "dir" / "in_dir.csv")
+    (inbox / "inside.csv").symlink_to(inbox / "data" / "target.csv")
+    (inbox / "relative.csv").symlink_to(Path("data") / "target.csv")
+    (inbox / "outside.csv").symlink_to(outside / "secret.csv")
+    (inbox / "escape.csv").symlink_to(Path("..") / "outside" / "secret.csv")
+    (inbox / "loop1.csv").symlink_to(inbox / "loop2.csv")
+    (inbox / "loop2.csv").symlink_to(inbox / "loop1.csv")
+    (inbox / "dangling.csv").symlink_to(inbox / "nothing.csv")
+    (inbox / "linkdir").symlink_to(outside / "dir")
+    (inbox / "innerdir").symlink_to(inbox / "data")
+    rules = WatchRules(settle_seconds=SETTLE, follow_symlinks=True)
+    rec = Recorder()
+    async with watching(inbox, rec, rules, clock=later(60)):
+        pass
+    target = identity(inbox, "data/target.csv")
+    assert sorted(rec.rels()) == ["data/target.csv", "inside.csv", "relative.csv"]
+    assert rec.last("inside.csv") == FileIdentity(
+        "inside.csv", target.size, target.mtime_ns, target.inode
+    )
+    reasons = dict(rec.skips)
+    assert "outside the inbox" in reasons["outside.csv"]
+    assert str(outside / "secret.csv") in reasons["outside.csv"]
+    assert "outside the inbox" in reasons["escape.csv"]
+    assert "loop" in reasons["loop1.csv"] and "loop" in reasons["loop2.csv"]
+    assert "dangling" in reasons["dangling.csv"]
+    assert "nothing.csv" in reasons["dangling.csv"]
+    assert "outside the inbox" in reasons["linkdir"]  # never entered, whatever it holds
+    assert "points to a folder" in reasons["innerdir"]  # its files are reported as themselves
+    assert "linkdir/in_dir.csv" not in rec.rels()
+    assert len(rec.skips) == 7
+
+
+async def test_symlink_dropped_while_running_is_followed(inbox: Path, outside: Path) -> None:
+    write(outside / "secret.csv")
+    rules = WatchRules(settle_seconds=SETTLE, follow_symlinks=True)
+    rec = Recorder()
+    async with watching(inbox, rec, rules):
+        write(inbox / "t.csv")
+        (inbox / "link.csv").symlink_to(inbox / "t.csv")
+        (inbox / "out.csv").symlink_to(outside / "secret.csv")
+        await rec.wait_ready("t.csv", "link.csv")
+        await rec.wait_for(lambda: bool(rec.skip_reasons("out.csv")))
+    assert "outside the inbox" in rec.skip_reasons("out.csv")[0]
+
+
+async def test_fifo_skipped_once_and_never_opened(inbox: Path) -> None:
+    os.mkfifo(inbox / "pipe.csv")
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0.1)
+    rec = Recorder()
+    async with watching(inbox, rec, rules) as w:
+        assert rec.skips == [("pipe.csv", "is a FIFO, not a regular file")]
+        os.mkfifo(inbox / "live_pipe")
+        await rec.wait_for(lambda: bool(rec.skip_reasons("live_pipe")))
+        # Rescans see both FIFOs again; the reason is reported only once.
+        scans = w._scan_count
+        await rec.wait_for(lambda: w._scan_count >= scans + 2)
+    assert rec.skips == [
+        ("pipe.csv", "is a FIFO, not a regular file"),
+        ("live_pipe", "is a FIFO, not a regular file"),
+    ]
+    assert rec.ready == []
+    assert rec.settling == []
+
+
+async def test_unreadable_subfolder_is_skipped(
+    inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root can list any folder, so simulate the EACCES that a chmod 000 folder gives.
+    write(inbox / "locked" / "a.csv")
+    write(inbox / "open" / "b.csv")
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> os._ScandirIterator[str]:
+        if os.fspath(path).endswith("/locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    rec = Recorder()
+    async with watching(inbox, rec, clock=later(60)):
+        pass
+    assert rec.rels() == ["open/b.csv"]
+    assert rec.skips == [("locked", "cannot list folder: Permission denied")]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can list a chmod 000 folder")
+async def test_unreadable_subfolder_real_permissions(inbox: Path) -> None:
+    write(inbox / "locked" / "a.csv")
+    write(inbox / "open" / "b.csv")
+    (inbox / "locked").chmod(0)
+    try:
+        rec = Recorder()
+        async with watching(inbox, rec, clock=later(60)):
+            pass
+    finally:
+        (inbox / "locked").chmod(0o755)
+    assert rec.rels() == ["open/b.csv"]
+    assert rec.skips == [("locked", "cannot list folder: Permission denied")]
+
+
+# ---------------------------------------------------------------------------- odd names
+
+
+ODD = [
+    "with space.csv",
+    "ünïcødé_数据.csv",
+    "x" * 251 + ".csv",  # 255 bytes, the longest name ext4 allows
+    "/".join(["lvl"] * 100) + "/deep.csv",  # 100 folders down
+]
+BAD = b"bad\xff\xfe name.csv"  # not valid UTF-8
+
+
+async def test_odd_names_at_startup(inbox: Path) -> None:
+    for rel in ODD:
+        write(inbox / rel)
+    write(os.fsencode(inbox) + b"/" + BAD)
+    rec = Recorder()
+    async with watching(inbox, rec, clock=later(60)):
+        pass
+    assert sorted(rec.rels()) == sorted([*ODD, os.fsdecode(BAD)])
+    assert rec.last(os.fsdecode(BAD)) == identity(inbox, os.fsdecode(BAD))
+
+
+async def test_odd_names_while_running(inbox: Path) -> None:
+    rec = Recorder()
+    async with watching(inbox, rec):
+        for rel in ODD:
+            write(inbox / "live" / rel)
+        await rec.wait_ready(*[f"live/{rel}" for rel in ODD])
+    assert sorted(rec.rels()) == sorted(f"live/{rel}" for rel in ODD)
+
+
+async def test_non_utf8_name_while_running(inbox: Path) -> None:
+    # watchfiles cannot represent such a name and fails the whole batch: the watcher restarts
+    # it and rescans, so the file is still found and later files still come through.
+    rec = Recorder()
+    async with watching(inbox, rec):
+        write(os.fsencode(inbox) + b"/" + BAD, b"abc")
+        await rec.wait_ready(os.fsdecode(BAD))
+        write(inbox / "after.csv")
+        await rec.wait_ready("after.csv")
+    assert rec.last(os.fsdecode(BAD)).size == 3
+    assert rec.times(os.fsdecode(BAD)) == 1
+
+
+# ---------------------------------------------------------------------------- safety net
+
+
+class NoEventsWatcher(Watcher):
+    """A watcher whose event stream never delivers anything: every event is 'lost'."""
+
+    def _changes(
+        self, stop: anyio.Event
+    ) -> AsyncGenerator[set[tuple[watchfiles.Change, str]], None]:
+        async def nothing() -> AsyncGenerator[set[tuple[watchfiles.Change, str]], None]:
+            await stop.wait()
+            no_changes: list[set[tuple[watchfiles.Change, str]]] = []
+            for batch in no_changes:  # an async generator that never yields
+                yield batch
+
+        return nothing()
+
+
+async def test_rescan_finds_files_whose_events_were_lost(inbox: Path) -> None:
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0.2)
+    write(inbox / "before.csv")
+    rec = Recorder()
+    async with watching(inbox, rec, rules, cls=NoEventsWatcher) as w:
+        write(inbox / "missed.csv", b"abc")
+        await rec.wait_ready("before.csv", "missed.csv")
+        assert rec.last("missed.csv") == identity(inbox, "missed.csv")
+        # Later rescans see the same files unchanged: not reported again.
+        scans = w._scan_count
+        await rec.wait_for(lambda: w._scan_count >= scans + 2)
+        assert rec.times("missed.csv") == 1 and rec.times("before.csv") == 1
+        # A deletion whose event was lost is noticed too, so memory does not grow forever.
+        (inbox / "missed.csv").unlink()
+        await rec.wait_for(lambda: "missed.csv" not in w._reported)
+
+
+async def test_no_periodic_rescan_when_disabled(inbox: Path) -> None:
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0)
+    rec = Recorder()
+    async with watching(inbox, rec, rules, cls=NoEventsWatcher) as w:
+        write(inbox / "missed.csv")
+        # Proving that nothing happens takes a bounded wait.
+        await anyio.sleep(0.5)
+        assert w._scan_count == 1  # the start-up scan only
+    assert rec.ready == []
+
+
+async def test_force_polling(inbox: Path) -> None:
+    rules = WatchRules(settle_seconds=SETTLE, force_polling=True)
+    rec = Recorder()
+    async with watching(inbox, rec, rules):
+        write(inbox / "polled.csv")
+        await rec.wait_ready("polled.csv")
+
+
+# ---------------------------------------------------------------------------- shutdown
+
+
+async def test_cancel_while_files_settle(inbox: Path) -> None:
+    rec = Recorder()
+    async with watching(inbox, rec, WatchRules(settle_seconds=30)) as w:
+        write(inbox / "slow.csv")
+        await rec.wait_for(lambda: w.pending() == 1)
+    # watching() asserts the prompt exit; nothing is reported half-way.
+    assert rec.ready == []
+
+
+async def test_cancel_during_startup_scan(inbox: Path) -> None:
+    for i in range(1000):
+        (inbox / f"f{i}.csv").write_bytes(b"x")
+    rec = Recorder()
+    w = Watcher(inbox, WatchRules(settle_seconds=SETTLE), on_ready=rec.on_ready)
+    started = time.monotonic()
+    with anyio.move_on_after(0.01):
+        await w.run()
+    assert time.monotonic() - started < 1.0
+    # A second run starts from scratch and works.
+    async with anyio.create_task_group() as tg:
+        await tg.start(w.run)
+        tg.cancel_scope.cancel()
+
+
+async def test_run_twice_at_once_is_refused(inbox: Path) -> None:
+    rec = Recorder()
+    async with watching(inbox, rec) as w:
+        with pytest.raises(RuntimeError):
+            await w.run()
