@@ -361,7 +361,9 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from daemon.service import Service
+    from daemon.service_signals import catch_early_signals
 
+    catch_early_signals()  # already done by daemon.__main__; here for other entry points
     settings = load_settings(args.config, require_token=True)
     logs.configure(settings.log.level, settings.log.format)
     anyio.run(Service(settings, grace_seconds=args.grace).run)

@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from daemon import __version__
+from daemon import __version__, service_signals
 from daemon.client import MarpleClient
 from daemon.config import Settings
 from daemon.disposal import Disposal
@@ -274,6 +274,10 @@ class Service:
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            if service_signals.early:
+                # Signalled while starting, before this receiver existed.
+                _log.info("daemon.signal", signal=signal.Signals(service_signals.early[0]).name)
+                self.stop()
             async for signum in signals:
                 _log.info("daemon.signal", signal=signal.Signals(signum).name)
                 self.stop()

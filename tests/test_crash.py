@@ -69,6 +69,14 @@ def _files(inbox: Path) -> dict[str, bytes]:
     }
 
 
+def test_sigterm_during_start_up_still_exits_zero(sandbox: Sandbox, tmp_path: Path) -> None:
+    config = write_config(tmp_path, sandbox)
+    for delay in (0.3, 0.8):
+        proc = start_daemon(config, tmp_path / "daemon.log")
+        time.sleep(delay)
+        assert _stop(proc) == 0
+
+
 def test_sigterm_stops_gracefully_and_exits_zero(sandbox: Sandbox, tmp_path: Path) -> None:
     config = write_config(tmp_path, sandbox, log={"level": "info"})
     files = _files(tmp_path / "inbox")
