@@ -145,32 +145,14 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def make_client(settings: Settings) -> MarpleClient:
-    """The API client for these settings (the token is resolved here)."""
-    api = settings.api
-    return MarpleClient(
-        api.url,
-        api.resolved_token(),
-        timeout=api.timeout,
-        verify_tls=api.verify_tls,
-        ca_file=api.ca_file,
-    )
-
-
-def retry_policy(settings: Settings) -> RetryPolicy:
-    """The per-step retry policy from ``[retry]``."""
-    r = settings.retry
-    return RetryPolicy(attempts=r.attempts, base=r.base_seconds, cap=r.cap_seconds)
-
-
 async def _push(
     settings: Settings, args: argparse.Namespace, extra: dict[str, str]
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    async with make_client(settings) as client:
+    async with MarpleClient.from_settings(settings.api) as client:
         stream = await client.resolve_stream(settings.upload.stream)
         options = UploadOptions(
-            policy=retry_policy(settings),
+            policy=RetryPolicy.from_settings(settings.retry),
             part_concurrency=settings.upload.part_concurrency,
             abort_on_give_up=True,
             abort_on_cancel=True,
@@ -307,7 +289,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 async def _check(settings: Settings) -> int:
-    async with make_client(settings) as client:
+    async with MarpleClient.from_settings(settings.api) as client:
         try:
             await client.health()
         except InboxdError as exc:

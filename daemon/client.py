@@ -47,6 +47,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError
 
 from daemon import __version__
+from daemon.config import ApiSettings
 from daemon.errors import (
     ApiError,
     AuthError,
@@ -257,6 +258,17 @@ class MarpleClient:
         # No default headers beyond httpx's own: nothing of ours may reach a storage URL.
         self._storage = httpx.AsyncClient(
             timeout=tmo, verify=verify, limits=limits, follow_redirects=False
+        )
+
+    @classmethod
+    def from_settings(cls, api: ApiSettings) -> MarpleClient:
+        """The client for an ``[api]`` section (the token is resolved here)."""
+        return cls(
+            api.url,
+            api.resolved_token(),
+            timeout=api.timeout,
+            verify_tls=api.verify_tls,
+            ca_file=api.ca_file,
         )
 
     @property

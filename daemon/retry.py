@@ -14,6 +14,7 @@ from typing import TypeVar
 import anyio
 import structlog
 
+from daemon.config import RetrySettings
 from daemon.errors import InboxdError
 
 T = TypeVar("T")
@@ -29,6 +30,11 @@ class RetryPolicy:
     cap: float = 60.0
     #: the longest ``Retry-After`` obeyed; a confused or hostile header cannot stall us longer
     max_retry_after: float = 300.0
+
+    @classmethod
+    def from_settings(cls, r: RetrySettings) -> RetryPolicy:
+        """The per-step policy of a ``[retry]`` section."""
+        return cls(attempts=r.attempts, base=r.base_seconds, cap=r.cap_seconds)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before try ``attempt + 1`` (``attempt`` counts from 1).

@@ -100,10 +100,10 @@ class Service:
         for job in recovered:
             _log.info("job.recovered", job_id=job.id, path=job.identity.rel, stage=job.stage.value)
         await queue.clear_all_settling()
-        async with _client(s) as client:
+        async with MarpleClient.from_settings(s.api) as client:
             self.streams = StreamDirectory(client)
             r = s.retry
-            policy = RetryPolicy(attempts=r.attempts, base=r.base_seconds, cap=r.cap_seconds)
+            policy = RetryPolicy.from_settings(r)
             self.workers = Workers(
                 queue,
                 client,
@@ -281,17 +281,6 @@ class Service:
             async for signum in signals:
                 _log.info("daemon.signal", signal=signal.Signals(signum).name)
                 self.stop()
-
-
-def _client(settings: Settings) -> MarpleClient:
-    api = settings.api
-    return MarpleClient(
-        api.url,
-        api.resolved_token(),
-        timeout=api.timeout,
-        verify_tls=api.verify_tls,
-        ca_file=api.ca_file,
-    )
 
 
 def _lock_state(db: Path) -> int:

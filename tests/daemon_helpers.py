@@ -122,14 +122,17 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def inboxd(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run an ``inboxd`` command to completion."""
+def inboxd(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """Run an ``inboxd`` command to completion, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "daemon", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO,
+        env={**os.environ, **(env or {})},
         check=False,
     )
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -21,15 +19,7 @@ from tests.daemon_helpers import REPO, inboxd, write_config
 def run(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+    return inboxd(*args, env=env, timeout=timeout)
 
 
 # ---- configuration ------------------------------------------------------------------------
