@@ -205,3 +205,27 @@ def test_version_and_help() -> None:
     helped = run("--help").stdout
     for cmd in ("push", "check", "run", "status", "retry", "sandbox", "demo"):
         assert cmd in helped
+
+
+def test_progress_bar_shows_bytes_rate_and_eta() -> None:
+    import io
+
+    from daemon.cli import _ProgressBar
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    bar = _ProgressBar("run.mf4", 4 * 1024 * 1024, out)
+    bar.start -= 1.0  # one second has passed
+    bar.add(1024 * 1024)
+    bar.add(3 * 1024 * 1024)
+    bar.close()
+    text = out.getvalue()
+    assert "run.mf4" in text
+    assert "4.0 MiB/4.0 MiB" in text and "100.0%" in text
+    assert "MiB/s" in text and "ETA 0:00" in text
+    quiet = io.StringIO()  # not a terminal: no bar at all (logs and --json stay clean)
+    _ProgressBar("x", 10, quiet).add(10)
+    assert quiet.getvalue() == ""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon.sandbox import Sandbox
-from tests.conftest import write_file
+from tests.conftest import TOKEN, write_file
 from tests.daemon_helpers import inboxd, server_datasets, start_daemon, write_config
 
 KiB = 1024
@@ -61,6 +61,15 @@ def _check_exactly_once(sb: Sandbox, files: dict[str, bytes]) -> None:
     assert not [i for i in sb.ingestions.values() if i.state == "UPLOADING"]
 
 
+def _assert_token_nowhere(tmp_path: Path) -> None:
+    """The token is in no log line and in no byte of the state database."""
+    log = (tmp_path / "daemon.log").read_bytes()
+    assert log, "the daemon wrote no log"
+    assert TOKEN.encode() not in log
+    for db in (tmp_path / "state").glob("state.db*"):
+        assert TOKEN.encode() not in db.read_bytes(), db.name
+
+
 def _files(inbox: Path) -> dict[str, bytes]:
     sizes = [3 * KiB, 50 * KiB, 300 * KiB, 700 * KiB, 1300 * KiB, 2100 * KiB]
     return {
@@ -91,6 +100,7 @@ def test_sigterm_stops_gracefully_and_exits_zero(sandbox: Sandbox, tmp_path: Pat
     assert "daemon.stopped" in log
     assert _status(config)["daemon"]["alive"] is False
     _check_exactly_once(sandbox, files)
+    _assert_token_nowhere(tmp_path)
 
 
 def test_sigterm_mid_upload_resumes_after_restart(sandbox: Sandbox, tmp_path: Path) -> None:
@@ -183,3 +193,4 @@ def test_random_sigkills_lose_nothing_and_duplicate_nothing(
         assert _stop(proc) == 0
     assert kills == 10
     _check_exactly_once(sandbox, files)
+    _assert_token_nowhere(tmp_path)
