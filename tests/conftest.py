@@ -12,6 +12,9 @@ from pydantic import SecretStr
 from daemon.client import MarpleClient
 from daemon.sandbox import Sandbox, SandboxConfig, running_sandbox
 
+# Storage-emulator fixtures (moto's S3 server, Azurite), shared by every test module.
+from tests.emulators import azurite, moto_s3, moto_s3_server_for_module  # noqa: F401
+
 MiB = 1024 * 1024
 TOKEN = "test-token-s3cr3t-value"
 

@@ -1,6 +1,6 @@
 """Storage emulators for tests: moto's S3 server and Azurite, with request logs and helpers.
 
-A test module opts in with ``pytest_plugins = ("tests.emulators",)`` and asks for the fixtures:
+``tests/conftest.py`` imports the fixtures, so every test module can ask for them:
 
 * ``moto_s3`` - an in-process moto S3 server (one per module, reset around every test) whose
   ``requests`` list records every request it received (method, path, query, headers, status).
@@ -388,9 +388,8 @@ def azurite_server(binary: Path, host: str = "127.0.0.1") -> Iterator[Azurite]:
                     process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def azurite() -> Iterator[Azurite]:
-    """Azurite for the module (skipped locally when not installed, failed in CI)."""
+def require_azurite() -> Path:
+    """The Azurite binary; skips the test locally when missing, fails it in CI."""
     binary = azurite_binary()
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         reason = (
@@ -400,5 +399,11 @@ def azurite() -> Iterator[Azurite]:
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI must install it (.ci/run runs `npm ci`)", pytrace=False)
         pytest.skip(reason)
-    with azurite_server(binary) as server:
+    return binary
+
+
+@pytest.fixture(scope="module")
+def azurite() -> Iterator[Azurite]:
+    """Azurite for the module (skipped locally when not installed, failed in CI)."""
+    with azurite_server(require_azurite()) as server:
         yield server

@@ -95,7 +95,7 @@ def test_sigterm_during_start_up_still_exits_zero(sandbox: Sandbox, tmp_path: Pa
         proc = start_daemon(config, tmp_path / "daemon.log")
         # The first thing `python -m daemon run` does is to catch SIGTERM; everything after
         # (imports, config, queue, watcher) is start-up that a stop must not break.
-        _wait(lambda: _catches_sigterm(proc.pid), 10, "the SIGTERM handler")
+        _wait(lambda p=proc: _catches_sigterm(p.pid), 10, "the SIGTERM handler")
         time.sleep(extra)
         assert _stop(proc) == 0
 

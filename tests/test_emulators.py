@@ -39,7 +39,6 @@ from tests.conftest import TOKEN, write_file
 if TYPE_CHECKING:
     from tests.emulators import Azurite, MotoS3, S3Request
 
-pytest_plugins = ("tests.emulators",)
 pytestmark = pytest.mark.emulator
 
 KiB = 1024

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import shutil
 import socket
-import subprocess
 import time
 import tomllib
 from collections.abc import Iterator
@@ -29,6 +26,7 @@ from daemon.sandbox import (
     running_sandbox,
 )
 from daemon.sandbox.formdata import FormDataError, FormDataParser, PartData, PartEnd, PartStart
+from tests.emulators import azurite_server, require_azurite
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "sandbox-token"
@@ -802,44 +800,11 @@ def test_s3_size_mismatch_and_abort_with_moto(tmp_path: Path, moto_endpoint: str
         assert sandbox.datasets[aborted["dataset_id"]].import_status == "FAILED"
 
 
-def _azurite_bin() -> Path | None:
-    configured = os.environ.get("INBOXD_AZURITE_BIN")
-    candidate = Path(configured) if configured else REPO / "node_modules/.bin/azurite-blob"
-    if candidate.exists() and shutil.which("node"):
-        return candidate
-    return None
-
-
 @pytest.fixture(scope="module")
-def azurite_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = _azurite_bin()
-    if binary is None:
-        pytest.skip("Azurite not installed: run `npm install` (or set INBOXD_AZURITE_BIN)")
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("azurite")
-    proc = subprocess.Popen(
-        [
-            str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port),
-            "--inMemoryPersistence", "--skipApiVersionCheck", "--disableTelemetry", "--silent",
-        ],
-        cwd=workdir,  # Azurite may still drop debug/log files in its working directory
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("Azurite did not start")
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/devstoreaccount1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+def azurite_url() -> Iterator[str]:
+    """Azurite's account URL (skipped locally when not installed, failed in CI)."""
+    with azurite_server(require_azurite()) as server:
+        yield server.account_url
 
 
 @pytest.mark.emulator
