@@ -35,7 +35,7 @@ import json
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,6 +69,7 @@ _MAX_BODY = 16 * 1024 * 1024  # a larger API answer is a server fault, not data 
 _USER_AGENT = f"inboxd/{__version__}"
 
 Progress = Callable[[int], None]
+Throttle = Callable[[int], Awaitable[None]]
 
 BUSY_STATUSES = frozenset({"UPLOADING", "WAITING", "IMPORTING", "POSTPROCESSING", "COOLING"})
 OK_STATUSES = frozenset({"FINISHED", "LIVE"})
@@ -144,6 +145,8 @@ class FileSlice:
     length: int
     inode: int | None = None
     min_size: int | None = None
+    #: awaited with each chunk's size before it is sent (the shared bandwidth limit)
+    throttle: Throttle | None = None
 
     async def chunks(
         self, chunk_size: int = CHUNK_SIZE, progress: Progress | None = None
@@ -161,6 +164,8 @@ class FileSlice:
                         "it was truncated while being uploaded"
                     )
                 pos += len(data)
+                if self.throttle is not None:
+                    await self.throttle(len(data))
                 if progress is not None:
                     progress(len(data))
                 yield data

@@ -25,6 +25,7 @@ from daemon.client import MarpleClient
 from daemon.config import Settings
 from daemon.disposal import Disposal
 from daemon.errors import ConfigError, InboxdError, StateError
+from daemon.notify import Notifier, watchdog_interval
 from daemon.poller import Poller
 from daemon.queue import FileIdentity, NewJob, Queue, QueueError
 from daemon.retry import RetryPolicy
@@ -66,6 +67,8 @@ class Service:
         self.watcher: Watcher | None = None
         self.streams: StreamDirectory | None = None
         self._stop = anyio.Event()
+        self.notifier = Notifier()
+        self._ready = False
 
     def stop(self) -> None:
         """Ask for a graceful stop (what SIGTERM does)."""
@@ -88,6 +91,7 @@ class Service:
             try:
                 await self._run(queue)
             finally:
+                self.notifier.close()
                 with anyio.CancelScope(shield=True):
                     await queue.close()
         finally:
@@ -150,10 +154,14 @@ class Service:
                     inbox=str(self.inbox),
                     workers=s.upload.workers,
                 )
+                self.notifier.ready(await self.summary())
+                self._ready = True
                 if self.on_ready is not None:
                     self.on_ready(self)
                 await self._stop.wait()
                 _log.info("daemon.stopping", grace_seconds=self.grace_seconds)
+                # Ask systemd for the grace period plus time to persist, on top of its own.
+                self.notifier.stopping(extend_seconds=self.grace_seconds + 10)
                 watcher_scope.cancel()
                 self.workers.stopping.set()
                 self.workers.wake()
@@ -231,8 +239,17 @@ class Service:
             await self.queue.set_settling(rel, size, time.time())
 
     async def _heartbeat(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Liveness for ``status`` (a row in the database) and for systemd (WATCHDOG=1).
+
+        WATCHDOG=1 follows a successful database write in the event loop: a wedged loop or
+        an unwritable database stops the pings, and systemd restarts the daemon.
+        """
         assert self.queue is not None
         queue = self.queue
+        period = HEARTBEAT_SECONDS
+        watchdog = watchdog_interval()
+        if watchdog is not None:
+            period = min(period, watchdog)
         first = True
         while True:
             info = {
@@ -242,12 +259,33 @@ class Service:
                 "workers": self.settings.upload.workers,
             }
             await queue.heartbeat(os.getpid(), self.started_at, info)
+            if watchdog is not None and self._ready:
+                self.notifier.watchdog()
             if first:
                 task_status.started()
                 first = False
-            with anyio.move_on_after(HEARTBEAT_SECONDS):
+            elif self.notifier.enabled and self._ready:
+                self.notifier.status(await self.summary())
+            with anyio.move_on_after(period):
                 await self._beat_now.wait()
             self._beat_now = anyio.Event()
+
+    async def summary(self) -> str:
+        """One line for ``systemctl status``: "2 uploading 41%, 5 queued, 1 failed"."""
+        assert self.queue is not None
+        counts = await self.queue.counts()
+        parts = []
+        if self.workers is not None:
+            files, sent, total = self.workers.in_flight()
+            if files:
+                pct = 100 * sent / total if total else 100.0
+                parts.append(f"{files} uploading {pct:.0f}%")
+        for state in ("queued", "importing", "failed"):
+            if counts.get(state):
+                parts.append(f"{counts[state]} {state}")
+        if self.pause.reason:
+            parts.insert(0, "PAUSED (token refused)")
+        return ", ".join(parts) or f"idle, {counts.get('done', 0)} done"
 
     async def _probe_when_paused(self, client: MarpleClient) -> None:
         while True:

@@ -41,6 +41,7 @@ from daemon.client import (
     MarpleClient,
     Progress,
     Stream,
+    Throttle,
 )
 from daemon.errors import (
     ApiError,
@@ -173,6 +174,8 @@ class UploadOptions:
     server_fallback: bool = True
     #: refresh signed URLs once this fraction of their lifetime is left (0.1 = at 90 %)
     url_refresh_margin: float = 0.1
+    #: awaited per chunk read from disk, in every mode: the global bandwidth limit
+    throttle: Throttle | None = None
     abort_on_give_up: bool = False
     abort_on_cancel: bool = False
 
@@ -456,7 +459,9 @@ class _Flow:
 
     def _slice(self, offset: int, length: int) -> FileSlice:
         f = self.req.file
-        return FileSlice(f.path, offset, length, inode=f.inode, min_size=f.size)
+        return FileSlice(
+            f.path, offset, length, inode=f.inode, min_size=f.size, throttle=self.opts.throttle
+        )
 
     async def _server_upload(self) -> None:
         assert self.state.ingestion_id is not None

@@ -135,6 +135,13 @@ class Workers:
         self.stopping = anyio.Event()
         self._wake = anyio.Event()
         self.active: dict[int, Job] = {}
+        self._sent: dict[int, _ProgressSaver] = {}
+
+    def in_flight(self) -> tuple[int, int, int]:
+        """(files, bytes sent, bytes total) of the uploads running now."""
+        sent = sum(max(p.total, 0) for p in self._sent.values())
+        total = sum(j.identity.size for j in self.active.values())
+        return len(self.active), min(sent, total), total
 
     def wake(self) -> None:
         """New work was queued: stop idling."""
@@ -177,7 +184,7 @@ class Workers:
         structlog.contextvars.bind_contextvars(job_id=job.id, path=rel)
         try:
             self.active[job.id] = job
-            saver = _ProgressSaver(self.queue, job.id)
+            saver = self._sent[job.id] = _ProgressSaver(self.queue, job.id)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep_lease, job.id)
                 tg.start_soon(saver.run)
@@ -187,6 +194,7 @@ class Workers:
                     tg.cancel_scope.cancel()
         finally:
             self.active.pop(job.id, None)
+            self._sent.pop(job.id, None)
             structlog.contextvars.unbind_contextvars("job_id", "path")
 
     async def _keep_lease(self, job_id: int) -> None:
