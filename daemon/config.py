@@ -140,6 +140,26 @@ class PollSettings(_Section):
     batch_size: int = Field(default=100, ge=1, le=1000)
 
 
+class MetricsSettings(_Section):
+    # "127.0.0.1:9464" serves /metrics and /healthz there; empty = off.
+    listen: str = ""
+
+
+class BandwidthSettings(_Section):
+    # Upload rate shared by all workers: bytes/s or "20MB", "1.5MiB", "100Mbit"; 0 = unlimited.
+    limit: str | int = 0
+    # Upload only inside these local-time windows, e.g. ["19:00-07:00", "Sat,Sun 00:00-24:00"].
+    windows: list[str] = Field(default_factory=list)
+
+
+class RetentionSettings(_Section):
+    # Only for after_upload = "archive"; only files confirmed imported are ever removed.
+    max_age_days: float = Field(default=0.0, ge=0)  # 0 = keep archived files by age forever
+    min_free_percent: float = Field(default=0.0, ge=0, le=100)  # prune oldest below this
+    warn_free_percent: float = Field(default=10.0, ge=0, le=100)  # log/status/metrics warning
+    interval_seconds: float = Field(default=300.0, gt=0)
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -162,6 +182,9 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     poll: PollSettings = Field(default_factory=PollSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    bandwidth: BandwidthSettings = Field(default_factory=BandwidthSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     routes: list[RouteSettings] = Field(default_factory=list)
 
     @classmethod
@@ -261,4 +284,11 @@ def _cross_checks(settings: Settings) -> list[str]:
         )
     if settings.retry.cap_seconds < settings.retry.base_seconds:
         problems.append("retry.cap_seconds must be >= retry.base_seconds")
+    if settings.metrics.listen:
+        from daemon.metrics import parse_listen
+
+        try:
+            parse_listen(settings.metrics.listen)
+        except ValueError as exc:
+            problems.append(f"{exc} — use a loopback address such as 127.0.0.1:9464")
     return problems

@@ -15,6 +15,7 @@ import structlog
 
 from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient
 from daemon.errors import AuthError, InboxdError
+from daemon.metrics import Metrics
 from daemon.queue import Job, Queue
 
 _log = structlog.get_logger(__name__)
@@ -24,8 +25,15 @@ class Poller:
     """Polls IMPORTING jobs every ``interval`` seconds, ``batch_size`` datasets per request."""
 
     def __init__(
-        self, queue: Queue, client: MarpleClient, *, interval: float = 2.0, batch_size: int = 100
+        self,
+        queue: Queue,
+        client: MarpleClient,
+        *,
+        interval: float = 2.0,
+        batch_size: int = 100,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.queue = queue
         self.client = client
         self.interval = interval
@@ -94,6 +102,10 @@ class Poller:
                 terminal=terminal,
                 failed=failed,
             )
+            if terminal and self.metrics is not None:
+                self.metrics.import_finished(not failed)
+                if failed:
+                    self.metrics.failed("import")  # the job ends failed, like upload failures
             if terminal:
                 log = _log.bind(job_id=job.id, path=job.identity.rel, dataset_id=st.dataset_id)
                 if failed:

@@ -55,12 +55,35 @@ def retry_after_of(exc: BaseException) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+#: told the error ``kind`` of every retry (metrics count retries by reason)
+OnRetry = Callable[[str], None]
+
+
+async def backoff(
+    policy: RetryPolicy,
+    attempt: int,
+    exc: InboxdError,
+    *,
+    what: str,
+    on_retry: OnRetry | None = None,
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+) -> None:
+    """Wait before try ``attempt + 1`` of ``what`` after ``exc``; log it and report it."""
+    wait = policy.delay(attempt, retry_after_of(exc))
+    # The message is ours and never holds a URL or token (see daemon.errors).
+    _log.info("retry", step=what, attempt=attempt, wait=round(wait, 3), error=str(exc))
+    if on_retry is not None:
+        on_retry(exc.kind)
+    await sleep(wait)
+
+
 async def call(
     step: Callable[[], Awaitable[T]],
     policy: RetryPolicy,
     *,
     what: str,
     retry_if: Callable[[InboxdError], bool] | None = None,
+    on_retry: OnRetry | None = None,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
 ) -> T:
     """Run ``step`` until it succeeds, a non-retryable error occurs, or attempts run out.
@@ -77,8 +100,5 @@ async def call(
                 raise
             if attempt >= policy.attempts:
                 raise
-            wait = policy.delay(attempt, retry_after_of(exc))
-            # The message is ours and never holds a URL or token (see daemon.errors).
-            _log.info("retry", step=what, attempt=attempt, wait=round(wait, 3), error=str(exc))
-            await sleep(wait)
+            await backoff(policy, attempt, exc, what=what, on_retry=on_retry, sleep=sleep)
             attempt += 1

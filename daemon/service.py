@@ -25,6 +25,7 @@ from daemon.client import MarpleClient
 from daemon.config import Settings
 from daemon.disposal import Disposal
 from daemon.errors import ConfigError, InboxdError, StateError
+from daemon.metrics import Metrics, MetricsServer
 from daemon.notify import Notifier, watchdog_interval
 from daemon.poller import Poller
 from daemon.queue import FileIdentity, NewJob, Queue, QueueError
@@ -59,16 +60,22 @@ class Service:
         self.handle_signals = handle_signals
         self.inbox = settings.inbox.path.absolute()
         self._beat_now = anyio.Event()
-        self.pause = Pause(on_change=lambda: self._beat_now.set())
+        self.metrics = Metrics()
+        self.pause = Pause(on_change=self._pause_changed)
         self.started_at = time.time()
         self.queue: Queue | None = None
         self.workers: Workers | None = None
         self.poller: Poller | None = None
         self.watcher: Watcher | None = None
+        self.metrics_server: MetricsServer | None = None
         self.streams: StreamDirectory | None = None
         self._stop = anyio.Event()
         self.notifier = Notifier()
         self._ready = False
+
+    def _pause_changed(self) -> None:
+        self.metrics.set_paused(self.pause.paused)
+        self._beat_now.set()
 
     def stop(self) -> None:
         """Ask for a graceful stop (what SIGTERM does)."""
@@ -116,7 +123,9 @@ class Service:
                 WorkerSettings(
                     count=s.upload.workers,
                     options=UploadOptions(
-                        policy=policy, part_concurrency=s.upload.part_concurrency
+                        policy=policy,
+                        part_concurrency=s.upload.part_concurrency,
+                        on_retry=self.metrics.retried,
                     ),
                     on_name_clash=s.upload.on_name_clash,
                     backoff_base=max(r.base_seconds, 1.0),
@@ -125,9 +134,14 @@ class Service:
                 ),
                 pause=self.pause,
                 owner=owner,
+                metrics=self.metrics,
             )
             self.poller = Poller(
-                queue, client, interval=s.poll.interval_seconds, batch_size=s.poll.batch_size
+                queue,
+                client,
+                interval=s.poll.interval_seconds,
+                batch_size=s.poll.batch_size,
+                metrics=self.metrics,
             )
             disposal = Disposal(queue, self.inbox, s.inbox.after_upload, s.inbox.archive_path)
             self.watcher = Watcher(
@@ -144,6 +158,14 @@ class Service:
                 await tg.start(self.workers.run)
                 await tg.start(self.poller.run)
                 await tg.start(disposal.run)
+                if s.metrics.listen:
+                    self.metrics_server = MetricsServer(
+                        s.metrics.listen,
+                        self.metrics,
+                        queue=queue,
+                        health=lambda: self._health(client),
+                    )
+                    await tg.start(self.metrics_server.run)
                 tg.start_soon(self._probe_when_paused, client)
                 tg.start_soon(self._housekeeping)
                 watcher_scope = anyio.CancelScope()
@@ -269,6 +291,19 @@ class Service:
             with anyio.move_on_after(period):
                 await self._beat_now.wait()
             self._beat_now = anyio.Event()
+
+    async def _health(self, client: MarpleClient) -> tuple[bool, str]:
+        """``/healthz``: alive (we are answering) and the API reachable, or why not."""
+        if self.pause.reason:
+            return False, f"uploads paused: {self.pause.reason}"
+        try:
+            with anyio.fail_after(5):
+                await client.health()
+        except TimeoutError:
+            return False, f"API {self.settings.api.url} did not answer /health within 5 s"
+        except InboxdError as exc:
+            return False, f"API unreachable: {exc}"
+        return True, "ok"
 
     async def summary(self) -> str:
         """One line for ``systemctl status``: "2 uploading 41%, 5 queued, 1 failed"."""

@@ -176,6 +176,8 @@ class UploadOptions:
     url_refresh_margin: float = 0.1
     #: awaited per chunk read from disk, in every mode: the global bandwidth limit
     throttle: Throttle | None = None
+    #: told the error kind of every retried step (metrics)
+    on_retry: retry.OnRetry | None = None
     abort_on_give_up: bool = False
     abort_on_cancel: bool = False
 
@@ -329,6 +331,7 @@ class _Flow:
             lambda: self.client.dataset(datapool, path=name),
             self.opts.policy,
             what="find dataset",
+            on_retry=self.opts.on_retry,
         )
 
     async def _create(self) -> UploadResult | None:
@@ -392,9 +395,7 @@ class _Flow:
                     raise
                 # 5xx, a lost answer or garbage: the dataset may exist now. Look before retrying.
                 ambiguous = not (isinstance(exc, TransportError) and not exc.maybe_sent)
-                wait = policy.delay(attempt, retry.retry_after_of(exc))
-                self.log.info("retry", step="create ingestion", attempt=attempt, error=str(exc))
-                await anyio.sleep(wait)
+                await self._backoff(policy, attempt, exc, "create ingestion")
                 continue
             self.ingestion = ing
             await self._save(
@@ -480,7 +481,12 @@ class _Flow:
                 undo()
                 raise
 
-        await retry.call(once, self.opts.policy, what="server upload")
+        await retry.call(once, self.opts.policy, what="server upload", on_retry=self.opts.on_retry)
+
+    async def _backoff(
+        self, policy: retry.RetryPolicy, attempt: int, exc: InboxdError, what: str
+    ) -> None:
+        await retry.backoff(policy, attempt, exc, what=what, on_retry=self.opts.on_retry)
 
     async def _put_slice(
         self,
@@ -518,9 +524,7 @@ class _Flow:
                     raise StorageError(
                         f"{what}: gave up after {attempt} tries: {exc.message}"
                     ) from exc
-                wait = self.opts.policy.delay(attempt, getattr(exc, "retry_after", None))
-                self.log.info("retry", step=what, attempt=attempt, error=str(exc))
-                await anyio.sleep(wait)
+                await self._backoff(self.opts.policy, attempt, exc, what)
             except BaseException:
                 undo()
                 raise
@@ -637,9 +641,7 @@ class _Flow:
             except InboxdError as exc:
                 if not exc.retryable or attempt >= self.opts.policy.attempts:
                     raise
-                wait = self.opts.policy.delay(attempt, retry.retry_after_of(exc))
-                self.log.info("retry", step="complete", attempt=attempt, error=str(exc))
-                await anyio.sleep(wait)
+                await self._backoff(self.opts.policy, attempt, exc, "complete")
                 if await self._server_has_it():
                     return True
 
@@ -651,6 +653,7 @@ class _Flow:
             lambda: self.client.datasets_status(self.req.stream.id, [dataset_id]),
             self.opts.policy,
             what="dataset status",
+            on_retry=self.opts.on_retry,
         )
         for st in statuses:
             if st.dataset_id == dataset_id and st.import_status not in (None, "UPLOADING"):
@@ -690,8 +693,10 @@ class _PartUrlCache:
         total: int,
         policy: retry.RetryPolicy,
         margin: float,
+        on_retry: retry.OnRetry | None = None,
     ) -> None:
         self._margin = margin
+        self._on_retry = on_retry
         self._client = client
         self._ingestion_id = ingestion_id
         self._total = total
@@ -708,6 +713,7 @@ class _PartUrlCache:
                 lambda: self._client.part_urls(self._ingestion_id, n, min(32, self._total - n + 1)),
                 self._policy,
                 what="part urls",
+                on_retry=self._on_retry,
             )
             ttl = batch.expires_in if batch.expires_in is not None else 3600.0
             until = time.monotonic() + ttl * (1 - self._margin)

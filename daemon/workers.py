@@ -30,6 +30,7 @@ from daemon.errors import (
     NotFoundError,
     UploadFailed,
 )
+from daemon.metrics import Metrics
 from daemon.queue import Job, JobState, Queue, Stage
 from daemon.streams import StreamDirectory
 from daemon.upload import FileRef, Resume, UploadOptions, UploadRequest, upload_file
@@ -124,7 +125,9 @@ class Workers:
         *,
         pause: Pause | None = None,
         owner: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.queue = queue
         self.client = client
         self.inbox = inbox
@@ -210,7 +213,7 @@ class Workers:
         try:
             stream = await self.streams.get(job.stream_id)
         except NotFoundError as exc:
-            await self.queue.mark_failed(job.id, error=str(exc), kind=exc.kind)
+            await self._fail(job, str(exc), exc.kind)
             return
         except AuthError as exc:
             self.pause.pause(str(exc))
@@ -258,14 +261,14 @@ class Workers:
                 await sent.flush()
             raise
         except EmptyFileError as exc:
-            await self.queue.mark_failed(job.id, error=str(exc), kind=exc.kind)
+            await self._fail(job, str(exc), exc.kind)
         except FileChangedError as exc:
             await self._changed(job, exc)
         except FileProblem as exc:
-            await self.queue.mark_failed(job.id, error=str(exc), kind=exc.kind)
+            await self._fail(job, str(exc), exc.kind)
         except UploadFailed as exc:
             log.warning("upload.failed", reason=exc.reason, kind=exc.cause_kind)
-            await self.queue.mark_failed(job.id, error=exc.reason, kind=exc.cause_kind)
+            await self._fail(job, exc.reason, exc.cause_kind)
         except AuthError as exc:
             self.pause.pause(str(exc))
             log.error("upload.paused", reason=str(exc))
@@ -274,7 +277,7 @@ class Workers:
             # The ingestion is gone or closed on the server (aborted there, superseded):
             # start this file afresh; the upload key finds and reuses our dataset.
             if job.attempts >= self.settings.options.policy.attempts:
-                await self.queue.mark_failed(job.id, error=str(exc), kind=exc.kind)
+                await self._fail(job, str(exc), exc.kind)
             else:
                 await self.queue.reset_ingestion(job.id)
                 await self._backoff(job, str(exc), exc.kind)
@@ -283,10 +286,12 @@ class Workers:
                 await sent.flush()
                 await self._backoff(job, str(exc), exc.kind)
             else:
-                await self.queue.mark_failed(job.id, error=str(exc), kind=exc.kind)
+                await self._fail(job, str(exc), exc.kind)
         else:
             await self.queue.save_progress(job.id, bytes_sent=ident.size)
             await self.queue.mark_uploaded(job.id)
+            if self.metrics is not None:
+                self.metrics.upload_succeeded(result.bytes_sent, time.monotonic() - started)
             log.info(
                 "upload.done",
                 dataset_id=result.dataset_id,
@@ -307,16 +312,21 @@ class Workers:
             # The watcher settles and enqueues the new version as its own job.
             await self.queue.mark_superseded(job.id, reason=f"file changed: {exc.message}")
         else:
-            await self.queue.mark_failed(
-                job.id,
-                error=f"file vanished before its upload finished: {exc.message}",
-                kind="file_vanished",
+            await self._fail(
+                job, f"file vanished before its upload finished: {exc.message}", "file_vanished"
             )
+
+    async def _fail(self, job: Job, error: str, kind: str) -> None:
+        await self.queue.mark_failed(job.id, error=error, kind=kind)
+        if self.metrics is not None:
+            self.metrics.failed(kind)
 
     async def _backoff(self, job: Job, error: str, kind: str) -> None:
         if kind == "internal" and job.attempts + 1 >= _MAX_ATTEMPTS_UNEXPECTED:
-            await self.queue.mark_failed(job.id, error=error, kind=kind)
+            await self._fail(job, error, kind)
             return
+        if self.metrics is not None:
+            self.metrics.retried(kind)
         s = self.settings
         ceiling = min(s.backoff_cap, s.backoff_base * (2 ** min(job.attempts, 30)))
         delay = random.uniform(ceiling / 2, ceiling)
