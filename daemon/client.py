@@ -147,11 +147,11 @@ class FileSlice:
     min_size: int | None = None
     #: awaited with each chunk's size before it is sent (the shared bandwidth limit)
     throttle: Throttle | None = None
+    chunk_size: int = CHUNK_SIZE
 
-    async def chunks(
-        self, chunk_size: int = CHUNK_SIZE, progress: Progress | None = None
-    ) -> AsyncIterator[bytes]:
+    async def chunks(self, progress: Progress | None = None) -> AsyncIterator[bytes]:
         """Yield the slice chunk by chunk; memory use is one chunk whatever the length."""
+        chunk_size = self.chunk_size
         fd = await anyio.to_thread.run_sync(_open_for_read, self.path, self.inode, self.min_size)
         try:
             pos, end = self.offset, self.offset + self.length

@@ -284,6 +284,17 @@ def _cross_checks(settings: Settings) -> list[str]:
         )
     if settings.retry.cap_seconds < settings.retry.base_seconds:
         problems.append("retry.cap_seconds must be >= retry.base_seconds")
+    from daemon.bandwidth import parse_rate, parse_windows
+
+    bw = settings.bandwidth
+    try:
+        parse_rate(bw.limit)
+    except ValueError as exc:
+        problems.append(f"bandwidth.limit = {bw.limit!r}: {exc}")
+    try:
+        parse_windows(bw.windows)
+    except ValueError as exc:
+        problems.append(f"bandwidth.windows = {bw.windows!r}: {exc}")
     if settings.metrics.listen:
         from daemon.metrics import parse_listen
 

@@ -1089,6 +1089,24 @@ class Queue:
         """All jobs (every identity, every state) for this inbox-relative path, oldest first."""
         return await self._fetch_jobs("WHERE rel = ? ORDER BY id", (os.fsencode(rel),))
 
+    async def is_archived_upload(self, rel: str, size: int, mtime_ns: int) -> bool:
+        """Whether a file with this rel, size and mtime was uploaded and imported.
+
+        True when a DONE job or a ledger row (a pruned DONE job) has that identity. The inode
+        is deliberately not compared: archiving across filesystems gives the file a new one,
+        while size and mtime survive (``os.replace`` / ``shutil.copy2``). Retention asks this
+        before it removes anything from the archive.
+        """
+        key = (os.fsencode(rel), size, mtime_ns)
+        # Both lookups use a (rel, size, mtime_ns, ...) index prefix: jobs_identity, ledger PK.
+        rows = await self._fetch(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE rel = ? AND size = ? AND mtime_ns = ?"
+            "   AND state = 'done')"
+            " OR EXISTS (SELECT 1 FROM ledger WHERE rel = ? AND size = ? AND mtime_ns = ?)",
+            (*key, *key),
+        )
+        return bool(rows[0][0])
+
     # -- daemon liveness and settling files -----------------------------------------------------
 
     async def heartbeat(self, pid: int, started_at: float, info: dict[str, Any]) -> None:

@@ -21,7 +21,8 @@ import anyio.abc
 import structlog
 
 from daemon import __version__, service_signals
-from daemon.client import MarpleClient
+from daemon.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
+from daemon.client import CHUNK_SIZE, MarpleClient
 from daemon.config import Settings
 from daemon.disposal import Disposal
 from daemon.errors import ConfigError, InboxdError, StateError
@@ -29,6 +30,7 @@ from daemon.metrics import Metrics, MetricsServer
 from daemon.notify import Notifier, watchdog_interval
 from daemon.poller import Poller
 from daemon.queue import FileIdentity, NewJob, Queue, QueueError
+from daemon.retention import Retention, disk_free
 from daemon.retry import RetryPolicy
 from daemon.routing import SIDECAR_SUFFIX, route
 from daemon.streams import StreamDirectory
@@ -68,6 +70,8 @@ class Service:
         self.poller: Poller | None = None
         self.watcher: Watcher | None = None
         self.metrics_server: MetricsServer | None = None
+        self.retention: Retention | None = None
+        self._disk_low = False
         self.streams: StreamDirectory | None = None
         self._stop = anyio.Event()
         self.notifier = Notifier()
@@ -115,6 +119,10 @@ class Service:
             self.streams = StreamDirectory(client)
             r = s.retry
             policy = RetryPolicy.from_settings(r)
+            rate = parse_rate(s.bandwidth.limit)
+            limiter = RateLimiter(rate) if rate > 0 else None
+            if limiter is not None:
+                _log.info("bandwidth.limit", rate=format_rate(rate))
             self.workers = Workers(
                 queue,
                 client,
@@ -126,6 +134,8 @@ class Service:
                         policy=policy,
                         part_concurrency=s.upload.part_concurrency,
                         on_retry=self.metrics.retried,
+                        throttle=limiter.consume if limiter is not None else None,
+                        chunk_size=_chunk_size(rate),
                     ),
                     on_name_clash=s.upload.on_name_clash,
                     backoff_base=max(r.base_seconds, 1.0),
@@ -135,6 +145,7 @@ class Service:
                 pause=self.pause,
                 owner=owner,
                 metrics=self.metrics,
+                windows=parse_windows(s.bandwidth.windows),
             )
             self.poller = Poller(
                 queue,
@@ -166,6 +177,18 @@ class Service:
                         health=lambda: self._health(client),
                     )
                     await tg.start(self.metrics_server.run)
+                if s.inbox.after_upload == "archive" and s.inbox.archive_path is not None:
+                    ret = s.retention
+                    self.retention = Retention(
+                        s.inbox.archive_path,
+                        queue=queue,
+                        max_age_days=ret.max_age_days or None,
+                        min_free_bytes=None,
+                        min_free_percent=ret.min_free_percent or None,
+                        warn_free_percent=ret.warn_free_percent or None,
+                        inbox=self.inbox,
+                    )
+                    await tg.start(self.retention.run, ret.interval_seconds)
                 tg.start_soon(self._probe_when_paused, client)
                 tg.start_soon(self._housekeeping)
                 watcher_scope = anyio.CancelScope()
@@ -279,6 +302,8 @@ class Service:
                 "inbox": str(self.inbox),
                 "paused": self.pause.reason,
                 "workers": self.settings.upload.workers,
+                "window": self._window_info(),
+                "disk": await self._disk_info(),
             }
             await queue.heartbeat(os.getpid(), self.started_at, info)
             if watchdog is not None and self._ready:
@@ -291,6 +316,31 @@ class Service:
             with anyio.move_on_after(period):
                 await self._beat_now.wait()
             self._beat_now = anyio.Event()
+
+    def _window_info(self) -> dict[str, Any] | None:
+        windows = self.settings.bandwidth.windows
+        if not windows or self.workers is None:
+            return None
+        opens = self.workers.window_opens_at
+        return {
+            "windows": windows,
+            "waiting_until": opens.timestamp() if opens is not None else None,
+        }
+
+    async def _disk_info(self) -> dict[str, Any]:
+        """Free space where the inbox lives; warns once per crossing of the threshold."""
+        free, total = await anyio.to_thread.run_sync(disk_free, self.inbox)
+        warn = self.settings.retention.warn_free_percent
+        pct = 100.0 * free / total if total else 100.0
+        low = pct < warn
+        if low != self._disk_low and self.retention is None:  # Retention logs it itself
+            if low:
+                _log.warning("disk.low", free_bytes=free, free_percent=round(pct, 1))
+            else:
+                _log.info("disk.ok", free_bytes=free, free_percent=round(pct, 1))
+        self._disk_low = low
+        self.metrics.set_disk(free, low=low)
+        return {"free_bytes": free, "total_bytes": total, "free_percent": round(pct, 1), "low": low}
 
     async def _health(self, client: MarpleClient) -> tuple[bool, str]:
         """``/healthz``: alive (we are answering) and the API reachable, or why not."""
@@ -320,6 +370,11 @@ class Service:
                 parts.append(f"{counts[state]} {state}")
         if self.pause.reason:
             parts.insert(0, "PAUSED (token refused)")
+        if self.workers is not None and self.workers.window_opens_at is not None:
+            opens = self.workers.window_opens_at.strftime("%a %H:%M")
+            parts.insert(0, f"waiting for upload window (opens {opens})")
+        if self._disk_low:
+            parts.append("DISK LOW")
         return ", ".join(parts) or f"idle, {counts.get('done', 0)} done"
 
     async def _probe_when_paused(self, client: MarpleClient) -> None:
@@ -354,6 +409,13 @@ class Service:
             async for signum in signals:
                 _log.info("daemon.signal", signal=signal.Signals(signum).name)
                 self.stop()
+
+
+def _chunk_size(rate: float) -> int:
+    """1 MiB, or less at low rate limits so a request body never goes quiet for long."""
+    if rate <= 0:
+        return CHUNK_SIZE
+    return int(min(CHUNK_SIZE, max(64 * 1024, rate / 4)))
 
 
 def _lock_state(db: Path) -> int:

@@ -48,6 +48,8 @@ async def snapshot(queue: Queue, *, limit: int = 50, now: float | None = None) -
             "paused": info.info.get("paused"),
             "version": info.info.get("version"),
             "inbox": info.info.get("inbox"),
+            "window": info.info.get("window"),
+            "disk": info.info.get("disk"),
         }
     raw = await queue.counts()
     counts = {state: int(raw.get(state, 0)) for state in STATES}
@@ -122,6 +124,17 @@ def render(snap: Snapshot) -> str:
         lines.append("daemon: never ran with this state database")
     if d.get("paused"):
         lines.append(f"uploads PAUSED: {d['paused']}")
+    window = d.get("window") or {}
+    if window.get("waiting_until"):
+        opens = time.strftime("%a %H:%M", time.localtime(window["waiting_until"]))
+        spec = ", ".join(window.get("windows") or [])
+        lines.append(f"uploads wait for the upload window ({spec}): opens {opens}")
+    disk = d.get("disk") or {}
+    if disk.get("low"):
+        lines.append(
+            f"DISK LOW: {_human(disk['free_bytes'])} free ({disk['free_percent']}%) "
+            "on the inbox's filesystem"
+        )
     c = snap.counts
     lines.append("  ".join(f"{k} {c[k]}" for k in STATES))
     groups: dict[str, list[dict[str, Any]]] = {}

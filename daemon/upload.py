@@ -34,6 +34,7 @@ import structlog
 
 from daemon import retry
 from daemon.client import (
+    CHUNK_SIZE,
     FAILED_STATUSES,
     Dataset,
     FileSlice,
@@ -176,6 +177,8 @@ class UploadOptions:
     url_refresh_margin: float = 0.1
     #: awaited per chunk read from disk, in every mode: the global bandwidth limit
     throttle: Throttle | None = None
+    #: bytes read and sent at a time (smaller at low rate limits, so bodies never stall long)
+    chunk_size: int = CHUNK_SIZE
     #: told the error kind of every retried step (metrics)
     on_retry: retry.OnRetry | None = None
     abort_on_give_up: bool = False
@@ -461,7 +464,13 @@ class _Flow:
     def _slice(self, offset: int, length: int) -> FileSlice:
         f = self.req.file
         return FileSlice(
-            f.path, offset, length, inode=f.inode, min_size=f.size, throttle=self.opts.throttle
+            f.path,
+            offset,
+            length,
+            inode=f.inode,
+            min_size=f.size,
+            throttle=self.opts.throttle,
+            chunk_size=self.opts.chunk_size,
         )
 
     async def _server_upload(self) -> None:

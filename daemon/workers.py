@@ -13,12 +13,14 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 
+from daemon.bandwidth import UploadWindows
 from daemon.client import MarpleClient
 from daemon.errors import (
     AuthError,
@@ -126,8 +128,12 @@ class Workers:
         pause: Pause | None = None,
         owner: str | None = None,
         metrics: Metrics | None = None,
+        windows: UploadWindows | None = None,
     ) -> None:
         self.metrics = metrics
+        self.windows = windows
+        #: when uploads wait for an upload window: the time it opens (for status)
+        self.window_opens_at: datetime | None = None
         self.queue = queue
         self.client = client
         self.inbox = inbox
@@ -145,6 +151,20 @@ class Workers:
         sent = sum(max(p.total, 0) for p in self._sent.values())
         total = sum(j.identity.size for j in self.active.values())
         return len(self.active), min(sent, total), total
+
+    def _window_closed(self, opens_at: datetime) -> None:
+        if self.window_opens_at is None:
+            _log.info("upload.window_closed", opens_at=opens_at.isoformat(timespec="minutes"))
+        self.window_opens_at = opens_at
+        if self.metrics is not None:
+            self.metrics.set_upload_window_open(False)
+
+    def _window_open(self) -> None:
+        if self.window_opens_at is not None:
+            _log.info("upload.window_open")
+            self.window_opens_at = None
+        if self.metrics is not None:
+            self.metrics.set_upload_window_open(True)
 
     def wake(self) -> None:
         """New work was queued: stop idling."""
@@ -164,6 +184,9 @@ class Workers:
                 with anyio.move_on_after(_IDLE_POLL):
                     await self.pause.wait_resumed()
                 continue
+            if self.windows is not None and not self.windows.always_open:
+                await self.windows.wait_open(on_wait=self._window_closed)
+                self._window_open()
             job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS)
             if job is None:
                 await self._idle()

@@ -76,3 +76,95 @@ def test_metrics_listen_must_be_loopback(tmp_path: Path) -> None:
         load_settings(cfg)
     cfg.write_text('[metrics]\nlisten = "[::1]:9464"\n')
     assert load_settings(cfg).metrics.listen == "[::1]:9464"
+
+
+async def test_upload_window_closed_holds_uploads_and_status_says_so(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    import datetime as dt
+    import json
+
+    from tests.daemon_helpers import inboxd
+
+    now = dt.datetime.now()
+    start = (now + dt.timedelta(hours=2)).strftime("%H:%M")
+    end = (now + dt.timedelta(hours=3)).strftime("%H:%M")
+    config = write_config(
+        tmp_path,
+        sandbox,
+        bandwidth={"windows": [f"{start}-{end}"]},
+        metrics={"listen": "127.0.0.1:0"},
+    )
+    write_file(tmp_path / "inbox" / "waits.csv", 100)
+
+    async def queued() -> bool:
+        return (await counts(config)).get("queued") == 1
+
+    async with running_service(config) as svc:
+        await wait_until(queued)
+        await wait_until(lambda: svc.workers is not None and svc.workers.window_opens_at)
+        svc._beat_now.set()  # a heartbeat now rather than in 2 s
+        assert svc.metrics_server is not None
+        async with httpx.AsyncClient() as http:
+            m = _samples((await http.get(f"{svc.metrics_server.url}/metrics")).text)
+
+        async def shown() -> bool:
+            out = inboxd("status", "--config", str(config), "--json")
+            doc = json.loads(out.stdout)
+            return bool((doc["daemon"]["window"] or {}).get("waiting_until"))
+
+        await wait_until(shown, timeout=10)
+        human = inboxd("status", "--config", str(config)).stdout
+    assert "uploads wait for the upload window" in human and start in human
+    assert m[("inboxd_upload_window_open", ())] == 0
+    assert sandbox.ingestions == {}
+
+
+async def test_rate_limit_applies_to_daemon_uploads(sandbox: Sandbox, tmp_path: Path) -> None:
+    config = write_config(tmp_path, sandbox, bandwidth={"limit": "1MiB"}, upload={"workers": 2})
+    write_file(tmp_path / "inbox" / "a.bin", 1024 * 1024, 1)
+    write_file(tmp_path / "inbox" / "b.bin", 1024 * 1024, 2)
+
+    async def done() -> bool:
+        return (await counts(config)).get("done") == 2
+
+    async with running_service(config):
+        await wait_until(done, timeout=30)
+    times = sorted(r.time for r in sandbox.requests if r.kind == "storage" or "upload" in r.path)
+    # 2 MiB shared by both workers at 1 MiB/s: about 2 s, minus the 0.1 s burst.
+    assert times[-1] - times[0] >= 1.6
+
+
+async def test_archive_retention_removes_only_confirmed_files(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    archive = tmp_path / "archive"
+    (archive / "stranger").mkdir(parents=True)
+    (archive / "stranger" / "not-ours.csv").write_bytes(b"keep me")
+    config = write_config(
+        tmp_path,
+        sandbox,
+        inbox={"after_upload": "archive", "archive_path": str(archive)},
+        # Any real disk is "too full" at 100 %: retention removes every confirmed file.
+        retention={"min_free_percent": 100.0, "warn_free_percent": 100.0, "interval_seconds": 0.2},
+    )
+    write_file(tmp_path / "inbox" / "run" / "log.csv", 1000)
+    async with running_service(config) as svc:
+        await wait_until(
+            lambda: svc.retention is not None and svc.retention.last_report is not None
+        )
+        queue = svc.queue
+        assert queue is not None
+
+        async def archived() -> bool:
+            jobs = await queue.find_by_rel("run/log.csv")
+            return bool(jobs) and jobs[0].after_upload == "archived"
+
+        await wait_until(archived, timeout=20)
+        await wait_until(lambda: not (archive / "run" / "log.csv").exists(), timeout=20)
+        assert not (tmp_path / "inbox" / "run" / "log.csv").exists()
+        report = svc.retention.last_report  # type: ignore[union-attr]
+        summary = await svc.summary()
+    assert (archive / "stranger" / "not-ours.csv").read_bytes() == b"keep me"
+    assert report is not None and report.disk_low
+    assert "DISK LOW" in summary
