@@ -289,34 +289,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 async def _check(settings: Settings) -> int:
-    async with MarpleClient.from_settings(settings.api) as client:
-        try:
-            await client.health()
-        except InboxdError as exc:
-            print(f"FAIL  reach {settings.api.url}/health: {exc}")
-            return EXIT_FAILED
-        print(f"ok    reach {settings.api.url}/health")
-        try:
-            streams = await client.streams()
-        except InboxdError as exc:
-            print(f"FAIL  token accepted by GET /streams: {exc}")
-            return EXIT_FAILED
-        print(f"ok    token accepted ({len(streams)} stream(s) visible)")
-        try:
-            stream = await client.resolve_stream(settings.upload.stream)
-        except InboxdError as exc:
-            print(f"FAIL  stream {settings.upload.stream!r}: {exc}")
-            return EXIT_FAILED
-        print(f"ok    stream {stream.id} ({stream.name!r}, datapool {stream.datapool!r})")
-        for route in settings.routes:
-            if route.stream is None:
-                continue
-            try:
-                rs = await client.resolve_stream(route.stream)
-            except InboxdError as exc:
-                print(f"FAIL  route {route.glob!r} stream {route.stream!r}: {exc}")
+    from daemon.targets.factory import open_target
+
+    refs: list[int | str] = [settings.upload.stream]
+    refs += [r.stream for r in settings.routes if r.stream is not None and r.stream not in refs]
+    async with open_target(settings, UploadOptions()) as target:
+        for line in await target.check(refs):
+            print(f"{'ok  ' if line.ok else 'FAIL'}  {line.text}")
+            if not line.ok:
                 return EXIT_FAILED
-            print(f"ok    route {route.glob!r} → stream {rs.id} ({rs.name!r})")
     return EXIT_OK
 
 

@@ -36,6 +36,9 @@ class _Section(BaseModel):
 
 
 class ApiSettings(_Section):
+    # Which service files go to: "marple-db" (ingestion API), "marple" (the older Marple API:
+    # library upload + import) or "data-service" (the spreadsheet data service's adapters).
+    kind: Literal["marple-db", "marple", "data-service"] = "marple-db"
     url: str = "http://127.0.0.1:8787/api/v1"
     token: SecretStr | None = None
     token_file: Path | None = None

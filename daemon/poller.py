@@ -7,27 +7,26 @@ again, never a crash.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import anyio
 import structlog
 
-from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient
 from daemon.errors import AuthError, InboxdError
 from daemon.metrics import Metrics
-from daemon.queue import Job, Queue
+from daemon.queue import Queue
+from daemon.targets import Target
 
 _log = structlog.get_logger(__name__)
 
 
 class Poller:
-    """Polls IMPORTING jobs every ``interval`` seconds, ``batch_size`` datasets per request."""
+    """Polls IMPORTING jobs every ``interval`` seconds through the target."""
 
     def __init__(
         self,
         queue: Queue,
-        client: MarpleClient,
+        target: Target,
         *,
         interval: float = 2.0,
         batch_size: int = 100,
@@ -35,7 +34,7 @@ class Poller:
     ) -> None:
         self.metrics = metrics
         self.queue = queue
-        self.client = client
+        self.target = target
         self.interval = interval
         self.batch_size = batch_size
         self._wake = anyio.Event()
@@ -64,51 +63,36 @@ class Poller:
     async def poll_once(self) -> int:
         """One pass over the jobs waiting for their import; returns how many were asked."""
         jobs = await self.queue.jobs_to_poll(limit=self.batch_size * 10)
-        by_stream: dict[int, list[Job]] = defaultdict(list)
-        for job in jobs:
-            if job.dataset_id is not None:
-                by_stream[job.stream_id].append(job)
-        asked = 0
-        for stream_id, group in by_stream.items():
-            for i in range(0, len(group), self.batch_size):
-                batch = group[i : i + self.batch_size]
-                asked += len(batch)
-                await self._poll_batch(stream_id, batch)
-        return asked
-
-    async def _poll_batch(self, stream_id: int, batch: list[Job]) -> None:
-        by_dataset = {job.dataset_id: job for job in batch}
-        statuses = await self.client.datasets_status(
-            stream_id, [j.dataset_id for j in batch if j.dataset_id]
-        )
-        for st in statuses:
-            job = by_dataset.get(st.dataset_id)
+        if not jobs:
+            return 0
+        by_id = {job.id: job for job in jobs}
+        for update in await self.target.poll(jobs):
+            job = by_id.get(update.job_id)
             if job is None:
                 continue
-            status = st.import_status or "UNKNOWN"
-            terminal = status in OK_STATUSES or status in FAILED_STATUSES
-            failed = status in FAILED_STATUSES
-            if (status, st.import_progress, st.import_message) == (
+            unchanged = (update.status, update.progress, update.message) == (
                 job.import_status,
                 job.import_progress,
                 job.import_message,
-            ) and not terminal:
+            )
+            if unchanged and not update.terminal:
                 continue
             await self.queue.record_import(
                 job.id,
-                status=status,
-                progress=st.import_progress,
-                message=st.import_message,
-                terminal=terminal,
-                failed=failed,
+                status=update.status,
+                progress=update.progress,
+                message=update.message,
+                terminal=update.terminal,
+                failed=update.failed,
             )
-            if terminal and self.metrics is not None:
-                self.metrics.import_finished(not failed)
-                if failed:
+            if update.terminal and self.metrics is not None:
+                self.metrics.import_finished(not update.failed)
+                if update.failed:
                     self.metrics.failed("import")  # the job ends failed, like upload failures
-            if terminal:
-                log = _log.bind(job_id=job.id, path=job.identity.rel, dataset_id=st.dataset_id)
-                if failed:
-                    log.warning("import.failed", status=status, message=st.import_message)
+            if update.terminal:
+                log = _log.bind(job_id=job.id, path=job.identity.rel, dataset_id=job.dataset_id)
+                if update.failed:
+                    log.warning("import.failed", status=update.status, message=update.message)
                 else:
-                    log.info("import.done", status=status)
+                    log.info("import.done", status=update.status)
+        return len(jobs)

@@ -71,7 +71,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -142,6 +142,7 @@ class NewJob:
     stream_id: int
     dataset_name: str
     metadata: dict[str, Any]
+    target: str = "marple-db"
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,9 @@ class Job:
     finished_at: float | None
     lease_owner: str | None
     lease_expires_at: float | None
+    target: str = "marple-db"
+    #: the target service's own identifiers (source id, share link, data source link)
+    target_refs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -313,7 +317,18 @@ async def _migrate_v1(db: aiosqlite.Connection) -> None:
 # MIGRATIONS[i] takes the schema from version i to i + 1; the code's schema version is
 # len(MIGRATIONS). A v2 is one more function appended here; all pending steps and the new
 # user_version are applied in a single transaction, so a failed step leaves the file untouched.
-MIGRATIONS: list[Migration] = [_migrate_v1]
+async def _migrate_v2(db: aiosqlite.Connection) -> None:
+    """v1 → v2: jobs name their delivery target and keep its identifiers.
+
+    ``target`` is the kind of service a job is delivered to (Marple DB, the older Marple API,
+    the spreadsheet data service); ``target_refs`` holds that service's own identifiers
+    (a source id, a share link, a data source link) as a JSON object.
+    """
+    await db.execute("ALTER TABLE jobs ADD COLUMN target TEXT NOT NULL DEFAULT 'marple-db'")
+    await db.execute("ALTER TABLE jobs ADD COLUMN target_refs TEXT NOT NULL DEFAULT '{}'")
+
+
+MIGRATIONS: list[Migration] = [_migrate_v1, _migrate_v2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +339,7 @@ _JOB_COLUMNS: Final = (
     " ingestion_id, dataset_id, mode, part_size, bytes_sent, attempts, next_attempt_at,"
     " last_error, error_kind, import_status, import_progress, import_message, fell_back,"
     " after_upload, created_at, updated_at, started_at, uploaded_at, finished_at,"
-    " lease_owner, lease_expires_at"
+    " lease_owner, lease_expires_at, target, target_refs"
 )
 
 _INODE_WRAP: Final = 1 << 64
@@ -376,6 +391,8 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         finished_at=row["finished_at"],
         lease_owner=row["lease_owner"],
         lease_expires_at=row["lease_expires_at"],
+        target=row["target"],
+        target_refs=json.loads(row["target_refs"]),
     )
 
 
@@ -550,7 +567,7 @@ class Queue:
             "CREATE TEMP TABLE IF NOT EXISTS enqueue_batch ("
             " seq INTEGER PRIMARY KEY, rel BLOB, size INTEGER, mtime_ns INTEGER,"
             " inode INTEGER, stream_id INTEGER, dataset_name TEXT, metadata TEXT,"
-            " upload_key TEXT)"
+            " upload_key TEXT, target TEXT)"
         )
 
     async def _user_version(self) -> int:
@@ -727,21 +744,23 @@ class Queue:
                 item.dataset_name,
                 json.dumps(item.metadata, separators=(",", ":")),
                 uuid.uuid4().hex,
+                item.target,
             )
             for seq, item in enumerate(items)
         ]
         async with self._write() as db:
             await db.execute("DELETE FROM temp.enqueue_batch")
             await db.executemany(
-                "INSERT INTO temp.enqueue_batch VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+                "INSERT INTO temp.enqueue_batch VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
             )
             max_before = next(iter(await db.execute_fetchall("SELECT max(id) FROM jobs")))[0]
             # ORDER BY seq: ids follow the batch order, so "newer" below means "later".
             inserted = await db.execute_fetchall(
                 "INSERT INTO jobs (rel, size, mtime_ns, inode, state, stage, stream_id,"
-                " dataset_name, metadata, upload_key, next_attempt_at, created_at, updated_at)"
+                " dataset_name, metadata, upload_key, target, next_attempt_at, created_at,"
+                " updated_at)"
                 " SELECT b.rel, b.size, b.mtime_ns, b.inode, 'queued', 'new', b.stream_id,"
-                " b.dataset_name, b.metadata, b.upload_key, :now, :now, :now"
+                " b.dataset_name, b.metadata, b.upload_key, b.target, :now, :now, :now"
                 " FROM temp.enqueue_batch AS b"
                 " WHERE NOT EXISTS (SELECT 1 FROM ledger AS l WHERE l.rel = b.rel"
                 "   AND l.size = b.size AND l.mtime_ns = b.mtime_ns AND l.inode = b.inode)"
@@ -820,6 +839,7 @@ class Queue:
         fell_back: bool | _Unset = _UNSET,
         dataset_name: str | _Unset = _UNSET,
         upload_key: str | _Unset = _UNSET,
+        target_refs: dict[str, Any] | _Unset = _UNSET,
     ) -> None:
         """Store the given fields (only those; None is stored as NULL), committed on return.
 
@@ -836,8 +856,11 @@ class Queue:
             "fell_back": fell_back,
             "dataset_name": dataset_name,
             "upload_key": upload_key,
+            "target_refs": target_refs,
         }
         fields = {name: value for name, value in given.items() if value is not _UNSET}
+        if "target_refs" in fields:
+            fields["target_refs"] = json.dumps(fields["target_refs"], separators=(",", ":"))
         if "stage" in fields:
             fields["stage"] = str(Stage(fields["stage"]))
         if "fell_back" in fields:
@@ -1084,6 +1107,19 @@ class Queue:
         """The job with this id, or None."""
         jobs = await self._fetch_jobs("WHERE id = ?", (job_id,))
         return jobs[0] if jobs else None
+
+    async def previous_refs(self, rel: str, target: str) -> dict[str, Any] | None:
+        """``target_refs`` of the newest DONE job of ``rel`` for ``target`` (None if none).
+
+        A target that keeps one remote object per file (the data service's data source) uses
+        it to update that object when the file changes, instead of creating another.
+        """
+        rows = await self._fetch(
+            "SELECT target_refs FROM jobs WHERE rel = ? AND target = ? AND state = 'done'"
+            " ORDER BY id DESC LIMIT 1",
+            (os.fsencode(rel), target),
+        )
+        return json.loads(rows[0][0]) if rows else None
 
     async def find_by_rel(self, rel: str) -> list[Job]:
         """All jobs (every identity, every state) for this inbox-relative path, oldest first."""

@@ -22,7 +22,7 @@ import structlog
 
 from daemon import __version__, service_signals
 from daemon.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
-from daemon.client import CHUNK_SIZE, MarpleClient
+from daemon.client import CHUNK_SIZE
 from daemon.config import Settings
 from daemon.disposal import Disposal
 from daemon.errors import ConfigError, InboxdError, StateError
@@ -33,7 +33,8 @@ from daemon.queue import FileIdentity, NewJob, Queue, QueueError
 from daemon.retention import Retention, disk_free
 from daemon.retry import RetryPolicy
 from daemon.routing import SIDECAR_SUFFIX, route
-from daemon.streams import StreamDirectory
+from daemon.targets import Target
+from daemon.targets.factory import open_target
 from daemon.upload import UploadOptions
 from daemon.watcher import DEFAULT_EXCLUDES, Watcher, WatchRules
 from daemon.workers import Pause, Workers, WorkerSettings
@@ -72,7 +73,7 @@ class Service:
         self.metrics_server: MetricsServer | None = None
         self.retention: Retention | None = None
         self._disk_low = False
-        self.streams: StreamDirectory | None = None
+        self.target: Target | None = None
         self._stop = anyio.Event()
         self.notifier = Notifier()
         self._ready = False
@@ -115,32 +116,30 @@ class Service:
         for job in recovered:
             _log.info("job.recovered", job_id=job.id, path=job.identity.rel, stage=job.stage.value)
         await queue.clear_all_settling()
-        async with MarpleClient.from_settings(s.api) as client:
-            self.streams = StreamDirectory(client)
-            r = s.retry
-            policy = RetryPolicy.from_settings(r)
-            rate = parse_rate(s.bandwidth.limit)
-            limiter = RateLimiter(rate) if rate > 0 else None
-            if limiter is not None:
-                _log.info("bandwidth.limit", rate=format_rate(rate))
+        r = s.retry
+        policy = RetryPolicy.from_settings(r)
+        rate = parse_rate(s.bandwidth.limit)
+        limiter = RateLimiter(rate) if rate > 0 else None
+        if limiter is not None:
+            _log.info("bandwidth.limit", rate=format_rate(rate))
+        options = UploadOptions(
+            policy=policy,
+            part_concurrency=s.upload.part_concurrency,
+            on_retry=self.metrics.retried,
+            throttle=limiter.consume if limiter is not None else None,
+            chunk_size=_chunk_size(rate),
+        )
+        async with open_target(s, options) as target:
+            self.target = target
             self.workers = Workers(
                 queue,
-                client,
+                target,
                 self.inbox,
-                self.streams,
                 WorkerSettings(
                     count=s.upload.workers,
-                    options=UploadOptions(
-                        policy=policy,
-                        part_concurrency=s.upload.part_concurrency,
-                        on_retry=self.metrics.retried,
-                        throttle=limiter.consume if limiter is not None else None,
-                        chunk_size=_chunk_size(rate),
-                    ),
-                    on_name_clash=s.upload.on_name_clash,
+                    attempts=policy.attempts,
                     backoff_base=max(r.base_seconds, 1.0),
                     backoff_cap=r.job_backoff_cap_seconds,
-                    plugin_args=s.upload.plugin_args,
                 ),
                 pause=self.pause,
                 owner=owner,
@@ -149,7 +148,7 @@ class Service:
             )
             self.poller = Poller(
                 queue,
-                client,
+                target,
                 interval=s.poll.interval_seconds,
                 batch_size=s.poll.batch_size,
                 metrics=self.metrics,
@@ -174,7 +173,7 @@ class Service:
                         s.metrics.listen,
                         self.metrics,
                         queue=queue,
-                        health=lambda: self._health(client),
+                        health=lambda: self._health(target),
                     )
                     await tg.start(self.metrics_server.run)
                 if s.inbox.after_upload == "archive" and s.inbox.archive_path is not None:
@@ -189,7 +188,7 @@ class Service:
                         inbox=self.inbox,
                     )
                     await tg.start(self.retention.run, ret.interval_seconds)
-                tg.start_soon(self._probe_when_paused, client)
+                tg.start_soon(self._probe_when_paused, target)
                 tg.start_soon(self._housekeeping)
                 watcher_scope = anyio.CancelScope()
                 await tg.start(self._watch, watcher_scope)
@@ -252,7 +251,8 @@ class Service:
             if r.warning:
                 _log.warning("route.sidecar", path=ident.rel, problem=r.warning)
             stream_id = await self._stream_id(r.stream, ident.rel)
-            items.append(NewJob(ident, stream_id, r.dataset_name, r.metadata))
+            kind = self.settings.api.kind
+            items.append(NewJob(ident, stream_id, r.dataset_name, r.metadata, kind))
         new = await self.queue.enqueue_many(items)
         for ident in files:
             await self.queue.clear_settling(ident.rel)
@@ -262,12 +262,12 @@ class Service:
 
     async def _stream_id(self, ref: int | str, rel: str) -> int:
         """Resolve a stream name for intake; waits out an API outage instead of dropping files."""
-        assert self.streams is not None
+        assert self.target is not None
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self.streams.resolve(ref)
+                return await self.target.resolve_destination(ref)
             except InboxdError as exc:
                 wait = min(60.0, 0.5 * 2**attempt) if exc.retryable else 60.0
                 _log.warning("route.stream_unresolved", path=rel, stream=ref, error=str(exc))
@@ -342,18 +342,19 @@ class Service:
         self.metrics.set_disk(free, low=low)
         return {"free_bytes": free, "total_bytes": total, "free_percent": round(pct, 1), "low": low}
 
-    async def _health(self, client: MarpleClient) -> tuple[bool, str]:
-        """``/healthz``: alive (we are answering) and the API reachable, or why not."""
+    async def _health(self, target: Target) -> tuple[bool, str]:
+        """``/healthz``: alive (we are answering) and the service reachable, or why not."""
         if self.pause.reason:
             return False, f"uploads paused: {self.pause.reason}"
         try:
             with anyio.fail_after(5):
-                await client.health()
+                lines = await target.check()
         except TimeoutError:
-            return False, f"API {self.settings.api.url} did not answer /health within 5 s"
+            return False, f"{self.settings.api.url} did not answer within 5 s"
         except InboxdError as exc:
             return False, f"API unreachable: {exc}"
-        return True, "ok"
+        failed = [line.text for line in lines if not line.ok]
+        return (False, "; ".join(failed)) if failed else (True, "ok")
 
     async def summary(self) -> str:
         """One line for ``systemctl status``: "2 uploading 41%, 5 queued, 1 failed"."""
@@ -377,15 +378,17 @@ class Service:
             parts.append("DISK LOW")
         return ", ".join(parts) or f"idle, {counts.get('done', 0)} done"
 
-    async def _probe_when_paused(self, client: MarpleClient) -> None:
+    async def _probe_when_paused(self, target: Target) -> None:
         while True:
             await anyio.sleep(self.probe_seconds if self.pause.paused else 0.5)
             if not self.pause.paused:
                 continue
             try:
-                await client.streams()
+                failed = [line.text for line in await target.check() if not line.ok]
             except InboxdError as exc:
-                _log.warning("daemon.still_paused", error=str(exc))
+                failed = [str(exc)]
+            if failed:
+                _log.warning("daemon.still_paused", error="; ".join(failed))
                 continue
             _log.info("daemon.resumed", reason="the token is accepted again")
             self.pause.resume()

@@ -91,6 +91,8 @@ def job_json(job: Job, now: float) -> dict[str, Any]:
         "dataset_id": job.dataset_id,
         "ingestion_id": job.ingestion_id,
         "mode": job.mode,
+        "target": job.target,
+        "target_refs": job.target_refs,
         "bytes_sent": job.bytes_sent,
         "percent": pct,
         "rate_bytes_per_s": round(rate, 1) if rate is not None else None,

@@ -21,7 +21,6 @@ import anyio
 import structlog
 
 from daemon.bandwidth import UploadWindows
-from daemon.client import MarpleClient
 from daemon.errors import (
     AuthError,
     ConflictError,
@@ -34,8 +33,8 @@ from daemon.errors import (
 )
 from daemon.metrics import Metrics
 from daemon.queue import Job, JobState, Queue, Stage
-from daemon.streams import StreamDirectory
-from daemon.upload import FileRef, Resume, UploadOptions, UploadRequest, upload_file
+from daemon.targets import Target, Work
+from daemon.upload import FileRef, Resume
 
 _log = structlog.get_logger(__name__)
 
@@ -49,11 +48,10 @@ _UNFINISHED = (JobState.SUPERSEDED, JobState.FAILED, JobState.UPLOADING)
 @dataclass(frozen=True)
 class WorkerSettings:
     count: int
-    options: UploadOptions
-    on_name_clash: str
+    #: tries of a job whose ingestion vanished on the server before it is failed
+    attempts: int
     backoff_base: float
     backoff_cap: float
-    plugin_args: str | None = None
 
 
 class Pause:
@@ -120,9 +118,8 @@ class Workers:
     def __init__(
         self,
         queue: Queue,
-        client: MarpleClient,
+        target: Target,
         inbox: Path,
-        streams: StreamDirectory,
         settings: WorkerSettings,
         *,
         pause: Pause | None = None,
@@ -135,9 +132,8 @@ class Workers:
         #: when uploads wait for an upload window: the time it opens (for status)
         self.window_opens_at: datetime | None = None
         self.queue = queue
-        self.client = client
+        self.target = target
         self.inbox = inbox
-        self.streams = streams
         self.settings = settings
         self.pause = pause or Pause()
         self.owner = owner or f"inboxd-{os.getpid()}"
@@ -233,18 +229,6 @@ class Workers:
         return job.lease_owner if job is not None and job.lease_owner else self.owner
 
     async def _upload(self, job: Job, sent: _ProgressSaver) -> None:
-        try:
-            stream = await self.streams.get(job.stream_id)
-        except NotFoundError as exc:
-            await self._fail(job, str(exc), exc.kind)
-            return
-        except AuthError as exc:
-            self.pause.pause(str(exc))
-            await self.queue.retry_later(job.id, error=str(exc), kind=exc.kind, delay=0.0)
-            return
-        except InboxdError as exc:
-            await self._backoff(job, str(exc), exc.kind)
-            return
         ident = job.identity
         ref = FileRef(self.inbox / ident.rel, ident.size, ident.mtime_ns, ident.inode)
         resume = Resume(
@@ -257,28 +241,20 @@ class Workers:
             parts_done=await self.queue.parts_done(job.id) if job.ingestion_id else set(),
             fell_back=job.fell_back,
         )
-        request = UploadRequest(
+        work = Work(
+            job=job,
             file=ref,
-            dataset_name=job.dataset_name,
-            stream=stream,
-            metadata=dict(job.metadata),
-            upload_key=job.upload_key,
-            on_name_clash=self.settings.on_name_clash,  # type: ignore[arg-type]
-            plugin_args=self.settings.plugin_args,
+            resume=resume,
+            journal=_Journal(self.queue, job.id),
+            progress=sent.add,
             predecessor_keys=await self._predecessors(job),
+            previous_refs=await self.queue.previous_refs(ident.rel, job.target),
         )
         log = _log.bind(job_id=job.id, path=ident.rel)
         log.info("upload.start", size=ident.size, attempt=job.attempts + 1, stage=resume.stage)
         started = time.monotonic()
         try:
-            result = await upload_file(
-                self.client,
-                request,
-                options=self.settings.options,
-                resume=resume,
-                journal=_Journal(self.queue, job.id),
-                progress=sent.add,
-            )
+            result = await self.target.deliver(work)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await sent.flush()
@@ -297,11 +273,13 @@ class Workers:
             log.error("upload.paused", reason=str(exc))
             await self.queue.retry_later(job.id, error=str(exc), kind=exc.kind, delay=0.0)
         except (ConflictError, NotFoundError) as exc:
-            # The ingestion is gone or closed on the server (aborted there, superseded):
-            # start this file afresh; the upload key finds and reuses our dataset.
-            if job.attempts >= self.settings.options.policy.attempts:
+            if isinstance(exc, NotFoundError) and exc.endpoint == "GET /streams":
+                await self._fail(job, str(exc), exc.kind)  # the destination does not exist
+            elif job.attempts >= self.settings.attempts:
                 await self._fail(job, str(exc), exc.kind)
             else:
+                # The ingestion is gone or closed on the server (aborted there, superseded):
+                # start this file afresh; the upload key finds and reuses our dataset.
                 await self.queue.reset_ingestion(job.id)
                 await self._backoff(job, str(exc), exc.kind)
         except InboxdError as exc:
@@ -311,14 +289,31 @@ class Workers:
             else:
                 await self._fail(job, str(exc), exc.kind)
         else:
-            await self.queue.save_progress(job.id, bytes_sent=ident.size)
+            await self.queue.save_progress(
+                job.id,
+                bytes_sent=ident.size,
+                dataset_id=result.dataset_id,
+                dataset_name=result.dataset_name,
+                target_refs=result.refs,
+            )
             await self.queue.mark_uploaded(job.id)
+            if not result.needs_poll:
+                # Nothing to wait for on the server's side: delivered is done.
+                await self.queue.record_import(
+                    job.id,
+                    status="DELIVERED",
+                    progress=None,
+                    message=None,
+                    terminal=True,
+                    failed=False,
+                )
             if self.metrics is not None:
                 self.metrics.upload_succeeded(result.bytes_sent, time.monotonic() - started)
             log.info(
                 "upload.done",
                 dataset_id=result.dataset_id,
                 mode=result.mode,
+                refs=result.refs,
                 fell_back=result.fell_back,
                 recovered=result.recovered,
                 seconds=round(time.monotonic() - started, 3),

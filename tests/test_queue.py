@@ -149,9 +149,36 @@ async def test_adding_a_migration_upgrades_v1_database(
     async with await Queue.open(db_path) as q:
         assert (await get(q, job_id)).identity.rel == "a.csv"
     con = raw(db_path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) + 1
     assert con.execute("SELECT priority FROM jobs").fetchall() == [(0,)]
     con.close()
+
+
+async def test_v1_database_gains_target_columns(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue written by the first release keeps its jobs and learns their target."""
+    with monkeypatch.context() as m:
+        m.setattr(queue_module, "MIGRATIONS", MIGRATIONS[:1])
+        async with await Queue.open(db_path):
+            pass
+    con = raw(db_path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+    con.execute(  # a job as the first release wrote it
+        "INSERT INTO jobs (rel, size, mtime_ns, inode, state, stage, stream_id, dataset_name,"
+        " metadata, upload_key, next_attempt_at, created_at, updated_at)"
+        " VALUES (?, 1, 2, 3, 'queued', 'new', 1, 'a.csv', '{}', 'k', 0, 0, 0)",
+        (b"a.csv",),
+    )
+    con.commit()
+    job_id = con.execute("SELECT id FROM jobs").fetchone()[0]
+    con.close()
+    async with await Queue.open(db_path) as q:
+        job = await get(q, job_id)
+        assert (job.target, job.target_refs) == ("marple-db", {})
+        await q.save_progress(job_id, target_refs={"source_id": 7})
+        assert await q.previous_refs("a.csv", "marple-db") is None  # not done yet
+        assert (await get(q, job_id)).target_refs == {"source_id": 7}
 
 
 async def test_failed_migration_leaves_database_untouched(
@@ -168,7 +195,7 @@ async def test_failed_migration_leaves_database_untouched(
     with pytest.raises(QueueError):
         await Queue.open(db_path)
     con = raw(db_path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     columns = {row[1] for row in con.execute("PRAGMA table_info(jobs)")}
     assert "priority" not in columns
     con.close()

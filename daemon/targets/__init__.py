@@ -1,0 +1,101 @@
+"""Delivery targets: the small interface between the workers and a service.
+
+A target delivers one file (``deliver``: start → upload → finish, aborting what it started
+when it cannot finish), reports import progress of delivered files (``poll``), and checks
+its configuration against the server (``check``). The queue, the watcher, the workers'
+retries and crash recovery are the same for every target; only this interface differs.
+
+Targets raise the errors of ``daemon.errors`` with the same meaning everywhere: a retryable
+error sends the job back to the queue (the target resumes from ``Work.resume``), a
+``FileProblem``/``UploadFailed`` ends it with the reason, an ``AuthError`` pauses uploads.
+
+Kinds: ``marple-db`` (the default, ``daemon.targets.marple_db``), ``marple`` (the older Marple
+API, ``daemon.targets.marple_legacy``) and ``data-service`` (the spreadsheet data service,
+``daemon.targets.data_service``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from daemon.client import Progress
+from daemon.queue import Job
+from daemon.upload import FileRef, Journal, Resume
+
+KINDS = ("marple-db", "marple", "data-service")
+
+
+@dataclass(frozen=True)
+class Work:
+    """One file to deliver, with everything a target needs to start or resume it."""
+
+    job: Job
+    file: FileRef
+    resume: Resume
+    journal: Journal
+    progress: Progress
+    #: upload keys of earlier, unfinished versions of the same file
+    predecessor_keys: frozenset[str] = frozenset()
+    #: ``target_refs`` of the last delivered version of the same file, if any
+    previous_refs: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What a delivery achieved."""
+
+    dataset_name: str
+    #: the service's numeric id of what was made (dataset, source); None when it has none
+    dataset_id: int | None
+    bytes_sent: int
+    mode: str
+    #: the service's own identifiers, shown by ``status`` (source id, share link, ...)
+    refs: dict[str, Any] = field(default_factory=dict)
+    #: False when the service has nothing more to report (no import to poll)
+    needs_poll: bool = True
+    fell_back: bool = False
+    recovered: bool = False
+
+
+@dataclass(frozen=True)
+class ImportUpdate:
+    """A delivered file's import progress as the service reports it."""
+
+    job_id: int
+    status: str
+    progress: float | None
+    message: str | None
+    terminal: bool
+    failed: bool
+
+
+@dataclass(frozen=True)
+class CheckLine:
+    """One line of ``inboxd check``."""
+
+    ok: bool
+    text: str
+
+
+class Target(Protocol):
+    """What the workers and the poller need from a service."""
+
+    kind: str
+
+    async def deliver(self, work: Work) -> Delivered:
+        """Start, upload and finish one file (or resume it); abort what cannot finish."""
+        ...
+
+    async def poll(self, jobs: Sequence[Job]) -> list[ImportUpdate]:
+        """Import progress of delivered jobs (those the service knows; others omitted)."""
+        ...
+
+    async def check(self, destinations: Sequence[int | str] = ()) -> list[CheckLine]:
+        """Reach the service, check the credentials and the configured destinations."""
+        ...
+
+    async def resolve_destination(self, ref: int | str) -> int:
+        """The numeric destination (a stream id) for a configured reference; 0 if unused."""
+        ...

@@ -1,0 +1,133 @@
+"""The Marple DB target: ``POST /ingestion`` → upload in the server's mode → complete.
+
+The flow itself lives in ``daemon.upload``; this adapter resolves the job's stream and maps
+the batched dataset status onto import updates.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient
+from daemon.errors import InboxdError
+from daemon.queue import Job
+from daemon.streams import StreamDirectory
+from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
+from daemon.upload import NameClash, UploadOptions, UploadRequest, upload_file
+
+
+class MarpleDbTarget:
+    """Delivers files as datasets of Marple DB streams."""
+
+    kind = "marple-db"
+
+    def __init__(
+        self,
+        client: MarpleClient,
+        options: UploadOptions,
+        *,
+        on_name_clash: NameClash = "rename",
+        plugin_args: str | None = None,
+        batch_size: int = 100,
+    ) -> None:
+        self.client = client
+        self.options = options
+        self.streams = StreamDirectory(client)
+        self.on_name_clash = on_name_clash
+        self.plugin_args = plugin_args
+        self.batch_size = batch_size
+
+    async def resolve_destination(self, ref: int | str) -> int:
+        """A stream id for an id or a stream name (names need the API once)."""
+        return await self.streams.resolve(ref)
+
+    async def deliver(self, work: Work) -> Delivered:
+        """Run or resume the ingestion flow of one file."""
+        job = work.job
+        stream = await self.streams.get(job.stream_id)
+        request = UploadRequest(
+            file=work.file,
+            dataset_name=job.dataset_name,
+            stream=stream,
+            metadata=dict(job.metadata),
+            upload_key=job.upload_key,
+            on_name_clash=self.on_name_clash,
+            plugin_args=self.plugin_args,
+            predecessor_keys=work.predecessor_keys,
+        )
+        result = await upload_file(
+            self.client,
+            request,
+            options=self.options,
+            resume=work.resume,
+            journal=work.journal,
+            progress=work.progress,
+        )
+        return Delivered(
+            dataset_name=result.dataset_name,
+            dataset_id=result.dataset_id,
+            bytes_sent=result.bytes_sent,
+            mode=result.mode,
+            refs={"stream_id": stream.id, "ingestion_id": result.ingestion_id},
+            fell_back=result.fell_back,
+            recovered=result.recovered,
+        )
+
+    async def poll(self, jobs: Sequence[Job]) -> list[ImportUpdate]:
+        """``POST /stream/{id}/datasets/status`` per stream, in batches."""
+        by_stream: dict[int, list[Job]] = defaultdict(list)
+        for job in jobs:
+            if job.dataset_id is not None:
+                by_stream[job.stream_id].append(job)
+        updates = []
+        for stream_id, group in by_stream.items():
+            for i in range(0, len(group), self.batch_size):
+                batch = group[i : i + self.batch_size]
+                by_dataset = {j.dataset_id: j for j in batch}
+                statuses = await self.client.datasets_status(
+                    stream_id, [j.dataset_id for j in batch if j.dataset_id is not None]
+                )
+                for st in statuses:
+                    owner = by_dataset.get(st.dataset_id)
+                    if owner is None:
+                        continue
+                    status = st.import_status or "UNKNOWN"
+                    failed = status in FAILED_STATUSES
+                    updates.append(
+                        ImportUpdate(
+                            job_id=owner.id,
+                            status=status,
+                            progress=st.import_progress,
+                            message=st.import_message,
+                            terminal=failed or status in OK_STATUSES,
+                            failed=failed,
+                        )
+                    )
+        return updates
+
+    async def check(self, destinations: Sequence[int | str] = ()) -> list[CheckLine]:
+        """``/health``, the token (``/streams``), and each configured stream."""
+        lines = []
+        try:
+            await self.client.health()
+        except InboxdError as exc:
+            return [CheckLine(False, f"reach {self.client.base_url}/health: {exc}")]
+        lines.append(CheckLine(True, f"reach {self.client.base_url}/health"))
+        try:
+            streams = await self.client.streams()
+        except InboxdError as exc:
+            return [*lines, CheckLine(False, f"token accepted by GET /streams: {exc}")]
+        lines.append(CheckLine(True, f"token accepted ({len(streams)} stream(s) visible)"))
+        for ref in destinations:
+            try:
+                stream = await self.client.resolve_stream(ref)
+            except InboxdError as exc:
+                lines.append(CheckLine(False, f"stream {ref!r}: {exc}"))
+                continue
+            lines.append(
+                CheckLine(
+                    True, f"stream {stream.id} ({stream.name!r}, datapool {stream.datapool!r})"
+                )
+            )
+        return lines
