@@ -173,6 +173,38 @@ class FileSlice:
             os.close(fd)
 
 
+def multipart_file_body(
+    source: FileSlice, *, filename: str, progress: Progress | None = None
+) -> tuple[AsyncIterator[bytes], dict[str, str]]:
+    """A streamed ``multipart/form-data`` body whose one field ``file`` holds ``source``.
+
+    Returns the body and its headers. The length is computed up front, so the request carries a
+    ``Content-Length`` (servers that refuse chunked uploads accept it) while memory stays at one
+    chunk whatever the file size. Shared by every API that takes a file as a form field.
+    """
+    boundary = os.urandom(16).hex()
+    safe = filename.encode("utf-8", "replace").decode("utf-8")
+    safe = safe.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="{safe}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        async for chunk in source.chunks(progress=progress):
+            yield chunk
+        yield tail
+
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(head) + source.length + len(tail)),
+    }
+    return body(), headers
+
+
 def _open_for_read(path: Path, inode: int | None, min_size: int | None) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
@@ -220,7 +252,8 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _ssl_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext | bool:
+def tls_verify(verify: bool, ca_file: Path | None) -> ssl.SSLContext | bool:
+    """httpx's ``verify`` for ``[api] verify_tls`` and ``ca_file``."""
     if not verify:
         return False
     if ca_file is not None:
@@ -241,7 +274,7 @@ class MarpleClient:
         ca_file: Path | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        verify = _ssl_context(verify_tls, ca_file)
+        verify = tls_verify(verify_tls, ca_file)
         # Uploads of big parts may sit in one write for long on a slow link: the write timeout
         # bounds one socket write, not the whole body, so it can stay at the API timeout.
         tmo = httpx.Timeout(timeout, connect=min(timeout, 15.0))
@@ -311,20 +344,9 @@ class MarpleClient:
             kwargs["headers"] = {**(headers or {}), "Content-Type": "application/json"}
         elif content is not None:
             kwargs["content"] = content
-        try:
-            async with self._api.stream(method, path, **kwargs) as resp:
-                body = await _read_capped(resp, endpoint)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise TransportError(
-                f"{endpoint}: cannot connect to {self._base} ({_describe_httpx(exc)})",
-                maybe_sent=False,
-                advice="check [api] url, the network and that the server is up",
-            ) from exc
-        except httpx.TransportError as exc:
-            raise TransportError(
-                f"{endpoint}: no complete answer from the server ({_describe_httpx(exc)})"
-            ) from exc
-        return _decode(resp, body, endpoint)
+        return await send_request(
+            self._api, method, path, endpoint=endpoint, server=self._base, **kwargs
+        )
 
     # ---- endpoints ----------------------------------------------------------------------
 
@@ -389,32 +411,14 @@ class MarpleClient:
         progress: Progress | None = None,
     ) -> None:
         """``POST /ingestion/{id}/upload/server`` as streamed multipart/form-data."""
-        boundary = os.urandom(16).hex()
-        safe = filename.encode("utf-8", "replace").decode("utf-8")
-        safe = safe.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
-        head = (
-            f"--{boundary}\r\n"
-            f'Content-Disposition: form-data; name="file"; filename="{safe}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        tail = f"\r\n--{boundary}--\r\n".encode()
-
-        async def body() -> AsyncIterator[bytes]:
-            yield head
-            async for chunk in source.chunks(progress=progress):
-                yield chunk
-            yield tail
-
+        body, headers = multipart_file_body(source, filename=filename, progress=progress)
         ep = "POST /ingestion/{id}/upload/server"
         await self._call(
             "POST",
             f"/ingestion/{ingestion_id}/upload/server",
             endpoint=ep,
-            content=body(),
-            headers={
-                "Content-Type": f"multipart/form-data; boundary={boundary}",
-                "Content-Length": str(len(head) + source.length + len(tail)),
-            },
+            content=body,
+            headers=headers,
         )
 
     async def part_urls(self, ingestion_id: int, start_part: int, count: int = 32) -> PartUrls:
@@ -536,6 +540,38 @@ class MarpleClient:
         raise err
 
 
+async def send_request(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    endpoint: str,
+    server: str,
+    advice: str = "check [api] url, the network and that the server is up",
+    **kwargs: Any,
+) -> Any:
+    """One API request over ``http``: the decoded JSON answer, or our error for what went wrong.
+
+    The one place that turns httpx outcomes into ``daemon.errors`` (connect failure → not sent,
+    a lost answer → maybe sent, statuses → ``ApiError`` subclasses, capped bodies), shared by
+    every API client. ``server`` and ``advice`` only word the connect-failure message.
+    """
+    try:
+        async with http.stream(method, url, **kwargs) as resp:
+            body = await _read_capped(resp, endpoint)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise TransportError(
+            f"{endpoint}: cannot connect to {server} ({_describe_httpx(exc)})",
+            maybe_sent=False,
+            advice=advice,
+        ) from exc
+    except httpx.TransportError as exc:
+        raise TransportError(
+            f"{endpoint}: no complete answer from the server ({_describe_httpx(exc)})"
+        ) from exc
+    return _decode(resp, body, endpoint)
+
+
 async def _read_capped(resp: httpx.Response, what: str, *, storage: bool = False) -> bytes:
     buf = bytearray()
     async for chunk in resp.aiter_raw():
@@ -651,5 +687,8 @@ __all__ = [
     "PartUrls",
     "Progress",
     "Stream",
+    "multipart_file_body",
     "redact_url",
+    "send_request",
+    "tls_verify",
 ]

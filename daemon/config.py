@@ -14,7 +14,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -163,6 +171,152 @@ class RetentionSettings(_Section):
     interval_seconds: float = Field(default=300.0, gt=0)
 
 
+#: Import plugin per file extension for the older Marple API. Only csv_plugin is named in the
+#: API guide; the others follow its "<format>_plugin" naming — check them against your server.
+_MARPLE_PLUGINS = {
+    "csv": "csv_plugin",
+    "mat": "mat_plugin",
+    "h5": "hdf5_plugin",
+    "hdf5": "hdf5_plugin",
+    "mf4": "mdf_plugin",
+    "mdf": "mdf_plugin",
+    "parquet": "parquet_plugin",
+    "ulg": "ulog_plugin",
+    "tdms": "tdms_plugin",
+}
+
+
+class MarpleSettings(_Section):
+    """``[marple]``: the older Marple API (``[api] kind = "marple"``): library upload + import."""
+
+    # Folder on the file server; a file's relative folders are appended (/inboxd/session-1).
+    folder: str = "/inboxd"
+    # Extension (lower case, no dot) → import plugin. Entries given are merged into the
+    # defaults; an empty plugin removes an extension. A route's metadata key "plugin" wins.
+    plugins: dict[str, str] = Field(default_factory=lambda: dict(_MARPLE_PLUGINS))
+    # Make a share link for each new source (needs workbook: a project saved in the app).
+    share: bool = False
+    workbook: str = ""
+    # Metadata keys whose values are dates (ISO 8601; no offset = UTC): sent as UTC seconds.
+    date_metadata: list[str] = Field(default_factory=list)
+    # Metadata key that carries the file's modification time (UTC seconds); "" = not sent.
+    modified_key: str = "timestamp_modified"
+
+    @field_validator("folder")
+    @classmethod
+    def _folder_is_absolute(cls, value: str) -> str:
+        parts = [p for p in value.strip().split("/") if p]
+        if not value.strip().startswith("/") or any(p in (".", "..") for p in parts):
+            raise ValueError('must be an absolute folder without "." or "..", e.g. "/inboxd"')
+        return "/" + "/".join(parts)
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _merge_plugins(cls, value: Any) -> Any:
+        # Merged, so that adding one extension does not silently drop all the others.
+        if not isinstance(value, dict):
+            return value
+        merged = dict(_MARPLE_PLUGINS)
+        for ext, plugin in value.items():
+            key = str(ext).strip().lstrip(".").lower()
+            if isinstance(plugin, str) and not plugin.strip():
+                merged.pop(key, None)
+            else:
+                merged[key] = plugin
+        return merged
+
+    @model_validator(mode="after")
+    def _share_needs_workbook(self) -> MarpleSettings:
+        if self.share and not self.workbook.strip():
+            raise ValueError(
+                "share = true needs workbook: the name of a project saved in the Marple app, "
+                "which the share links open"
+            )
+        return self
+
+
+class DataServiceGrant(_Section):
+    """One source grant added to every data source inboxd creates on the data service."""
+
+    permission_type: Literal["account", "project", "user"]
+    identifier: str = Field(min_length=1)
+    role: Literal["edit", "view"] = "view"
+
+
+def _default_adapters() -> dict[str, Literal["csv", "excel"]]:
+    return {"csv": "csv", "xlsx": "excel"}
+
+
+class DataServiceSettings(_Section):
+    """``[data_service]``: the spreadsheet data service (``[api] kind = "data-service"``)."""
+
+    # Base URL of the data service; empty = [api] url.
+    url: str = ""
+    # OAuth 1.0 credentials. The consumer key is public (it is sent in every request); the
+    # secrets and the token come from the value, else the *_file next to it.
+    consumer_key: str = ""
+    consumer_secret: SecretStr | None = None
+    consumer_secret_file: Path | None = None
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    token_secret: SecretStr | None = None
+    token_secret_file: Path | None = None
+    # Grant type of new data sources (the adapters' permissionType); unset = the service's
+    # default ("user").
+    permission_type: Literal["account", "project", "user"] | None = None
+    # DataSetLink that new data sources are put into; unset = none.
+    data_set: str | None = None
+    # Source grants added to every new data source.
+    grants: list[DataServiceGrant] = Field(default_factory=list)
+    # File extension → adapter; other extensions fail with a reason.
+    adapters: dict[str, Literal["csv", "excel"]] = Field(default_factory=_default_adapters)
+    # Seconds to wait after a rate-limit answer without Retry-After (the service advises 60).
+    rate_limit_wait: float = Field(default=60.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http_or_empty(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://, or be empty ([api] url)")
+        return value.rstrip("/")
+
+    @field_validator("adapters")
+    @classmethod
+    def _extensions_normalised(cls, value: dict[str, str]) -> dict[str, str]:
+        # "CSV", ".csv" and "csv" all mean the same extension.
+        return {ext.strip().lstrip(".").lower(): adapter for ext, adapter in value.items()}
+
+    def secret(self, name: Literal["consumer_secret", "token", "token_secret"]) -> SecretStr:
+        """One OAuth secret: the value, else its ``*_file``; ConfigError when neither is set."""
+        value: SecretStr | None = getattr(self, name)
+        if value is not None and value.get_secret_value().strip():
+            return SecretStr(value.get_secret_value().strip())
+        path: Path | None = getattr(self, f"{name}_file")
+        if path is not None:
+            return _read_token_file(path, f"data_service.{name}_file")
+        raise ConfigError(
+            f"data_service.{name}: not configured — set [data_service] {name} or {name}_file, "
+            f"or the environment variable INBOXD_DATA_SERVICE__{name.upper()}"
+        )
+
+    def check_credentials(self) -> list[str]:
+        """One line per missing or unreadable OAuth credential (empty when all are there)."""
+        problems = []
+        if not self.consumer_key.strip():
+            problems.append("data_service.consumer_key: required — set the OAuth consumer key")
+        names: tuple[Literal["consumer_secret", "token", "token_secret"], ...] = (
+            "consumer_secret",
+            "token",
+            "token_secret",
+        )
+        for name in names:
+            try:
+                self.secret(name)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        return problems
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -188,6 +342,8 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     bandwidth: BandwidthSettings = Field(default_factory=BandwidthSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    data_service: DataServiceSettings = Field(default_factory=DataServiceSettings)
+    marple: MarpleSettings = Field(default_factory=MarpleSettings)
     routes: list[RouteSettings] = Field(default_factory=list)
 
     @classmethod
@@ -235,7 +391,10 @@ def load_settings(
     finally:
         _toml_data.reset(token)
     problems = _cross_checks(settings)
-    if require_token:
+    if require_token and settings.api.kind == "data-service":
+        # The data service signs with OAuth 1.0 credentials instead of an [api] token.
+        problems.extend(settings.data_service.check_credentials())
+    elif require_token:
         try:
             settings.api.resolved_token()
         except ConfigError as exc:
@@ -250,7 +409,7 @@ def _describe(exc: ValidationError) -> list[str]:
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
         value = err.get("input")
-        shown = "<hidden>" if "token" in key else repr(value)
+        shown = "<hidden>" if "token" in key or "secret" in key else repr(value)
         if err["type"] == "extra_forbidden":
             lines.append(
                 f"{key}: unknown key — remove it or check its spelling in config.example.toml"

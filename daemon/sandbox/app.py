@@ -35,6 +35,8 @@ from starlette.types import Receive, Scope, Send
 from daemon.sandbox import files
 from daemon.sandbox.backends import AzureBackend, S3Backend, StorageError
 from daemon.sandbox.config import Faults, GiB, MiB, SandboxConfig, StreamDef
+from daemon.sandbox.dataservice import PREFIX as DATA_SERVICE_PREFIX
+from daemon.sandbox.dataservice import DataService
 from daemon.sandbox.formdata import (
     FormDataError,
     FormDataParser,
@@ -52,6 +54,7 @@ from daemon.sandbox.injection import (
     s3_error,
     storage_fault,
 )
+from daemon.sandbox.legacy import LegacyApi
 from daemon.sandbox.models import (
     ABORTED,
     COMPLETED,
@@ -125,6 +128,10 @@ class Sandbox:
                 config.azure_account_key,
                 config.azure_container,
             )
+        #: the older Marple API (library upload + import), served beside this one
+        self.legacy = LegacyApi(self)
+        #: the spreadsheet data service (OAuth 1.0, adapters), served under /data-service
+        self.data_service = DataService(config)
         self._app = Starlette(
             routes=self._routes(),
             exception_handlers={
@@ -198,6 +205,9 @@ class Sandbox:
             return
         if scope["type"] != "http":
             return
+        if scope["path"].startswith(DATA_SERVICE_PREFIX):
+            await self.data_service(scope, receive, send)  # its own auth, limits and log
+            return
         path: str = scope["path"]
         method: str = scope["method"]
         headers = Headers(scope=scope)
@@ -222,6 +232,7 @@ class Sandbox:
             if kind == "api" and route is not None and route != "GET /health":
                 early = self._api_gate(method, path, route, headers, ctl)
                 if early is not None:
+                    early = self.legacy.gate_answer(route, early)  # its own envelope
                     await early(scope, receive, sender)
                     return
             await self._app(scope, receive, sender)
@@ -326,6 +337,7 @@ class Sandbox:
             api("/stream/{stream_id:int}/datasets/status", self._datasets_status, "POST"),
             api("/stream/{stream_id:int}/datasets", self._list_datasets, "GET"),
             api("/datapool/{datapool}/dataset", self._get_dataset, "GET"),
+            *self.legacy.routes(API_PREFIX),
             Route("/storage/{id:int}/object", self._storage_put, methods=["PUT"]),
             Route("/storage/{id:int}/part/{part:int}", self._storage_put, methods=["PUT"]),
         ]

@@ -28,4 +28,20 @@ async def open_target(settings: Settings, options: UploadOptions) -> AsyncIterat
                 batch_size=settings.poll.batch_size,
             )
         return
+    if kind == "marple":
+        from daemon.targets.marple_legacy import MarpleLegacyTarget
+
+        # The same [api] url and token; MarpleClient carries the transport and error mapping.
+        async with MarpleClient.from_settings(settings.api) as client:
+            yield MarpleLegacyTarget(
+                client, options, settings.marple, batch_size=settings.poll.batch_size
+            )
+        return
+    if kind == "data-service":
+        from daemon.targets.data_service import DataServiceTarget
+
+        # Its own client: OAuth 1.0 signing, the version header and the call-rate limiter.
+        async with DataServiceTarget.open(settings.api, settings.data_service, options) as target:
+            yield target
+        return
     raise ConfigError(f"api.kind = {kind!r}: not available in this build of inboxd")

@@ -1,0 +1,558 @@
+"""The older Marple API target: library upload → import → metadata → share link.
+
+One file travels like this (``marple-api-guide.txt``; every answer is the envelope
+``{"request_time", "message"}``):
+
+1. ``POST /library/file/upload?path=<folder>`` — the file, streamed as multipart ``file``, lands at
+   ``<[marple] folder>/<dataset name>`` (the dataset name is the path relative to the inbox by
+   default, so ``session-1/run.csv`` goes to ``/inboxd/session-1/run.csv``).
+2. ``GET /sources/lookup?path=`` — is there a source for that path already (an earlier version
+   of the file)? Then the import below re-imports it in place, keeping its id.
+3. ``POST /library/file/import {"path", "plugin"}`` → ``source_id``. The plugin comes from the
+   extension (``[marple] plugins``) unless the job's metadata names one under ``plugin`` (set it
+   in a route: ``[[routes]] metadata = { plugin = "hdf5_plugin" }``); that key is not sent on
+   as metadata.
+4. ``POST /library/metadata {"source_id", "metadata": [{"name", "value"}]}`` — the job's
+   metadata, with the keys of ``[marple] date_metadata`` turned into UTC seconds and the file's
+   modification time under ``[marple] modified_key``.
+5. With ``[marple] share = true``: ``POST /library/share/new`` then
+   ``GET /library/share/{id}/link``; the link is kept in the job's ``target_refs``.
+
+The poller then asks ``GET /sources/status?id=1&id=2…`` (one request per ``[poll] batch_size``
+sources) until the status is 100 (imported) or negative (failed).
+
+Each step is journaled *before* its side effect, in the job's ``stage`` and ``mode`` columns
+(``mode`` names the step; ``dataset_id`` holds the source id):
+
+==========  ==========  =================================================================
+stage       mode        a restart (or a retry after a lost answer) does
+==========  ==========  =================================================================
+uploading   upload      upload again: the same path is overwritten, nothing is duplicated
+completing  import      if no source existed before (``dataset_id`` empty): look the path
+                        up; found → the import went through, take that source; else import.
+                        If one existed (a changed file): import again — a re-import keeps
+                        the source id, so it cannot make a second source
+completed   metadata    send the metadata again (it sets the same values)
+completed   share       make a share again (a lost answer leaves an unused share id behind;
+                        it holds no data)
+completed   share:<id>  ask for the link of that share again (a read)
+==========  ==========  =================================================================
+
+A changed file is a new version of the same path: it is uploaded over the old bytes and the
+source is re-imported in place, so the file keeps one source (and its share link); a version
+that changed *during* its upload never reached the import and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import Any, TypeGuard, TypeVar
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter
+
+from daemon import retry
+from daemon.client import FileSlice, MarpleClient, Progress, _parse, multipart_file_body
+from daemon.config import MarpleSettings
+from daemon.errors import (
+    AuthError,
+    EmptyFileError,
+    FileChangedError,
+    FileProblem,
+    InboxdError,
+    NotFoundError,
+    ProtocolError,
+    RateLimitedError,
+    RejectedError,
+    TransportError,
+    UploadFailed,
+)
+from daemon.queue import Job
+from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
+from daemon.upload import FileRef, Resume, UploadOptions, _Sent
+
+_T = TypeVar("_T")
+
+#: The status code of an imported source; 0..99 read as percent done, negative as failed.
+IMPORTED = 100
+#: The job metadata key that chooses the plugin (read and removed before metadata is sent).
+PLUGIN_KEY = "plugin"
+
+_UPLOAD, _IMPORT, _METADATA, _SHARE = "upload", "import", "metadata", "share"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class SourceStatus(_Model):
+    """One entry of ``GET /sources/status``."""
+
+    source_id: int
+    status: int | float | str | None = None
+    message: str | None = None
+
+
+_STATUSES = TypeAdapter(list[SourceStatus])
+
+
+class MarpleLegacyApi:
+    """The older API's endpoints, over the transport and error mapping of ``MarpleClient``.
+
+    ``MarpleClient._call`` does the request (token header, timeouts, capped reads) and maps
+    statuses to our errors (403 → AuthError, 429/5xx → retryable, …); this class only unwraps
+    the ``{"request_time", "message"}`` envelope and checks each ``message``.
+    """
+
+    def __init__(self, client: MarpleClient) -> None:
+        self.client = client
+
+    @property
+    def base_url(self) -> str:
+        return self.client.base_url
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        content: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        endpoint = f"{method} {path}"
+        body = await self.client._call(
+            method,
+            path,
+            endpoint=endpoint,
+            json_body=json_body,
+            params=params,
+            content=content,
+            headers=headers,
+        )
+        if not isinstance(body, dict) or "message" not in body:
+            raise ProtocolError(
+                'the answer lacks the {"request_time", "message"} envelope', endpoint=endpoint
+            )
+        return body["message"]
+
+    async def version(self) -> str:
+        """``GET /version``."""
+        message = await self._request("GET", "/version")
+        if not isinstance(message, str | int | float) or isinstance(message, bool):
+            raise ProtocolError("version is not a string", endpoint="GET /version")
+        return str(message)
+
+    async def upload(
+        self, folder: str, source: FileSlice, *, filename: str, progress: Progress | None = None
+    ) -> None:
+        """``POST /library/file/upload?path=<folder>``: the file as multipart field ``file``."""
+        body, headers = multipart_file_body(source, filename=filename, progress=progress)
+        ep = "POST /library/file/upload"
+        message = await self._request(
+            "POST", "/library/file/upload", params={"path": folder}, content=body, headers=headers
+        )
+        status = message.get("status") if isinstance(message, dict) else message
+        if not isinstance(status, str) or status.upper() != "OK":
+            shown = repr(message)[:200]
+            raise RejectedError(f"the file server did not confirm the upload: {shown}", endpoint=ep)
+
+    async def import_file(self, path: str, plugin: str) -> int:
+        """``POST /library/file/import``: the source id of the (re-)imported file."""
+        message = await self._request(
+            "POST", "/library/file/import", json_body={"path": path, "plugin": plugin}
+        )
+        source_id = message.get("source_id") if isinstance(message, dict) else None
+        if not _is_int(source_id):
+            raise ProtocolError("the answer has no source_id", endpoint="POST /library/file/import")
+        return source_id
+
+    async def lookup(self, path: str) -> int | None:
+        """``GET /sources/lookup?path=``: the source id of a path, None when it has none."""
+        try:
+            message = await self._request("GET", "/sources/lookup", params={"path": path})
+        except NotFoundError:
+            return None
+        if isinstance(message, dict):
+            message = message.get("source_id")
+        if message is None:
+            return None
+        if _is_int(message):
+            return message
+        raise ProtocolError("the answer is not a source id", endpoint="GET /sources/lookup")
+
+    async def statuses(self, source_ids: Sequence[int]) -> list[SourceStatus]:
+        """``GET /sources/status?id=1&id=2``: the status of several sources in one request."""
+        ep = "GET /sources/status"
+        message = await self._request("GET", "/sources/status", params={"id": list(source_ids)})
+        if isinstance(message, dict):
+            message = [message]  # one id may come back as one object
+        return _parse(_STATUSES, message, ep)
+
+    async def add_metadata(self, source_id: int, entries: list[dict[str, Any]]) -> None:
+        """``POST /library/metadata``: set name/value pairs on a source."""
+        await self._request(
+            "POST", "/library/metadata", json_body={"source_id": source_id, "metadata": entries}
+        )
+
+    async def new_share(self, workbook: str, source_ids: list[int]) -> str:
+        """``POST /library/share/new``: a new share id for a workbook with these sources."""
+        message = await self._request(
+            "POST",
+            "/library/share/new",
+            json_body={"workbook_name": workbook, "source_ids": source_ids},
+        )
+        if isinstance(message, dict):
+            message = message.get("share_id", message.get("id"))
+        if not isinstance(message, str | int) or isinstance(message, bool) or message == "":
+            raise ProtocolError("the answer is not a share id", endpoint="POST /library/share/new")
+        return str(message)
+
+    async def share_link(self, share_id: str) -> str:
+        """``GET /library/share/{id}/link``: the link that opens the workbook with its sources."""
+        ep = "GET /library/share/{id}/link"
+        if not re.fullmatch(r"[\w-]{1,200}", share_id):
+            raise ProtocolError(f"unusable share id {share_id!r}", endpoint=ep)
+        message = await self._request("GET", f"/library/share/{share_id}/link")
+        if not isinstance(message, str) or not message:
+            raise ProtocolError("the answer is not a link", endpoint=ep)
+        return message
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything decided before the first request: no side effect can fail on these."""
+
+    path: str  # on the file server
+    folder: str
+    filename: str
+    plugin: str
+    metadata: list[dict[str, Any]]
+
+
+class MarpleLegacyTarget:
+    """Delivers files as sources of the older Marple API (file server library + import)."""
+
+    kind = "marple"
+
+    def __init__(
+        self,
+        client: MarpleClient,
+        options: UploadOptions,
+        settings: MarpleSettings,
+        *,
+        batch_size: int = 100,
+    ) -> None:
+        self.api = MarpleLegacyApi(client)
+        self.options = options
+        self.settings = settings
+        self.batch_size = batch_size
+
+    async def resolve_destination(self, ref: int | str) -> int:
+        """Streams do not exist in this API: every file goes to ``[marple] folder``."""
+        return 0
+
+    # ---- deliver ----------------------------------------------------------------------
+
+    async def deliver(self, work: Work) -> Delivered:
+        """Upload, import and describe one file, resuming from its journal."""
+        f = work.file
+        if f.size == 0:
+            raise EmptyFileError(
+                f"{f.path.name}: the file is empty (0 bytes)",
+                advice="Marple cannot import an empty file; write data into it or remove it",
+            )
+        plan = self.plan(work.job, f)
+        _check_unchanged(f)
+        return await _Delivery(self, work, plan).run()
+
+    def plan(self, job: Job, file: FileRef) -> _Plan:
+        """Server path, plugin and metadata of a job; FileProblem/UploadFailed if impossible."""
+        parts = [p for p in job.dataset_name.split("/") if p]
+        if not parts or any(p in (".", "..") for p in parts):
+            raise FileProblem(f"{job.dataset_name!r}: not a usable path on the file server")
+        path = "/".join([self.settings.folder.rstrip("/"), *parts])
+        folder = str(PurePosixPath(path).parent)
+        metadata = dict(job.metadata)
+        chosen = metadata.pop(PLUGIN_KEY, None)
+        plugin = chosen if isinstance(chosen, str) and chosen.strip() else None
+        if plugin is None:
+            plugin = self._plugin_for(parts[-1])
+        return _Plan(path, folder, parts[-1], plugin.strip(), self._metadata(metadata, file))
+
+    def _plugin_for(self, name: str) -> str:
+        # The longest known suffix wins, so "csv.zip" can differ from "zip".
+        pieces = name.lower().split(".")[1:]
+        for i in range(len(pieces)):
+            plugin = self.settings.plugins.get(".".join(pieces[i:]))
+            if plugin:
+                return plugin
+        ext = f"'.{pieces[-1]}'" if pieces else "(none)"
+        known = ", ".join(sorted(self.settings.plugins)) or "none"
+        raise FileProblem(
+            f"{name}: no import plugin for the extension {ext} (known: {known})",
+            advice=(
+                f"add it to [marple] plugins (e.g. {pieces[-1] if pieces else 'ext'} = "
+                '"csv_plugin"), or name one in a route: metadata = { plugin = "..." }'
+            ),
+        )
+
+    def _metadata(self, values: dict[str, Any], file: FileRef) -> list[dict[str, Any]]:
+        """Name/value pairs to send: dates as UTC seconds, plus the modification time."""
+        out: dict[str, Any] = {}
+        for name, value in values.items():
+            if value is None:
+                continue  # no value to set; the API has no way to say "unset"
+            if name in self.settings.date_metadata:
+                value = _utc_seconds(name, value)
+            out[name] = value
+        key = self.settings.modified_key
+        if key and key not in out:
+            out[key] = file.mtime_ns // 1_000_000_000
+        return [{"name": name, "value": value} for name, value in out.items()]
+
+    # ---- poll -------------------------------------------------------------------------
+
+    async def poll(self, jobs: Sequence[Job]) -> list[ImportUpdate]:
+        """``GET /sources/status`` with up to ``batch_size`` ids per request."""
+        by_source: dict[int, list[Job]] = defaultdict(list)
+        for job in jobs:
+            # Jobs of another kind (the target was switched) are left for that target.
+            if job.dataset_id is not None and job.target == self.kind:
+                by_source[job.dataset_id].append(job)
+        ids = list(by_source)
+        updates = []
+        for i in range(0, len(ids), self.batch_size):
+            for st in await self.api.statuses(ids[i : i + self.batch_size]):
+                for job in by_source.get(st.source_id, ()):
+                    updates.append(_update(job.id, st))
+        return updates
+
+    # ---- check ------------------------------------------------------------------------
+
+    async def check(self, destinations: Sequence[int | str] = ()) -> list[CheckLine]:
+        """``/version``, the token (an authenticated lookup), and where files will go."""
+        base = self.api.base_url
+        try:
+            version = await self.api.version()
+        except AuthError as exc:
+            return [CheckLine(False, f"token accepted by GET /version: {exc}")]
+        except InboxdError as exc:
+            return [CheckLine(False, f"reach {base}/version: {exc}")]
+        lines = [CheckLine(True, f"reach {base}/version (Marple {version})")]
+        try:
+            # Any answer but 403 proves the token: the probe path need not exist.
+            await self.api.lookup(f"{self.settings.folder.rstrip('/')}/.inboxd-check")
+        except AuthError as exc:
+            return [*lines, CheckLine(False, f"token accepted by GET /sources/lookup: {exc}")]
+        except InboxdError as exc:
+            return [*lines, CheckLine(False, f"GET /sources/lookup: {exc}")]
+        lines.append(CheckLine(True, "token accepted"))
+        plugins = ", ".join(f"{e} → {p}" for e, p in sorted(self.settings.plugins.items()))
+        lines.append(
+            CheckLine(True, f"files go to {self.settings.folder} (plugins: {plugins or 'none'})")
+        )
+        if self.settings.share:
+            lines.append(CheckLine(True, f"share links open workbook {self.settings.workbook!r}"))
+        return lines
+
+
+def _update(job_id: int, st: SourceStatus) -> ImportUpdate:
+    """A source status as an import update (codes: 100 imported, 0..99 percent, < 0 failed)."""
+    code = st.status
+    if isinstance(code, int | float) and not isinstance(code, bool) and math.isfinite(code):
+        if code == IMPORTED:
+            return ImportUpdate(job_id, "FINISHED", 100.0, st.message, True, False)
+        if code < 0:
+            why = st.message or f"the import failed (status {code:g})"
+            return ImportUpdate(job_id, "FAILED", None, why, True, True)
+        if code < IMPORTED:
+            status = "WAITING" if code == 0 else "IMPORTING"
+            return ImportUpdate(job_id, status, float(code), st.message, False, False)
+    # Unknown codes are recorded and polled again, never a crash (as for Marple DB).
+    return ImportUpdate(job_id, f"STATUS {code}", None, st.message, False, False)
+
+
+def _utc_seconds(name: str, value: Any) -> int:
+    """A metadata date as UTC seconds: numbers are taken as seconds, strings as ISO 8601."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(float(text))
+        except (ValueError, OverflowError):  # not a number, or nan/inf
+            pass
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            when = None
+        if when is not None:
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)  # no offset given: the guide's dates are UTC
+            return int(when.timestamp())
+    raise UploadFailed(
+        f"metadata {name!r} = {value!r} is listed in [marple] date_metadata but is not a date "
+        '(use ISO 8601 such as "2024-05-01T14:30:00+02:00", or UTC seconds)',
+        cause_kind="metadata",
+    )
+
+
+def _check_unchanged(f: FileRef) -> None:
+    now = FileRef.stat(f.path)
+    if (now.size, now.mtime_ns, now.inode) != (f.size, f.mtime_ns, f.inode):
+        raise FileChangedError(
+            f"{f.path.name}: was {f.size} bytes (inode {f.inode}), now {now.size} bytes "
+            f"(inode {now.inode}) with another modification time"
+        )
+
+
+class _Delivery:
+    """One run (or resumed run) of the steps in the module docstring."""
+
+    def __init__(self, target: MarpleLegacyTarget, work: Work, plan: _Plan) -> None:
+        self.target = target
+        self.api = target.api
+        self.work = work
+        self.plan = plan
+        self.opts = target.options
+        self.state: Resume = replace(work.resume, parts_done=set())
+        self.sent = _Sent(work.progress)
+
+    async def _save(self, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(self.state, key, value)
+        await self.work.journal.save(self.state)
+
+    async def _step(self, call: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """One request whose repetition is safe, with the usual retries."""
+        return await retry.call(call, self.opts.policy, what=what, on_retry=self.opts.on_retry)
+
+    async def run(self) -> Delivered:
+        st = self.state
+        step = st.mode or ""
+        after_upload = st.stage in ("completing", "completed")
+        recovered = after_upload
+        source_id = st.dataset_id
+        share_id: str | None = None
+        if after_upload and step == _IMPORT:
+            source_id, found = await self._import(existing=st.dataset_id, ambiguous=True)
+            recovered = found
+        elif after_upload and source_id is not None and step == _METADATA:
+            pass
+        elif after_upload and source_id is not None and step.startswith(_SHARE):
+            share_id = step.partition(":")[2] or None
+        else:
+            await self._upload()
+            existing = await self._step(lambda: self.api.lookup(self.plan.path), "lookup")
+            await self._save(stage="completing", mode=_IMPORT, dataset_id=existing)
+            source_id, recovered = await self._import(existing=existing, ambiguous=False)
+            step = _IMPORT
+        assert source_id is not None
+        if step in (_IMPORT, _METADATA):
+            await self._save(stage="completed", mode=_METADATA, dataset_id=source_id)
+            if self.plan.metadata:
+                entries = self.plan.metadata
+                await self._step(lambda: self.api.add_metadata(source_id, entries), "metadata")
+        refs: dict[str, Any] = {
+            "source_id": source_id,
+            "path": self.plan.path,
+            "plugin": self.plan.plugin,
+        }
+        if self.target.settings.share:
+            refs.update(await self._share(source_id, share_id))
+        return Delivered(
+            dataset_name=self.work.job.dataset_name,
+            dataset_id=source_id,
+            bytes_sent=self.sent.total,
+            mode="library",
+            refs=refs,
+            recovered=recovered,
+        )
+
+    async def _upload(self) -> None:
+        await self._save(stage="uploading", mode=_UPLOAD, dataset_id=None)
+        f = self.work.file
+        source = FileSlice(
+            f.path,
+            0,
+            f.size,
+            inode=f.inode,
+            min_size=f.size,
+            throttle=self.opts.throttle,
+            chunk_size=self.opts.chunk_size,
+        )
+
+        async def once() -> None:
+            add, undo = self.sent.tracker()
+            try:
+                await self.api.upload(
+                    self.plan.folder, source, filename=self.plan.filename, progress=add
+                )
+            except BaseException:
+                undo()
+                raise
+
+        # Repeating an upload overwrites the same path: safe after any failure.
+        await self._step(once, "library upload")
+        _check_unchanged(f)  # changed after the last byte went out: the new version follows
+
+    async def _import(self, *, existing: int | None, ambiguous: bool) -> tuple[int, bool]:
+        """Import once; returns (source id, whether an earlier lost import was found)."""
+        policy = self.opts.policy
+        attempt = 0
+        while True:
+            attempt += 1
+            if ambiguous and existing is None:
+                # There was no source before our import: one now is the import's work.
+                found = await self._step(lambda: self.api.lookup(self.plan.path), "lookup")
+                if found is not None:
+                    return found, True
+            try:
+                return await self.api.import_file(self.plan.path, self.plan.plugin), False
+            except InboxdError as exc:
+                if not exc.retryable or attempt >= policy.attempts:
+                    raise
+                # Refused before processing (429, no connection) or perhaps done (5xx, no
+                # answer, garbage): look before importing again in the second case.
+                refused = isinstance(exc, RateLimitedError) and exc.status == 429
+                refused |= isinstance(exc, TransportError) and not exc.maybe_sent
+                ambiguous = not refused
+                await retry.backoff(
+                    policy, attempt, exc, what="import", on_retry=self.opts.on_retry
+                )
+
+    async def _share(self, source_id: int, share_id: str | None) -> dict[str, Any]:
+        settings = self.target.settings
+        prev = self.work.previous_refs or {}
+        if (
+            share_id is None
+            and prev.get("source_id") == source_id
+            and prev.get("workbook") == settings.workbook
+            and isinstance(prev.get("share_id"), str)
+            and isinstance(prev.get("share_link"), str)
+        ):
+            # A new version re-imported into the same source: its link still opens it.
+            return {k: prev[k] for k in ("share_id", "share_link", "workbook")}
+        if share_id is None:
+            await self._save(mode=_SHARE)
+            share_id = await self._step(
+                lambda: self.api.new_share(settings.workbook, [source_id]), "new share"
+            )
+            await self._save(mode=f"{_SHARE}:{share_id}")
+        sid = share_id
+        link = await self._step(lambda: self.api.share_link(sid), "share link")
+        return {"share_id": sid, "share_link": link, "workbook": settings.workbook}
+
+
+__all__ = ["IMPORTED", "MarpleLegacyApi", "MarpleLegacyTarget", "SourceStatus"]
