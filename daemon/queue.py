@@ -1144,6 +1144,24 @@ class Queue:
         """The watcher stopped waiting on ``rel`` (enqueued or gone)."""
         await self._execute("DELETE FROM settling WHERE rel = ?", (os.fsencode(rel),))
 
+    async def apply_settling(self, changes: Mapping[str, tuple[int, float] | None]) -> None:
+        """Many ``set_settling``/``clear_settling`` in one transaction: rel → (size, since),
+        or None to clear. A burst of thousands of files is one write, not thousands."""
+        if not changes:
+            return
+        upserts = [(os.fsencode(r), v[0], v[1]) for r, v in changes.items() if v is not None]
+        deletes = [(os.fsencode(r),) for r, v in changes.items() if v is None]
+        async with self._write() as db:
+            if upserts:
+                await db.executemany(
+                    "INSERT INTO settling (rel, size, since) VALUES (?, ?, ?)"
+                    " ON CONFLICT (rel) DO UPDATE SET size = excluded.size,"
+                    " since = excluded.since",
+                    upserts,
+                )
+            if deletes:
+                await db.executemany("DELETE FROM settling WHERE rel = ?", deletes)
+
     async def clear_all_settling(self) -> None:
         """Forget all settling files (at start-up: a previous run's entries are stale)."""
         await self._execute("DELETE FROM settling")

@@ -32,14 +32,14 @@ from daemon.poller import Poller
 from daemon.queue import FileIdentity, NewJob, Queue, QueueError
 from daemon.retention import Retention, disk_free
 from daemon.retry import RetryPolicy
-from daemon.routing import SIDECAR_SUFFIX, route
+from daemon.routing import SIDECAR_SUFFIX, Route, route
+from daemon.status import HEARTBEAT_SECONDS
 from daemon.streams import StreamDirectory
 from daemon.upload import UploadOptions
 from daemon.watcher import DEFAULT_EXCLUDES, Watcher, WatchRules
 from daemon.workers import Pause, Workers, WorkerSettings
 
 _log = structlog.get_logger(__name__)
-HEARTBEAT_SECONDS = 2.0
 _PROBE_SECONDS = 30.0
 
 
@@ -74,6 +74,7 @@ class Service:
         self._disk_low = False
         self.streams: StreamDirectory | None = None
         self._stop = anyio.Event()
+        self._settling: dict[str, tuple[int, float] | None] = {}
         self.notifier = Notifier()
         self._ready = False
 
@@ -140,6 +141,7 @@ class Service:
                     on_name_clash=s.upload.on_name_clash,
                     backoff_base=max(r.base_seconds, 1.0),
                     backoff_cap=r.job_backoff_cap_seconds,
+                    outage_cap=r.cap_seconds,
                     plugin_args=s.upload.plugin_args,
                 ),
                 pause=self.pause,
@@ -191,6 +193,7 @@ class Service:
                     await tg.start(self.retention.run, ret.interval_seconds)
                 tg.start_soon(self._probe_when_paused, client)
                 tg.start_soon(self._housekeeping)
+                tg.start_soon(self._flush_settling)
                 watcher_scope = anyio.CancelScope()
                 await tg.start(self._watch, watcher_scope)
                 _log.info(
@@ -246,16 +249,16 @@ class Service:
 
     async def _on_ready(self, files: list[FileIdentity]) -> None:
         assert self.queue is not None and self.workers is not None
+        # One thread hop for the whole batch: routing may read sidecar files.
+        routes = await anyio.to_thread.run_sync(self._route_all, files)
         items = []
-        for ident in files:
-            r = await anyio.to_thread.run_sync(route, ident.rel, self.inbox, self.settings)
+        for ident, r in zip(files, routes, strict=True):
             if r.warning:
                 _log.warning("route.sidecar", path=ident.rel, problem=r.warning)
             stream_id = await self._stream_id(r.stream, ident.rel)
             items.append(NewJob(ident, stream_id, r.dataset_name, r.metadata))
         new = await self.queue.enqueue_many(items)
-        for ident in files:
-            await self.queue.clear_settling(ident.rel)
+        # The watcher follows each report with on_settling(rel, None): no clearing here.
         if new:
             _log.info("watcher.enqueued", files=len(new))
             self.workers.wake()
@@ -276,12 +279,21 @@ class Service:
     async def _on_skip(self, rel: str, reason: str) -> None:
         _log.warning("watcher.skip", path=rel, reason=reason)
 
+    def _route_all(self, files: list[FileIdentity]) -> list[Route]:
+        return [route(ident.rel, self.inbox, self.settings) for ident in files]
+
     async def _on_settling(self, rel: str, size: int | None) -> None:
+        # Buffered: status may show a settling file a fraction of a second late, but a burst
+        # of files costs one database write instead of two per file.
+        self._settling[rel] = None if size is None else (size, time.time())
+
+    async def _flush_settling(self) -> None:
         assert self.queue is not None
-        if size is None:
-            await self.queue.clear_settling(rel)
-        else:
-            await self.queue.set_settling(rel, size, time.time())
+        while True:
+            await anyio.sleep(0.25)
+            if self._settling:
+                changes, self._settling = self._settling, {}
+                await self.queue.apply_settling(changes)
 
     async def _heartbeat(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Liveness for ``status`` (a row in the database) and for systemd (WATCHDOG=1).

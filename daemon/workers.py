@@ -30,6 +30,8 @@ from daemon.errors import (
     FileProblem,
     InboxdError,
     NotFoundError,
+    RateLimitedError,
+    TransportError,
     UploadFailed,
 )
 from daemon.metrics import Metrics
@@ -53,6 +55,8 @@ class WorkerSettings:
     on_name_clash: str
     backoff_base: float
     backoff_cap: float
+    #: longest hold of all workers while the service is unreachable ([retry] cap_seconds)
+    outage_cap: float = 60.0
     plugin_args: str | None = None
 
 
@@ -142,6 +146,10 @@ class Workers:
         self.pause = pause or Pause()
         self.owner = owner or f"inboxd-{os.getpid()}"
         self.stopping = anyio.Event()
+        # A circuit breaker: while the service is unreachable, no worker claims the next job
+        # just to fail it too (an outage must not churn through the whole queue).
+        self._outage_until = 0.0
+        self._outage_failures = 0
         self._wake = anyio.Event()
         self.active: dict[int, Job] = {}
         self._sent: dict[int, _ProgressSaver] = {}
@@ -187,6 +195,10 @@ class Workers:
             if self.windows is not None and not self.windows.always_open:
                 await self.windows.wait_open(on_wait=self._window_closed)
                 self._window_open()
+            wait = self._outage_until - time.monotonic()
+            if wait > 0:
+                await anyio.sleep(min(wait, _IDLE_POLL * 5))
+                continue
             job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS)
             if job is None:
                 await self._idle()
@@ -307,11 +319,14 @@ class Workers:
         except InboxdError as exc:
             if exc.retryable:
                 await sent.flush()
+                if isinstance(exc, TransportError | RateLimitedError):
+                    self._service_trouble(exc)
                 await self._backoff(job, str(exc), exc.kind)
             else:
                 await self._fail(job, str(exc), exc.kind)
         else:
             await self.queue.save_progress(job.id, bytes_sent=ident.size)
+            self._outage_failures = 0
             await self.queue.mark_uploaded(job.id)
             if self.metrics is not None:
                 self.metrics.upload_succeeded(result.bytes_sent, time.monotonic() - started)
@@ -338,6 +353,17 @@ class Workers:
             await self._fail(
                 job, f"file vanished before its upload finished: {exc.message}", "file_vanished"
             )
+
+    def _service_trouble(self, exc: InboxdError) -> None:
+        """The service did not answer (or asked us to slow down): hold every worker back."""
+        self._outage_failures += 1
+        s = self.settings
+        ceiling = min(s.outage_cap, s.backoff_base * 2 ** min(self._outage_failures - 1, 30))
+        delay = max(random.uniform(ceiling / 2, ceiling), getattr(exc, "retry_after", 0) or 0)
+        until = time.monotonic() + delay
+        if until > self._outage_until:
+            self._outage_until = until
+            _log.warning("service.unreachable", hold_seconds=round(delay, 2), error=str(exc))
 
     async def _fail(self, job: Job, error: str, kind: str) -> None:
         await self.queue.mark_failed(job.id, error=error, kind=kind)
