@@ -153,6 +153,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, require_token=True)
     print(f"ok    config {args.config or '(defaults and environment)'}")
+    if not settings.api.verify_tls:
+        print("warn  TLS certificate verification is OFF ([api] verify_tls = false)")
     return anyio.run(_check, settings)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -67,6 +68,7 @@ from daemon.errors import (
 CHUNK_SIZE = 1024 * 1024
 _MAX_BODY = 16 * 1024 * 1024  # a larger API answer is a server fault, not data to hold in RAM
 _USER_AGENT = f"inboxd/{__version__}"
+_BEARER = re.compile(r"Bearer\s+[^\s'\"]+")
 
 Progress = Callable[[int], None]
 Throttle = Callable[[int], Awaitable[None]]
@@ -224,7 +226,11 @@ def _ssl_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext | bool:
     if not verify:
         return False
     if ca_file is not None:
-        return ssl.create_default_context(cafile=str(ca_file))
+        # The system's trust store plus the private CA: storage URLs of a public cloud must
+        # still verify when the API itself uses a private CA.
+        ctx = ssl.create_default_context()
+        ctx.load_verify_locations(cafile=str(ca_file))
+        return ctx
     return True
 
 
@@ -247,6 +253,7 @@ class MarpleClient:
         tmo = httpx.Timeout(timeout, connect=min(timeout, 15.0))
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
         self._base = url.rstrip("/")
+        self._secret = token.get_secret_value()
         self._api = httpx.AsyncClient(
             base_url=self._base,
             headers={
@@ -316,15 +323,28 @@ class MarpleClient:
                 body = await _read_capped(resp, endpoint)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise TransportError(
-                f"{endpoint}: cannot connect to {self._base} ({_describe_httpx(exc)})",
+                f"{endpoint}: cannot connect to {self._base} ({self._scrub(_describe_httpx(exc))})",
                 maybe_sent=False,
-                advice="check [api] url, the network and that the server is up",
+                advice="check [api] url (and [api] ca_file for a private CA), the network and "
+                "that the server is up",
             ) from exc
         except httpx.TransportError as exc:
             raise TransportError(
-                f"{endpoint}: no complete answer from the server ({_describe_httpx(exc)})"
+                f"{endpoint}: no complete answer from the server "
+                f"({self._scrub(_describe_httpx(exc))})"
             ) from exc
-        return _decode(resp, body, endpoint)
+        return _decode(resp, self._scrub_bytes(body), endpoint)
+
+    def _scrub(self, text: str) -> str:
+        """Remove the token from text that came from elsewhere (httpx, a server's answer)."""
+        text = _BEARER.sub("Bearer <redacted>", text)
+        return text.replace(self._secret, "<redacted>") if self._secret else text
+
+    def _scrub_bytes(self, body: bytes) -> bytes:
+        secret = self._secret.encode()
+        if secret and secret in body:
+            body = body.replace(secret, b"<redacted>")
+        return body
 
     # ---- endpoints ----------------------------------------------------------------------
 

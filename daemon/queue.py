@@ -400,16 +400,20 @@ _BUSY_TIMEOUT_MS: Final = 10_000
 _NOT_A_DATABASE: Final = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
 
 
-def _make_private_dirs(directory: Path) -> None:
-    # Path.mkdir(parents=True) gives the intermediate directories the default mode; create each
-    # missing level ourselves so every directory we make is 0700.
+def make_private_dirs(directory: Path, mode: int = 0o700) -> None:
+    """Create ``directory`` and its missing parents, every level with ``mode``.
+
+    Path.mkdir(parents=True) gives the intermediate directories the default mode; create each
+    missing level ourselves so every directory we make is private.
+    """
     missing: list[Path] = []
     current = directory
     while not current.exists():
         missing.append(current)
         current = current.parent
     for level in reversed(missing):
-        level.mkdir(mode=0o700, exist_ok=True)
+        level.mkdir(mode=mode, exist_ok=True)
+        level.chmod(mode)  # mkdir's mode is masked by the umask
 
 
 def _create_private_file(path: Path) -> None:
@@ -474,7 +478,7 @@ class Queue:
             target: str = path.resolve().as_uri() + "?mode=ro"
         else:
             try:
-                _make_private_dirs(path.parent)
+                make_private_dirs(path.parent)
                 _create_private_file(path)
             except OSError as exc:
                 raise QueueError(

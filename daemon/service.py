@@ -29,7 +29,7 @@ from daemon.errors import ConfigError, InboxdError, StateError
 from daemon.metrics import Metrics, MetricsServer
 from daemon.notify import Notifier, watchdog_interval
 from daemon.poller import Poller
-from daemon.queue import FileIdentity, NewJob, Queue, QueueError
+from daemon.queue import FileIdentity, NewJob, Queue, QueueError, make_private_dirs
 from daemon.retention import Retention, disk_free
 from daemon.retry import RetryPolicy
 from daemon.routing import SIDECAR_SUFFIX, Route, route
@@ -116,6 +116,12 @@ class Service:
         for job in recovered:
             _log.info("job.recovered", job_id=job.id, path=job.identity.rel, stage=job.stage.value)
         await queue.clear_all_settling()
+        if not s.api.verify_tls:
+            _log.warning(
+                "tls.verification_off",
+                reason="[api] verify_tls = false: server certificates (API and storage) are "
+                "not checked; anyone on the network path can read the token",
+            )
         async with MarpleClient.from_settings(s.api) as client:
             self.streams = StreamDirectory(client)
             r = s.retry
@@ -142,6 +148,7 @@ class Service:
                     backoff_base=max(r.base_seconds, 1.0),
                     backoff_cap=r.job_backoff_cap_seconds,
                     outage_cap=r.cap_seconds,
+                    follow_symlinks=s.inbox.follow_symlinks,
                     plugin_args=s.upload.plugin_args,
                 ),
                 pause=self.pause,
@@ -432,7 +439,7 @@ def _chunk_size(rate: float) -> int:
 
 def _lock_state(db: Path) -> int:
     """Hold an exclusive lock next to the database: two daemons on one queue would race."""
-    db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(db.parent)
     path = db.with_name(db.name + ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import structlog
 
 from daemon.bandwidth import UploadWindows
@@ -57,6 +58,8 @@ class WorkerSettings:
     backoff_cap: float
     #: longest hold of all workers while the service is unreachable ([retry] cap_seconds)
     outage_cap: float = 60.0
+    #: [inbox] follow_symlinks: a job's path may be a symlink to a file inside the inbox
+    follow_symlinks: bool = False
     plugin_args: str | None = None
 
 
@@ -258,7 +261,16 @@ class Workers:
             await self._backoff(job, str(exc), exc.kind)
             return
         ident = job.identity
-        ref = FileRef(self.inbox / ident.rel, ident.size, ident.mtime_ns, ident.inode)
+        path = self.inbox / ident.rel
+        if self.settings.follow_symlinks and path.is_symlink():
+            # Upload the target, and only while it still lies inside the inbox: the link may
+            # have been pointed elsewhere since the watcher checked it.
+            real = await anyio.to_thread.run_sync(_target_inside, path, self.inbox)
+            if real is None:
+                await self._fail(job, f"{ident.rel}: the symlink points outside the inbox", "file")
+                return
+            path = real
+        ref = FileRef(path, ident.size, ident.mtime_ns, ident.inode)
         resume = Resume(
             stage=job.stage.value if job.stage.value != "completed" else "completing",
             ingestion_id=job.ingestion_id,
@@ -381,6 +393,12 @@ class Workers:
         delay = random.uniform(ceiling / 2, ceiling)
         _log.info("job.backoff", job_id=job.id, delay=round(delay, 2), error=error)
         await self.queue.retry_later(job.id, error=error, kind=kind, delay=delay)
+
+
+def _target_inside(link: Path, inbox: Path) -> Path | None:
+    """Where ``link`` points, if that is inside ``inbox``; None otherwise."""
+    real = Path(os.path.realpath(link))
+    return real if real.is_relative_to(os.path.realpath(inbox)) else None
 
 
 class _ProgressSaver:
