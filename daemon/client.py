@@ -33,6 +33,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -67,6 +68,7 @@ from daemon.errors import (
 CHUNK_SIZE = 1024 * 1024
 _MAX_BODY = 16 * 1024 * 1024  # a larger API answer is a server fault, not data to hold in RAM
 _USER_AGENT = f"inboxd/{__version__}"
+_BEARER = re.compile(r"Bearer\s+[^\s'\"]+")
 
 Progress = Callable[[int], None]
 Throttle = Callable[[int], Awaitable[None]]
@@ -257,7 +259,11 @@ def tls_verify(verify: bool, ca_file: Path | None) -> ssl.SSLContext | bool:
     if not verify:
         return False
     if ca_file is not None:
-        return ssl.create_default_context(cafile=str(ca_file))
+        # The system's trust store plus the private CA: storage URLs of a public cloud must
+        # still verify when the API itself uses a private CA.
+        ctx = ssl.create_default_context()
+        ctx.load_verify_locations(cafile=str(ca_file))
+        return ctx
     return True
 
 
@@ -280,6 +286,7 @@ class MarpleClient:
         tmo = httpx.Timeout(timeout, connect=min(timeout, 15.0))
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
         self._base = url.rstrip("/")
+        self._secret = token.get_secret_value()
         self._api = httpx.AsyncClient(
             base_url=self._base,
             headers={
@@ -345,7 +352,13 @@ class MarpleClient:
         elif content is not None:
             kwargs["content"] = content
         return await send_request(
-            self._api, method, path, endpoint=endpoint, server=self._base, **kwargs
+            self._api,
+            method,
+            path,
+            endpoint=endpoint,
+            server=self._base,
+            secret=self._secret,
+            **kwargs,
         )
 
     # ---- endpoints ----------------------------------------------------------------------
@@ -547,29 +560,41 @@ async def send_request(
     *,
     endpoint: str,
     server: str,
-    advice: str = "check [api] url, the network and that the server is up",
+    advice: str = "check [api] url (and [api] ca_file for a private CA), the network and "
+    "that the server is up",
+    secret: str = "",
     **kwargs: Any,
 ) -> Any:
     """One API request over ``http``: the decoded JSON answer, or our error for what went wrong.
 
     The one place that turns httpx outcomes into ``daemon.errors`` (connect failure → not sent,
     a lost answer → maybe sent, statuses → ``ApiError`` subclasses, capped bodies), shared by
-    every API client. ``server`` and ``advice`` only word the connect-failure message.
+    every API client. ``server`` and ``advice`` only word the connect-failure message; text
+    that comes from elsewhere (httpx, the server's error body) is scrubbed of ``secret``.
     """
     try:
         async with http.stream(method, url, **kwargs) as resp:
             body = await _read_capped(resp, endpoint)
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise TransportError(
-            f"{endpoint}: cannot connect to {server} ({_describe_httpx(exc)})",
+            f"{endpoint}: cannot connect to {server} ({_scrub(_describe_httpx(exc), secret)})",
             maybe_sent=False,
             advice=advice,
         ) from exc
     except httpx.TransportError as exc:
         raise TransportError(
-            f"{endpoint}: no complete answer from the server ({_describe_httpx(exc)})"
+            f"{endpoint}: no complete answer from the server "
+            f"({_scrub(_describe_httpx(exc), secret)})"
         ) from exc
+    if secret and secret.encode() in body:
+        body = body.replace(secret.encode(), b"<redacted>")
     return _decode(resp, body, endpoint)
+
+
+def _scrub(text: str, secret: str) -> str:
+    """Remove a bearer token (and ``secret`` itself) from text that came from elsewhere."""
+    text = _BEARER.sub("Bearer <redacted>", text)
+    return text.replace(secret, "<redacted>") if secret else text
 
 
 async def _read_capped(resp: httpx.Response, what: str, *, storage: bool = False) -> bytes:

@@ -28,6 +28,7 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from daemon.errors import ConfigError
@@ -69,7 +70,7 @@ class ApiSettings(_Section):
         Raises ConfigError naming every place looked at when none has one.
         """
         if self.token is not None and self.token.get_secret_value().strip():
-            return SecretStr(self.token.get_secret_value().strip())
+            return _checked_token(self.token.get_secret_value().strip(), "api.token")
         if self.token_file is not None:
             return _read_token_file(self.token_file, "api.token_file")
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -94,6 +95,18 @@ def _read_token_file(path: Path, key: str) -> SecretStr:
         ) from None
     if not text:
         raise ConfigError(f"{key} = {str(path)!r}: the file is empty — put the API token in it")
+    return _checked_token(text, f"{key} = {str(path)!r}")
+
+
+def _checked_token(text: str, where: str) -> SecretStr:
+    # A token travels in an HTTP header: a line break, a space or a non-ASCII character would
+    # make the request invalid, and some HTTP libraries quote the bad header (token included)
+    # in their error message. Refuse it here, without showing it.
+    if not text.isascii() or not text.isprintable() or any(c.isspace() for c in text):
+        raise ConfigError(
+            f"{where}: the token contains spaces, line breaks or non-ASCII characters — "
+            "the token must be a single word; keep nothing else in that place"
+        )
     return SecretStr(text)
 
 
@@ -388,6 +401,11 @@ def load_settings(
         settings = Settings(**dict(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:
+        # e.g. INBOXD_API='not json': an environment variable for a whole section must be JSON
+        raise ConfigError(
+            f"environment: {exc} — set single keys instead, e.g. INBOXD_API__URL=..."
+        ) from None
     finally:
         _toml_data.reset(token)
     problems = _cross_checks(settings)
@@ -409,7 +427,9 @@ def _describe(exc: ValidationError) -> list[str]:
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
         value = err.get("input")
-        shown = "<hidden>" if "token" in key or "secret" in key else repr(value)
+        # Secrets may hide in a whole section given the wrong shape ([[api]] instead of [api]).
+        secret = any(word in key for word in ("token", "secret")) or isinstance(value, dict | list)
+        shown = "<hidden>" if secret else repr(value)
         if err["type"] == "extra_forbidden":
             lines.append(
                 f"{key}: unknown key — remove it or check its spelling in config.example.toml"

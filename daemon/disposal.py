@@ -15,7 +15,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from daemon.queue import Job, Queue
+from daemon.queue import Job, Queue, make_private_dirs
 
 _log = structlog.get_logger(__name__)
 
@@ -59,6 +59,11 @@ class Disposal:
         ident = job.identity
         src = self.inbox / ident.rel
         log = _log.bind(job_id=job.id, path=ident.rel)
+        if not _inside(self.inbox, src):
+            # A folder on the way was replaced by a symlink since the upload: whatever the
+            # path names now is not the file we uploaded, and may be outside the inbox.
+            log.warning("after_upload.outside", reason="a folder in its path is now a symlink")
+            return "changed"
         try:
             st = os.lstat(src)
         except FileNotFoundError:
@@ -76,7 +81,7 @@ class Disposal:
                 return "deleted"
             assert self.archive is not None
             dst = self.archive / ident.rel
-            dst.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            make_private_dirs(dst.parent, 0o750)
             if dst.exists():
                 dst = dst.with_name(f"{dst.name}.{job.id}")
             os.replace(src, dst) if _same_fs(src, dst.parent) else _copy_then_unlink(src, dst)
@@ -85,6 +90,13 @@ class Disposal:
         except OSError as exc:
             log.error("after_upload.error", error=f"{type(exc).__name__}: {exc.strerror}")
             return f"error: {exc.strerror}"
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """``path`` lies in ``root`` with no symlink among its folders (the file itself may be)."""
+    real_root = os.path.realpath(root)
+    real_parent = os.path.realpath(path.parent)
+    return real_parent == real_root or real_parent.startswith(real_root + os.sep)
 
 
 def _same_fs(a: Path, b: Path) -> bool:

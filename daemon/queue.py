@@ -417,16 +417,20 @@ _BUSY_TIMEOUT_MS: Final = 10_000
 _NOT_A_DATABASE: Final = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
 
 
-def _make_private_dirs(directory: Path) -> None:
-    # Path.mkdir(parents=True) gives the intermediate directories the default mode; create each
-    # missing level ourselves so every directory we make is 0700.
+def make_private_dirs(directory: Path, mode: int = 0o700) -> None:
+    """Create ``directory`` and its missing parents, every level with ``mode``.
+
+    Path.mkdir(parents=True) gives the intermediate directories the default mode; create each
+    missing level ourselves so every directory we make is private.
+    """
     missing: list[Path] = []
     current = directory
     while not current.exists():
         missing.append(current)
         current = current.parent
     for level in reversed(missing):
-        level.mkdir(mode=0o700, exist_ok=True)
+        level.mkdir(mode=mode, exist_ok=True)
+        level.chmod(mode)  # mkdir's mode is masked by the umask
 
 
 def _create_private_file(path: Path) -> None:
@@ -491,7 +495,7 @@ class Queue:
             target: str = path.resolve().as_uri() + "?mode=ro"
         else:
             try:
-                _make_private_dirs(path.parent)
+                make_private_dirs(path.parent)
                 _create_private_file(path)
             except OSError as exc:
                 raise QueueError(
@@ -1179,6 +1183,24 @@ class Queue:
     async def clear_settling(self, rel: str) -> None:
         """The watcher stopped waiting on ``rel`` (enqueued or gone)."""
         await self._execute("DELETE FROM settling WHERE rel = ?", (os.fsencode(rel),))
+
+    async def apply_settling(self, changes: Mapping[str, tuple[int, float] | None]) -> None:
+        """Many ``set_settling``/``clear_settling`` in one transaction: rel → (size, since),
+        or None to clear. A burst of thousands of files is one write, not thousands."""
+        if not changes:
+            return
+        upserts = [(os.fsencode(r), v[0], v[1]) for r, v in changes.items() if v is not None]
+        deletes = [(os.fsencode(r),) for r, v in changes.items() if v is None]
+        async with self._write() as db:
+            if upserts:
+                await db.executemany(
+                    "INSERT INTO settling (rel, size, since) VALUES (?, ?, ?)"
+                    " ON CONFLICT (rel) DO UPDATE SET size = excluded.size,"
+                    " since = excluded.since",
+                    upserts,
+                )
+            if deletes:
+                await db.executemany("DELETE FROM settling WHERE rel = ?", deletes)
 
     async def clear_all_settling(self) -> None:
         """Forget all settling files (at start-up: a previous run's entries are stale)."""

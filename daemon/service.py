@@ -29,10 +29,11 @@ from daemon.errors import ConfigError, InboxdError, StateError
 from daemon.metrics import Metrics, MetricsServer
 from daemon.notify import Notifier, watchdog_interval
 from daemon.poller import Poller
-from daemon.queue import FileIdentity, NewJob, Queue, QueueError
+from daemon.queue import FileIdentity, NewJob, Queue, QueueError, make_private_dirs
 from daemon.retention import Retention, disk_free
 from daemon.retry import RetryPolicy
-from daemon.routing import SIDECAR_SUFFIX, route
+from daemon.routing import SIDECAR_SUFFIX, Route, route
+from daemon.status import HEARTBEAT_SECONDS
 from daemon.targets import Target
 from daemon.targets.factory import open_target
 from daemon.upload import UploadOptions
@@ -40,7 +41,6 @@ from daemon.watcher import DEFAULT_EXCLUDES, Watcher, WatchRules
 from daemon.workers import Pause, Workers, WorkerSettings
 
 _log = structlog.get_logger(__name__)
-HEARTBEAT_SECONDS = 2.0
 _PROBE_SECONDS = 30.0
 
 
@@ -75,6 +75,7 @@ class Service:
         self._disk_low = False
         self.target: Target | None = None
         self._stop = anyio.Event()
+        self._settling: dict[str, tuple[int, float] | None] = {}
         self.notifier = Notifier()
         self._ready = False
 
@@ -116,6 +117,12 @@ class Service:
         for job in recovered:
             _log.info("job.recovered", job_id=job.id, path=job.identity.rel, stage=job.stage.value)
         await queue.clear_all_settling()
+        if not s.api.verify_tls:
+            _log.warning(
+                "tls.verification_off",
+                reason="[api] verify_tls = false: server certificates (API and storage) are "
+                "not checked; anyone on the network path can read the token",
+            )
         r = s.retry
         policy = RetryPolicy.from_settings(r)
         rate = parse_rate(s.bandwidth.limit)
@@ -140,6 +147,8 @@ class Service:
                     attempts=policy.attempts,
                     backoff_base=max(r.base_seconds, 1.0),
                     backoff_cap=r.job_backoff_cap_seconds,
+                    outage_cap=r.cap_seconds,
+                    follow_symlinks=s.inbox.follow_symlinks,
                 ),
                 pause=self.pause,
                 owner=owner,
@@ -190,6 +199,7 @@ class Service:
                     await tg.start(self.retention.run, ret.interval_seconds)
                 tg.start_soon(self._probe_when_paused, target)
                 tg.start_soon(self._housekeeping)
+                tg.start_soon(self._flush_settling)
                 watcher_scope = anyio.CancelScope()
                 await tg.start(self._watch, watcher_scope)
                 _log.info(
@@ -245,17 +255,17 @@ class Service:
 
     async def _on_ready(self, files: list[FileIdentity]) -> None:
         assert self.queue is not None and self.workers is not None
+        # One thread hop for the whole batch: routing may read sidecar files.
+        routes = await anyio.to_thread.run_sync(self._route_all, files)
         items = []
-        for ident in files:
-            r = await anyio.to_thread.run_sync(route, ident.rel, self.inbox, self.settings)
+        for ident, r in zip(files, routes, strict=True):
             if r.warning:
                 _log.warning("route.sidecar", path=ident.rel, problem=r.warning)
             stream_id = await self._stream_id(r.stream, ident.rel)
             kind = self.settings.api.kind
             items.append(NewJob(ident, stream_id, r.dataset_name, r.metadata, kind))
         new = await self.queue.enqueue_many(items)
-        for ident in files:
-            await self.queue.clear_settling(ident.rel)
+        # The watcher follows each report with on_settling(rel, None): no clearing here.
         if new:
             _log.info("watcher.enqueued", files=len(new))
             self.workers.wake()
@@ -276,12 +286,21 @@ class Service:
     async def _on_skip(self, rel: str, reason: str) -> None:
         _log.warning("watcher.skip", path=rel, reason=reason)
 
+    def _route_all(self, files: list[FileIdentity]) -> list[Route]:
+        return [route(ident.rel, self.inbox, self.settings) for ident in files]
+
     async def _on_settling(self, rel: str, size: int | None) -> None:
+        # Buffered: status may show a settling file a fraction of a second late, but a burst
+        # of files costs one database write instead of two per file.
+        self._settling[rel] = None if size is None else (size, time.time())
+
+    async def _flush_settling(self) -> None:
         assert self.queue is not None
-        if size is None:
-            await self.queue.clear_settling(rel)
-        else:
-            await self.queue.set_settling(rel, size, time.time())
+        while True:
+            await anyio.sleep(0.25)
+            if self._settling:
+                changes, self._settling = self._settling, {}
+                await self.queue.apply_settling(changes)
 
     async def _heartbeat(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Liveness for ``status`` (a row in the database) and for systemd (WATCHDOG=1).
@@ -423,7 +442,7 @@ def _chunk_size(rate: float) -> int:
 
 def _lock_state(db: Path) -> int:
     """Hold an exclusive lock next to the database: two daemons on one queue would race."""
-    db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(db.parent)
     path = db.with_name(db.name + ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.queue import Job, JobState, Queue
-from daemon.service import HEARTBEAT_SECONDS
+
+#: how often the daemon writes its heartbeat (status calls it dead after a few missed ones)
+HEARTBEAT_SECONDS = 2.0
 
 #: public job states of ``status --json``
 STATES = ("settling", "queued", "uploading", "importing", "done", "failed")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import structlog
 
 from daemon.bandwidth import UploadWindows
@@ -29,6 +30,8 @@ from daemon.errors import (
     FileProblem,
     InboxdError,
     NotFoundError,
+    RateLimitedError,
+    TransportError,
     UploadFailed,
 )
 from daemon.metrics import Metrics
@@ -52,6 +55,10 @@ class WorkerSettings:
     attempts: int
     backoff_base: float
     backoff_cap: float
+    #: longest hold of all workers while the service is unreachable ([retry] cap_seconds)
+    outage_cap: float = 60.0
+    #: [inbox] follow_symlinks: a job's path may be a symlink to a file inside the inbox
+    follow_symlinks: bool = False
 
 
 class Pause:
@@ -138,6 +145,10 @@ class Workers:
         self.pause = pause or Pause()
         self.owner = owner or f"inboxd-{os.getpid()}"
         self.stopping = anyio.Event()
+        # A circuit breaker: while the service is unreachable, no worker claims the next job
+        # just to fail it too (an outage must not churn through the whole queue).
+        self._outage_until = 0.0
+        self._outage_failures = 0
         self._wake = anyio.Event()
         self.active: dict[int, Job] = {}
         self._sent: dict[int, _ProgressSaver] = {}
@@ -183,6 +194,10 @@ class Workers:
             if self.windows is not None and not self.windows.always_open:
                 await self.windows.wait_open(on_wait=self._window_closed)
                 self._window_open()
+            wait = self._outage_until - time.monotonic()
+            if wait > 0:
+                await anyio.sleep(min(wait, _IDLE_POLL * 5))
+                continue
             job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS)
             if job is None:
                 await self._idle()
@@ -230,7 +245,16 @@ class Workers:
 
     async def _upload(self, job: Job, sent: _ProgressSaver) -> None:
         ident = job.identity
-        ref = FileRef(self.inbox / ident.rel, ident.size, ident.mtime_ns, ident.inode)
+        path = self.inbox / ident.rel
+        if self.settings.follow_symlinks and path.is_symlink():
+            # Upload the target, and only while it still lies inside the inbox: the link may
+            # have been pointed elsewhere since the watcher checked it.
+            real = await anyio.to_thread.run_sync(_target_inside, path, self.inbox)
+            if real is None:
+                await self._fail(job, f"{ident.rel}: the symlink points outside the inbox", "file")
+                return
+            path = real
+        ref = FileRef(path, ident.size, ident.mtime_ns, ident.inode)
         resume = Resume(
             stage=job.stage.value if job.stage.value != "completed" else "completing",
             ingestion_id=job.ingestion_id,
@@ -285,6 +309,8 @@ class Workers:
         except InboxdError as exc:
             if exc.retryable:
                 await sent.flush()
+                if isinstance(exc, TransportError | RateLimitedError):
+                    self._service_trouble(exc)
                 await self._backoff(job, str(exc), exc.kind)
             else:
                 await self._fail(job, str(exc), exc.kind)
@@ -296,6 +322,7 @@ class Workers:
                 dataset_name=result.dataset_name,
                 target_refs=result.refs,
             )
+            self._outage_failures = 0
             await self.queue.mark_uploaded(job.id)
             if not result.needs_poll:
                 # Nothing to wait for on the server's side: delivered is done.
@@ -334,6 +361,17 @@ class Workers:
                 job, f"file vanished before its upload finished: {exc.message}", "file_vanished"
             )
 
+    def _service_trouble(self, exc: InboxdError) -> None:
+        """The service did not answer (or asked us to slow down): hold every worker back."""
+        self._outage_failures += 1
+        s = self.settings
+        ceiling = min(s.outage_cap, s.backoff_base * 2 ** min(self._outage_failures - 1, 30))
+        delay = max(random.uniform(ceiling / 2, ceiling), getattr(exc, "retry_after", 0) or 0)
+        until = time.monotonic() + delay
+        if until > self._outage_until:
+            self._outage_until = until
+            _log.warning("service.unreachable", hold_seconds=round(delay, 2), error=str(exc))
+
     async def _fail(self, job: Job, error: str, kind: str) -> None:
         await self.queue.mark_failed(job.id, error=error, kind=kind)
         if self.metrics is not None:
@@ -350,6 +388,12 @@ class Workers:
         delay = random.uniform(ceiling / 2, ceiling)
         _log.info("job.backoff", job_id=job.id, delay=round(delay, 2), error=error)
         await self.queue.retry_later(job.id, error=error, kind=kind, delay=delay)
+
+
+def _target_inside(link: Path, inbox: Path) -> Path | None:
+    """Where ``link`` points, if that is inside ``inbox``; None otherwise."""
+    real = Path(os.path.realpath(link))
+    return real if real.is_relative_to(os.path.realpath(inbox)) else None
 
 
 class _ProgressSaver:

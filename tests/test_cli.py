@@ -210,7 +210,7 @@ def test_version_and_help() -> None:
 def test_progress_bar_shows_bytes_rate_and_eta() -> None:
     import io
 
-    from daemon.cli import _ProgressBar
+    from daemon.push import ProgressBar as _ProgressBar
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:

@@ -108,7 +108,7 @@ class Sandbox:
         self.datasets: dict[int, Dataset] = {}
         self.ingestions: dict[int, Ingestion] = {}
         self.requests: list[RequestRecord] = []
-        self.origin = f"http://{config.host}:{config.port}"
+        self.origin = f"{config.scheme}://{config.host}:{config.port}"
         self.url = self.origin + API_PREFIX
         self._streams: dict[int, StreamDef] = {s.id: s for s in config.streams}
         self._signer = UrlSigner()
@@ -173,7 +173,7 @@ class Sandbox:
             host = "::1"
         if ":" in host:
             host = f"[{host}]"
-        self.origin = f"http://{host}:{port}"
+        self.origin = f"{self.config.scheme}://{host}:{port}"
         self.url = self.origin + API_PREFIX
 
     def dataset_path(self, dataset_id: int) -> Path:

@@ -93,9 +93,23 @@ class SandboxConfig:
     azure_account_key: str = AZURITE_DEV_KEY
     azure_container: str = "inboxd-sandbox"
     discard_url: str | None = None
+    #: Serve over HTTPS with this certificate chain (PEM); the key may be in the same file.
+    tls_certfile: Path | None = None
+    #: The private key of `tls_certfile` (PEM), when it is not in that file.
+    tls_keyfile: Path | None = None
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when a TLS certificate is configured, else ``http``."""
+        return "https" if self.tls_certfile is not None else "http"
 
     def validate(self) -> None:
         """Raise ValueError when the settings cannot work together."""
+        if self.tls_keyfile is not None and self.tls_certfile is None:
+            raise ValueError("tls_keyfile needs tls_certfile (the certificate it belongs to)")
+        for name, pem in (("tls_certfile", self.tls_certfile), ("tls_keyfile", self.tls_keyfile)):
+            if pem is not None and not Path(pem).is_file():
+                raise ValueError(f"{name} {str(pem)!r}: no such file")
         if self.storage not in STORAGES:
             raise ValueError(f"storage must be one of {', '.join(STORAGES)}, not {self.storage!r}")
         if self.storage == "s3" and not self.s3_endpoint:
@@ -180,6 +194,14 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     add("--azure-account-key", default=d.azure_account_key, help="Azure account key")
     add("--azure-container", default=d.azure_container, help="Azure container")
     add("--discard-url", default=None, help="sink URL for --storage discard")
+    add(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="serve over HTTPS with this certificate chain (the key may be in the same file)",
+    )
+    add("--tls-key", type=Path, default=None, metavar="PEM", help="private key of --tls-cert")
 
 
 def config_from_args(ns: argparse.Namespace) -> SandboxConfig:
@@ -227,6 +249,8 @@ def config_from_args(ns: argparse.Namespace) -> SandboxConfig:
         azure_account_key=ns.azure_account_key,
         azure_container=ns.azure_container,
         discard_url=ns.discard_url,
+        tls_certfile=ns.tls_cert,
+        tls_keyfile=ns.tls_key,
     )
     config.validate()
     return config

@@ -51,8 +51,12 @@ class _Server(uvicorn.Server):
 
 
 def _uvicorn_config(sandbox: Sandbox, *, quiet: bool) -> uvicorn.Config:
+    tls_cert, tls_key = sandbox.config.tls_certfile, sandbox.config.tls_keyfile
     return uvicorn.Config(
         sandbox,
+        # HTTPS when a certificate is configured (the URLs handed out are then https:// too).
+        ssl_certfile=str(tls_cert) if tls_cert is not None else None,
+        ssl_keyfile=str(tls_key) if tls_key is not None else None,
         lifespan="off",
         ws="none",
         # In tests the host application owns logging; uvicorn must not reconfigure it.
@@ -93,8 +97,14 @@ def running_sandbox(config: SandboxConfig) -> Iterator[Sandbox]:
 def ready_message(sb: Sandbox) -> str:
     """A config snippet, ready to paste, pointing inboxd at this sandbox."""
     stream = sb.config.streams[0].id if sb.config.streams else 1
+    tls = (
+        "# served over HTTPS: set ca_file to the CA that signed --tls-cert\n"
+        if sb.config.tls_certfile is not None
+        else ""
+    )
     return (
         f"# inboxd sandbox at {sb.url}; data in {sb.config.data_dir}\n"
+        f"{tls}"
         "[api]\n"
         f'url = "{sb.url}"\n'
         f'token = "{sb.config.token}"\n'

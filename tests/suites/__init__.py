@@ -1,0 +1,1 @@
+"""Reliability suites of issue #5: crash, network faults and outage (plus the fault proxy)."""
