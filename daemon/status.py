@@ -163,13 +163,24 @@ def render(snap: Snapshot) -> str:
         when = max(0.0, (job["next_attempt_at"] or snap.taken_at) - snap.taken_at)
         lines.append(f"  ↻ {job['path']}  retry in {_duration(when)}: {job['error']}")
     for job in groups.get("done", [])[:5]:
-        lines.append(f"  ✓ {job['path']}  dataset {job['dataset_id']} ({job['import_status']})")
+        lines.append(f"  ✓ {job['path']}  {_where(job)} ({job['import_status']})")
     failed = groups.get("failed", [])
     if failed:
         lines.append("recent failures:")
         for job in failed[:10]:
             lines.append(f"  ✗ {job['path']}  {job['error']}")
     return "\n".join(lines)
+
+
+def _where(job: dict[str, Any]) -> str:
+    """Where a delivered file went, in the target's own terms."""
+    refs = job.get("target_refs") or {}
+    if job.get("target") == "marple":
+        link = f", {refs['share_link']}" if refs.get("share_link") else ""
+        return f"source {job['dataset_id']}{link}"
+    if job.get("target") == "data-service" and refs.get("data_source"):
+        return f"data source {refs['data_source']}"
+    return f"dataset {job['dataset_id']}"
 
 
 def to_json(snap: Snapshot) -> str:
