@@ -31,6 +31,7 @@ token can never reach a storage URL, and signed URLs never appear in our message
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import os
 import re
@@ -44,6 +45,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
+import certifi
 import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError
 
@@ -65,7 +67,10 @@ from daemon.errors import (
     UrlExpiredError,
 )
 
-CHUNK_SIZE = 1024 * 1024
+# 2 MiB: larger chunks cost fewer event-loop turns per byte; memory stays at
+# part_concurrency x chunk (8 MiB by default) whatever the file or part size.
+CHUNK_SIZE = 2 * 1024 * 1024
+_SLOW_READ = 0.02  # seconds; a read slower than this moves to a thread
 _MAX_BODY = 16 * 1024 * 1024  # a larger API answer is a server fault, not data to hold in RAM
 _USER_AGENT = f"inboxd/{__version__}"
 _BEARER = re.compile(r"Bearer\s+[^\s'\"]+")
@@ -157,9 +162,19 @@ class FileSlice:
         fd = await anyio.to_thread.run_sync(_open_for_read, self.path, self.inode, self.min_size)
         try:
             pos, end = self.offset, self.offset + self.length
+            # Reading in the event loop saves a thread round trip per chunk (a third of the
+            # CPU per byte): right for page-cached and local files. A read that is slow (a
+            # cold disk, a network filesystem) switches this slice to a worker thread so the
+            # loop never stalls on it again.
+            in_loop = True
             while pos < end:
                 want = min(chunk_size, end - pos)
-                data = await anyio.to_thread.run_sync(os.pread, fd, want, pos)
+                if in_loop:
+                    started = time.perf_counter()
+                    data = os.pread(fd, want, pos)
+                    in_loop = time.perf_counter() - started < _SLOW_READ
+                else:
+                    data = await anyio.to_thread.run_sync(os.pread, fd, want, pos)
                 if not data:
                     raise FileChangedError(
                         f"{self.path.name}: file ended at byte {pos}, expected {end} bytes — "
@@ -261,10 +276,16 @@ def tls_verify(verify: bool, ca_file: Path | None) -> ssl.SSLContext | bool:
     if ca_file is not None:
         # The system's trust store plus the private CA: storage URLs of a public cloud must
         # still verify when the API itself uses a private CA.
-        ctx = ssl.create_default_context()
+        ctx = ssl.create_default_context(cafile=certifi.where())
         ctx.load_verify_locations(cafile=str(ca_file))
         return ctx
-    return True
+    return _default_ssl()
+
+
+@functools.cache
+def _default_ssl() -> ssl.SSLContext:
+    """The CA bundle loaded once per process (httpx would load it per client: ~20 ms each)."""
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 class MarpleClient:

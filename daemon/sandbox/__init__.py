@@ -13,7 +13,9 @@ Layout: `config` (settings and CLI options), `models` (datasets, ingestions, req
 
 from __future__ import annotations
 
-from daemon.sandbox.app import Sandbox
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from daemon.sandbox.config import (
     Faults,
     SandboxConfig,
@@ -22,8 +24,30 @@ from daemon.sandbox.config import (
     build_parser_args_into_config,
     config_from_args,
 )
-from daemon.sandbox.models import Dataset, Ingestion, RequestRecord
-from daemon.sandbox.server import ready_message, running_sandbox, serve_forever
+
+if TYPE_CHECKING:
+    from daemon.sandbox.app import Sandbox
+    from daemon.sandbox.models import Dataset, Ingestion, RequestRecord
+    from daemon.sandbox.server import ready_message, running_sandbox, serve_forever
+
+# The server side (starlette, uvicorn) loads on first use: the CLI builds its `sandbox`
+# options from the config module on every start, and `inboxd push` should not pay for it.
+_LAZY = {
+    "Sandbox": "daemon.sandbox.app",
+    "Dataset": "daemon.sandbox.models",
+    "Ingestion": "daemon.sandbox.models",
+    "RequestRecord": "daemon.sandbox.models",
+    "ready_message": "daemon.sandbox.server",
+    "running_sandbox": "daemon.sandbox.server",
+    "serve_forever": "daemon.sandbox.server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'daemon.sandbox' has no attribute {name!r}")
+
 
 __all__ = [
     "Dataset",
