@@ -294,7 +294,9 @@ class _Flow:
             reason = f"upload failed: {exc.message}"
             await self._abort(reason)
             raise UploadFailed(reason, cause_kind=exc.kind) from exc
-        await self._save(stage="completed")
+        # No journal entry for "completed": the caller records the outcome next, and a crash
+        # before that resumes at "completing", which finds the upload done on the server.
+        self.state.stage = "completed"
         assert self.state.ingestion_id is not None and self.state.dataset_id is not None
         return UploadResult(
             dataset_id=self.state.dataset_id,

@@ -94,9 +94,12 @@ class Pause:
 class _Journal:
     """The upload flow's journal, written to the queue before/after each side effect."""
 
-    def __init__(self, queue: Queue, job_id: int) -> None:
+    def __init__(self, queue: Queue, job_id: int, *, parts_possible: bool) -> None:
         self._queue = queue
         self._job_id = job_id
+        # Whether parts of an earlier ingestion may be recorded: only then is a reset worth
+        # a DELETE (most files are never multipart; this saves a write per journal entry).
+        self._parts_possible = parts_possible
 
     async def save(self, resume: Resume) -> None:
         named: dict[str, Any] = {}
@@ -112,10 +115,12 @@ class _Journal:
             fell_back=resume.fell_back,
             **named,
         )
-        if not resume.parts_done:
+        if not resume.parts_done and self._parts_possible:
             await self._queue.clear_parts(self._job_id)
+            self._parts_possible = False
 
     async def part_done(self, part_number: int) -> None:
+        self._parts_possible = True
         await self._queue.mark_part_done(self._job_id, part_number)
 
 
@@ -269,7 +274,7 @@ class Workers:
             job=job,
             file=ref,
             resume=resume,
-            journal=_Journal(self.queue, job.id),
+            journal=_Journal(self.queue, job.id, parts_possible=job.ingestion_id is not None),
             progress=sent.add,
             predecessor_keys=await self._predecessors(job),
             previous_refs=await self.queue.previous_refs(ident.rel, job.target),
