@@ -45,7 +45,6 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
-import certifi
 import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError
 
@@ -273,19 +272,20 @@ def tls_verify(verify: bool, ca_file: Path | None) -> ssl.SSLContext | bool:
     """httpx's ``verify`` for ``[api] verify_tls`` and ``ca_file``."""
     if not verify:
         return False
-    if ca_file is not None:
-        # The system's trust store plus the private CA: storage URLs of a public cloud must
-        # still verify when the API itself uses a private CA.
-        ctx = ssl.create_default_context(cafile=certifi.where())
-        ctx.load_verify_locations(cafile=str(ca_file))
-        return ctx
-    return _default_ssl()
+    if ca_file is None:
+        return _default_ssl(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    # The usual trust store plus the private CA: storage URLs of a public cloud must still
+    # verify when the API itself uses a private CA.
+    ctx = httpx.create_ssl_context()
+    ctx.load_verify_locations(cafile=str(ca_file))
+    return ctx
 
 
 @functools.cache
-def _default_ssl() -> ssl.SSLContext:
-    """The CA bundle loaded once per process (httpx would load it per client: ~20 ms each)."""
-    return ssl.create_default_context(cafile=certifi.where())
+def _default_ssl(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    """httpx's default trust (certifi, or SSL_CERT_FILE/SSL_CERT_DIR), loaded once per process
+    rather than once per client (~20 ms of CPU each); keyed by those variables."""
+    return httpx.create_ssl_context()
 
 
 class MarpleClient:
