@@ -138,6 +138,15 @@ class FileRef:
             )
         return cls(path, st.st_size, st.st_mtime_ns, st.st_ino)
 
+    def check_unchanged(self) -> None:
+        """Raise FileChangedError unless the path still names this very file, unmodified."""
+        now = FileRef.stat(self.path)
+        if (now.size, now.mtime_ns, now.inode) != (self.size, self.mtime_ns, self.inode):
+            raise FileChangedError(
+                f"{self.path.name}: was {self.size} bytes (inode {self.inode}), now "
+                f"{now.size} bytes (inode {now.inode}) with another modification time"
+            )
+
 
 @dataclass(frozen=True)
 class UploadRequest:
@@ -264,7 +273,7 @@ class _Flow:
                 f"{f.path.name}: {f.size} bytes is above the 256 GiB limit of Marple DB",
                 advice="split the file",
             )
-        self._check_unchanged()
+        self.req.file.check_unchanged()
         if self.state.ingestion_id is None or self.state.stage in ("new", "creating"):
             done = await self._create()
             if done is not None:
@@ -272,7 +281,7 @@ class _Flow:
         try:
             if self.state.stage == "uploading":
                 await self._upload()
-                self._check_unchanged()
+                self.req.file.check_unchanged()
             if self.state.stage in ("uploading", "completing"):
                 recovered = await self._complete()
             else:
@@ -307,18 +316,6 @@ class _Flow:
             bytes_sent=self.sent.total,
             recovered=recovered,
         )
-
-    def _check_unchanged(self) -> None:
-        f = self.req.file
-        try:
-            now = FileRef.stat(f.path)
-        except FileChangedError:
-            raise
-        if (now.size, now.mtime_ns, now.inode) != (f.size, f.mtime_ns, f.inode):
-            raise FileChangedError(
-                f"{f.path.name}: was {f.size} bytes (inode {f.inode}), now {now.size} bytes "
-                f"(inode {now.inode}) with another modification time"
-            )
 
     # ---- create -------------------------------------------------------------------------
 

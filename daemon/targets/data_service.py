@@ -77,7 +77,6 @@ from daemon.errors import (
     AuthError,
     ConfigError,
     EmptyFileError,
-    FileChangedError,
     FileProblem,
     InboxdError,
     NotFoundError,
@@ -89,7 +88,7 @@ from daemon.errors import (
 )
 from daemon.queue import Job
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
-from daemon.upload import FileRef, UploadOptions
+from daemon.upload import UploadOptions
 
 _log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -579,7 +578,7 @@ class DataServiceTarget:
                 advice="the data service cannot read an empty spreadsheet; write data into it "
                 "or remove it",
             )
-        _check_unchanged(f)
+        f.check_unchanged()
         limits = await self.limits()
         if f.size > limits.max_file_bytes:
             raise FileProblem(
@@ -648,15 +647,6 @@ class DataServiceTarget:
             else:
                 lines.append(CheckLine(True, f"data set {data_set.get('name')!r} ({link})"))
         return lines
-
-
-def _check_unchanged(f: FileRef) -> None:
-    now = FileRef.stat(f.path)
-    if (now.size, now.mtime_ns, now.inode) != (f.size, f.mtime_ns, f.inode):
-        raise FileChangedError(
-            f"{f.path.name}: was {f.size} bytes (inode {f.inode}), now {now.size} bytes "
-            f"(inode {now.inode}) with another modification time"
-        )
 
 
 class _Delivery:
@@ -815,7 +805,7 @@ class _Delivery:
                     cause_kind="forbidden",
                 ) from exc
             raise
-        _check_unchanged(self.work.file)
+        self.work.file.check_unchanged()
         self.log.info("data_source.overwritten", data_source=source.uri)
         return self._delivered(source, "overwritten")
 
@@ -866,7 +856,7 @@ class _Delivery:
                 continue
             await self._save(stage="completing", dataset_id=source.id)
             self.log.info("data_source.created", data_source=source.uri)
-            _check_unchanged(self.work.file)
+            self.work.file.check_unchanged()
             return await self._finish_new(source)
 
     async def _finish_new(self, source: DataSourceInfo) -> Delivered:

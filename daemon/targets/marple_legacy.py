@@ -62,7 +62,6 @@ from daemon.config import MarpleSettings
 from daemon.errors import (
     AuthError,
     EmptyFileError,
-    FileChangedError,
     FileProblem,
     InboxdError,
     NotFoundError,
@@ -273,7 +272,7 @@ class MarpleLegacyTarget:
                 advice="Marple cannot import an empty file; write data into it or remove it",
             )
         plan = self.plan(work.job, f)
-        _check_unchanged(f)
+        f.check_unchanged()
         return await _Delivery(self, work, plan).run()
 
     def plan(self, job: Job, file: FileRef) -> _Plan:
@@ -408,15 +407,6 @@ def _utc_seconds(name: str, value: Any) -> int:
     )
 
 
-def _check_unchanged(f: FileRef) -> None:
-    now = FileRef.stat(f.path)
-    if (now.size, now.mtime_ns, now.inode) != (f.size, f.mtime_ns, f.inode):
-        raise FileChangedError(
-            f"{f.path.name}: was {f.size} bytes (inode {f.inode}), now {now.size} bytes "
-            f"(inode {now.inode}) with another modification time"
-        )
-
-
 class _Delivery:
     """One run (or resumed run) of the steps in the module docstring."""
 
@@ -505,7 +495,7 @@ class _Delivery:
 
         # Repeating an upload overwrites the same path: safe after any failure.
         await self._step(once, "library upload")
-        _check_unchanged(f)  # changed after the last byte went out: the new version follows
+        f.check_unchanged()  # changed after the last byte went out: the new version follows
 
     async def _import(self, *, existing: int | None, ambiguous: bool) -> tuple[int, bool]:
         """Import once; returns (source id, whether an earlier lost import was found)."""
