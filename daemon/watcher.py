@@ -1,10 +1,16 @@
 """Find complete files in the inbox folder and hand them over, without ever reading them.
 
 The watcher is the daemon's eyes: it notices files appearing in the inbox (a start-up scan,
-then inotify/polling events through ``watchfiles``, plus a periodic safety-net rescan), waits
-until each one has *settled* (nobody is writing to it any more), and reports it through the
-``on_ready`` callback. It only ever calls ``lstat``/``stat``/``scandir``/``readlink``: it never
-opens a file, never touches the network or the database.
+then file events, plus a periodic safety-net rescan), waits until each one has *settled* (nobody
+is writing to it any more), and reports it through the ``on_ready`` callback. It only ever calls
+``lstat``/``stat``/``readlink`` and lists folders: it never opens a file, never touches the
+network or the database.
+
+Nothing outside the inbox is ever listed or watched: scans never enter a symlinked folder (a
+folder is opened with ``O_NOFOLLOW``), and on Linux events come from ``daemon.inotify``, which
+watches exactly the folders the scans enter (``watchfiles`` follows symlinked folders and
+cannot be told not to). Polling (``force_polling``) is done by our own scans for the same
+reason. ``watchfiles`` is only used on other platforms.
 
 Settle rule: a file is ready when a fresh ``lstat`` at its due time shows the same
 ``(size, mtime_ns, ctime_ns, inode)`` as the previous look, and the due time
@@ -29,11 +35,13 @@ import heapq
 import itertools
 import math
 import os
+import platform
 import re
 import stat
+import sys
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -44,6 +52,7 @@ import anyio.lowlevel
 import structlog
 import watchfiles
 
+from daemon import inotify
 from daemon.queue import FileIdentity
 
 __all__ = ["DEFAULT_EXCLUDES", "MAX_BATCH", "WatchRules", "Watcher"]
@@ -79,6 +88,15 @@ _EPSILON: Final = 0.002  # timer wake-ups may come a hair early; do not go back 
 _MAX_TIMER_SLEEP: Final = 1.0
 _MIN_RESCAN_GAP: Final = 0.05  # seconds; the real gap is max(this, 2 x last scan duration)
 _MAX_RESTART_DELAY: Final = 5.0
+_POLL_SECONDS: Final = 0.3  # force_polling: a full scan this often (watchfiles' own default)
+
+# Folders are listed through an fd opened with O_NOFOLLOW: a folder swapped for a symlink
+# between its parent's listing and its own is refused by the kernel instead of followed.
+_SCANDIR_FD: Final = os.scandir in os.supports_fd
+_OPEN_DIR: Final = (
+    os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+)  # the inbox itself: the configured path may go through a symlink
+_OPEN_SUBDIR: Final = _OPEN_DIR | getattr(os, "O_NOFOLLOW", 0)
 
 # Observation kinds, produced by the (thread-safe) stat/scan helpers and applied on the loop.
 _FILE: Final = 0
@@ -190,13 +208,44 @@ def _obs(kind: int, rel: str, reason: str = "") -> _Obs:
     return (kind, rel, reason, 0, 0, 0, 0)
 
 
+def _events_kind(force_polling: bool | None) -> str:
+    """Where file events come from: "inotify", "polling" (our own scans) or "watchfiles"."""
+    if force_polling is None:
+        # Unset: watchfiles' rule, so configurations written for it keep working.
+        env = os.environ.get("WATCHFILES_FORCE_POLLING")
+        if env:
+            force_polling = env.lower() not in {"false", "disable", "disabled"}
+        else:
+            uname = platform.uname()
+            # WSL's inotify does not see changes made from Windows.
+            force_polling = (
+                uname.system.lower() == "linux" and "microsoft-standard" in uname.release.lower()
+            )
+    if force_polling:
+        return "polling"
+    if sys.platform.startswith("linux") and inotify.available():
+        return "inotify"
+    return "watchfiles"
+
+
+class _Never:
+    """An event stream that never yields: when polling, rescans find every change."""
+
+    def __aiter__(self) -> _Never:
+        return self
+
+    async def __anext__(self) -> set[tuple[watchfiles.Change, str]]:
+        await anyio.sleep_forever()
+        raise StopAsyncIteration
+
+
 class _Scanner:
     """An iterative ``os.scandir`` walk that a worker thread advances one chunk at a time.
 
     It only reads the watcher's immutable configuration, so it is safe to run off the loop.
     """
 
-    __slots__ = ("_dir_rel", "_it", "_stack", "_w", "failed")
+    __slots__ = ("_dir_rel", "_fd", "_it", "_stack", "_w", "failed")
 
     def __init__(self, watcher: Watcher, starts: Iterable[str]) -> None:
         self._w = watcher
@@ -204,6 +253,7 @@ class _Scanner:
         # symlink to a folder is never entered.
         self._stack: list[tuple[str, bool]] = [(rel, True) for rel in starts]
         self._it: os._ScandirIterator[str] | None = None
+        self._fd = -1  # the listed folder's, when listing by fd (entries stat relative to it)
         self._dir_rel = ""
         self.failed: list[str] = []  # folders that could not be listed
 
@@ -211,6 +261,9 @@ class _Scanner:
         if self._it is not None:
             self._it.close()
             self._it = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def take(self, limit: int) -> list[_Obs]:
         """Up to about ``limit`` observations; an empty list means the walk is complete."""
@@ -255,18 +308,32 @@ class _Scanner:
 
     def _open_next(self, out: list[_Obs]) -> None:
         rel, verify = self._stack.pop()
+        w = self._w
         if verify and rel:
-            obs = self._w._probe(rel)
+            obs = w._probe(rel)
             if obs[0] != _DIR:
                 if obs[0] != _IGNORE:
                     out.append(obs)
                 return
+        tree = w._tree
+        if tree is not None:
+            # Watched before it is listed: whatever the listing misses produces an event.
+            tree.watch(rel)
         try:
-            self._it = os.scandir(self._w._abs(rel))
-        except (FileNotFoundError, NotADirectoryError):
+            self._it, self._fd = w._list(rel)
+        except FileNotFoundError:
             out.append(_obs(_GONE, rel))
             return
         except OSError as exc:
+            if rel and exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                # No longer a real folder (a symlink took its place?): say what it is now.
+                obs = w._probe(rel)
+                if obs[0] not in (_DIR, _IGNORE):
+                    out.append(obs)
+                return
+            if exc.errno == errno.ENOTDIR:
+                out.append(_obs(_GONE, rel))
+                return
             self.failed.append(rel)
             out.append(_obs(_SKIP, rel, f"cannot list folder: {exc.strerror}"))
             return
@@ -331,7 +398,11 @@ class Watcher:
         self._notes: deque[tuple[str, str | None, int | None]] = deque()  # (rel, reason, size)
         self._dispatching = False
         self._scan_count = 0  # completed full scans, start-up included (tests and logs)
+        self._scans_begun = 0
         self._running = False
+        self._events_kind = _events_kind(rules.force_polling)
+        # The inotify watcher while one is open: scans (in worker threads) add folders to it.
+        self._tree: inotify.InotifyTree | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -342,7 +413,7 @@ class Watcher:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Start-up scan, then watchfiles events until cancelled.
+        """Start-up scan, then file events (or polling scans) until cancelled.
 
         Calls ``task_status.started()`` once the start-up scan has registered every existing
         file: files already complete have been handed to ``on_ready`` and the others are
@@ -362,10 +433,11 @@ class Watcher:
                 try:
                     tg.start_soon(self._event_loop, stop)
                     tg.start_soon(self._timer_loop)
-                    # Let the event task take its first step: awatch() sets up its inotify
-                    # watches synchronously before it first suspends, so anything created from
-                    # here on produces an event and nothing falls between scan and watch. If
-                    # that ever changed, the periodic rescan would still find the file.
+                    # Let the event task take its first step: it opens the inotify instance
+                    # (which the scan then adds each folder to before listing it), or awatch()
+                    # sets up its watches, synchronously before it first suspends, so nothing
+                    # falls between scan and watch. If that ever changed, the inotify source
+                    # asks for a rescan once it is open, and the periodic rescan is still there.
                     await anyio.lowlevel.checkpoint()
                     started = time.monotonic()
                     await self._full_scan()
@@ -375,6 +447,8 @@ class Watcher:
                         inbox=_display(self._root),
                         reported=len(self._reported),
                         settling=len(self._settling),
+                        events=self._events_kind,
+                        watches=self._tree.watches if self._tree is not None else None,
                         seconds=round(time.monotonic() - started, 3),
                     )
                     task_status.started()
@@ -404,6 +478,22 @@ class Watcher:
 
     def _abs(self, rel: str) -> str:
         return os.path.join(self._root, rel) if rel else self._root
+
+    def _list(self, rel: str) -> tuple[os._ScandirIterator[str], int]:
+        """An iterator over the folder ``rel`` and the fd to close after it (-1: none).
+
+        A symlink is refused (but the inbox itself may be reached through one).
+        """
+        path = self._abs(rel)
+        if not _SCANDIR_FD:
+            return os.scandir(path), -1
+        fd = os.open(path, _OPEN_SUBDIR if rel else _OPEN_DIR)
+        try:
+            # The iterator reads a duplicate of fd, but its entries stat relative to fd itself.
+            return os.scandir(fd), fd
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _is_ignored(self, rel: str) -> bool:
         return any(rel == d or rel.startswith(d + "/") for d in self._ignored)
@@ -757,6 +847,7 @@ class Watcher:
     # ------------------------------------------------------------------ scans
 
     async def _full_scan(self) -> None:
+        self._scans_begun += 1
         seen: set[str] = set()
         started = time.monotonic()
         failed = await self._scan([""], seen)
@@ -814,46 +905,90 @@ class Watcher:
 
     # ------------------------------------------------------------------ events
 
-    def _changes(
+    @contextlib.asynccontextmanager
+    async def _events(
         self, stop: anyio.Event
-    ) -> AsyncGenerator[set[tuple[watchfiles.Change, str]], None]:
+    ) -> AsyncGenerator[AsyncIterator[set[tuple[watchfiles.Change, str]]], None]:
         """The raw event stream (a separate method so tests can replace it)."""
-        return watchfiles.awatch(
+        if self._events_kind == "watchfiles":
+            changes = watchfiles.awatch(
+                self._root,
+                watch_filter=None,  # the default filter drops e.g. "*~" names; we filter ourselves
+                debounce=_DEBOUNCE_MS,
+                step=_STEP_MS,
+                stop_event=stop,
+                recursive=True,
+                force_polling=False,
+                # An unreadable subfolder must not take the whole watcher down; scans report it.
+                ignore_permission_denied=True,
+            )
+            # aclosing: if we are cancelled while handling a batch, the generator is suspended
+            # at its yield and must be closed to release its watches and worker thread.
+            async with contextlib.aclosing(changes):
+                yield changes
+            return
+        if self._events_kind == "polling":
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._poll_loop)
+                yield _Never()
+                tg.cancel_scope.cancel()
+            return
+        tree = inotify.InotifyTree(
             self._root,
-            watch_filter=None,  # the default filter drops e.g. "*~" names; we filter ourselves
-            debounce=_DEBOUNCE_MS,
-            step=_STEP_MS,
-            stop_event=stop,
-            recursive=True,
-            force_polling=self._rules.force_polling,
-            # An unreadable subfolder must not take the whole watcher down; scans report it.
-            ignore_permission_denied=True,
+            on_overflow=self._overflowed,
+            debounce=_DEBOUNCE_MS / 1000,
+            step=_STEP_MS / 1000,
         )
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tree.pump)
+                self._tree = tree
+                if self._scans_begun:
+                    # A scan ran without this instance (start-up order, or a restart): the
+                    # folders it listed are not watched until a scan adds them again.
+                    self._rescan_wanted.set()
+                yield tree
+                tg.cancel_scope.cancel()
+        finally:
+            self._tree = None
+            tree.close()
+
+    def _overflowed(self) -> None:
+        log.warning("watcher.events_overflow", hint="the kernel dropped events; rescanning")
+        self._rescan_wanted.set()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await anyio.sleep(_POLL_SECONDS)
+            self._rescan_wanted.set()
 
     async def _event_loop(self, stop: anyio.Event) -> None:
         failures = 0
         while not stop.is_set():
             started = time.monotonic()
-            # aclosing: if we are cancelled while handling a batch, the generator is suspended at
-            # its yield and must be closed to release its inotify watches and worker thread.
-            async with contextlib.aclosing(self._changes(stop)) as changes:
-                while True:
-                    try:
-                        batch = await anext(changes)
-                    except StopAsyncIteration:
-                        return  # stop was set
-                    except Exception as exc:
-                        # watchfiles raises (inside an ExceptionGroup) on any name that is not
-                        # valid UTF-8 and loses the whole batch; it also fails when inotify runs
-                        # out of watches. Restart it below, then rescan to recover the batch.
-                        failures = 1 if time.monotonic() - started > 30 else failures + 1
-                        delay = min(_MAX_RESTART_DELAY, 0.05 * 2 ** min(failures, 10))
-                        log.warning("watcher.events_failed", error=_describe(exc), retry_in=delay)
-                        break
-                    await self._handle_changes(batch)
+            handler_error: Exception | None = None
+            try:
+                async with self._events(stop) as changes:
+                    async for batch in changes:
+                        try:
+                            await self._handle_changes(batch)
+                        except Exception as exc:
+                            handler_error = exc
+                            raise
+                return  # the stream ended: stop was set
+            except Exception as exc:
+                if handler_error is not None:
+                    raise  # our own bug: restarting the event source would not help
+                # watchfiles raises (inside an ExceptionGroup) on any name that is not valid
+                # UTF-8 and loses the whole batch; it also fails when inotify runs out of
+                # watches. The inotify source fails when the inbox itself goes away. Restart it
+                # below, then rescan to recover what was lost.
+                failures = 1 if time.monotonic() - started > 30 else failures + 1
+                delay = min(_MAX_RESTART_DELAY, 0.05 * 2 ** min(failures, 10))
+                log.warning("watcher.events_failed", error=_describe(exc), retry_in=delay)
             await anyio.sleep(delay)
-            # The rescan task only runs once we suspend, which is after awatch() has set up its
-            # watches again (see run()), so nothing falls between the two.
+            # The rescan task only runs once we suspend, which is after the event source has
+            # been set up again (see run()), so nothing falls between the two.
             self._rescan_wanted.set()
 
     async def _handle_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:

@@ -1,4 +1,4 @@
-"""Tests for daemon.watcher: real files in tmp_path, real watchfiles events.
+"""Tests for daemon.watcher: real files in tmp_path, real inotify events.
 
 Negative assertions ("x is never reported") use a sentinel: a file written *after* the thing
 under test. Events are handled in order and every file waits the same settle time, so once the
@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -112,6 +115,54 @@ def make_old(path: Path) -> None:
 def later(seconds: float) -> Callable[[], float]:
     """A clock running ahead, so files just written count as old (ctime cannot be set back)."""
     return lambda: time.time() + seconds
+
+
+def inotify_watches() -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every folder any inotify instance of this process watches, as the
+    kernel lists them in /proc/self/fdinfo (whoever added the watch, watchfiles included)."""
+    out: set[tuple[int, int]] = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        for m in re.finditer(r"^inotify wd:\S+ ino:([0-9a-f]+) sdev:([0-9a-f]+)", info, re.M):
+            sdev = int(m[2], 16)  # the kernel's dev_t: major << 20 | minor
+            out.add((os.makedev(sdev >> 20, sdev & 0xFFFFF), int(m[1], 16)))
+    return out
+
+
+def dev_ino(path: Path | str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def real_dirs(root: Path) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of root and every folder under it, not following symlinks."""
+    out = {dev_ino(root)}
+    for base, dirs, _ in os.walk(root):
+        out |= {dev_ino(os.path.join(base, d)) for d in dirs if not os.path.islink(f"{base}/{d}")}
+    return out
+
+
+def root_and_top_dirs() -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of / and the folders in it: what a walk of / would watch first."""
+    return {dev_ino("/")} | {dev_ino(e.path) for e in os.scandir("/") if e.is_dir()}
+
+
+def not_under(paths: list[str], root: Path) -> list[str]:
+    """The paths that do not resolve to root or something under it."""
+    base = os.path.realpath(root) + "/"
+    return [p for p in paths if not (os.path.realpath(p) + "/").startswith(base)]
+
+
+def max_queued_events() -> int:
+    return int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
 
 
 def identity(inbox: Path, rel: str) -> FileIdentity:
@@ -328,6 +379,66 @@ async def test_folder_moved_out_is_forgotten_and_a_new_one_scanned(
     assert sorted(rec.rels()) == ["d/sub/a.csv", "d/sub/b.csv"]
 
 
+async def test_files_in_a_new_folder_before_its_watch_are_found(inbox: Path) -> None:
+    # No periodic rescan: only the events and the scan of each new folder can find the files.
+    # A folder is watched only once its creation event has been handled, so files written
+    # into it right away (and folders under it) exist before its watch: the scan finds them.
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0)
+    rec = Recorder()
+    expected = []
+    async with watching(inbox, rec, rules) as w:
+        for i in range(20):
+            for sub in ("", "/x", "/x/y"):
+                for j in range(10):
+                    rel = f"new{i}{sub}/{j}.csv"
+                    write(inbox / rel)
+                    expected.append(rel)
+        await rec.wait_ready(*expected, timeout=20)
+        assert w._scan_count == 1
+    assert sorted(rec.rels()) == sorted(expected)
+
+
+async def test_folder_renamed_inside_is_watched_under_its_new_name(
+    inbox: Path, outside: Path
+) -> None:
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0)
+    rec = Recorder()
+    async with watching(inbox, rec, rules):
+        write(inbox / "a" / "sub" / "one.csv")
+        await rec.wait_ready("a/sub/one.csv")
+        (inbox / "a").rename(inbox / "b")
+        await rec.wait_ready("b/sub/one.csv")
+        # The watches moved with the folders: a new file is reported under the new name.
+        write(inbox / "b" / "sub" / "two.csv")
+        await rec.wait_ready("b/sub/two.csv")
+        if sys.platform.startswith("linux"):
+            assert real_dirs(inbox) <= inotify_watches()
+        # Moved out of the inbox, a folder is no longer watched where it went (a watch
+        # follows the folder, not its name).
+        (inbox / "b").rename(outside / "gone")
+        write(outside / "gone" / "sub" / "late.csv")
+        write(inbox / "sentinel.csv")
+        await rec.wait_ready("sentinel.csv")
+        if sys.platform.startswith("linux"):
+            assert not real_dirs(outside) & inotify_watches()
+    assert sorted(rec.rels()) == ["a/sub/one.csv", "b/sub/one.csv", "b/sub/two.csv", "sentinel.csv"]
+
+
+async def test_inbox_removed_and_made_again_is_watched_again(inbox: Path) -> None:
+    # No periodic rescan: only restarting the event source (which rescans) finds the file.
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0)
+    rec = Recorder()
+    async with watching(inbox, rec, rules):
+        write(inbox / "sub" / "before.csv")
+        await rec.wait_ready("sub/before.csv")
+        shutil.rmtree(inbox)
+        await anyio.sleep(0.3)  # the source fails, and fails again while the folder is missing
+        write(inbox / "sub" / "after.csv")
+        await rec.wait_ready("sub/after.csv", timeout=10)
+        write(inbox / "sub" / "live.csv")  # events flow again, from the new folder
+        await rec.wait_ready("sub/live.csv")
+
+
 async def test_copy2_of_old_file_waits_for_settle(inbox: Path, outside: Path) -> None:
     src = outside / "old.csv"
     write(src, b"data" * 100)
@@ -500,6 +611,67 @@ async def test_symlink_dropped_while_running_is_followed(inbox: Path, outside: P
     assert "outside the inbox" in rec.skip_reasons("out.csv")[0]
 
 
+@linux_only
+@pytest.mark.parametrize("follow", [False, True])
+async def test_symlink_to_root_is_never_listed_or_watched(
+    inbox: Path, outside: Path, follow: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(inbox / "real" / "deeper" / "a.csv")
+    write(outside / "dir" / "secret.csv")
+    (inbox / "root").symlink_to("/")
+    (inbox / "outdir").symlink_to(Path("..") / "outside" / "dir")
+    # Every folder the watcher opens or lists, from any thread.
+    opened: list[str] = []
+    real_open, real_scandir = os.open, os.scandir
+
+    def spy_open(path: str, flags: int, *args: int, **kwargs: int) -> int:
+        opened.append(os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def spy_scandir(path: str | int = ".") -> os._ScandirIterator[str]:
+        if not isinstance(path, int):
+            opened.append(os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "scandir", spy_scandir)
+    rules = WatchRules(settle_seconds=SETTLE, follow_symlinks=follow, rescan_seconds=0.1)
+    rec = Recorder()
+    async with watching(inbox, rec, rules, clock=later(60)) as w:
+        assert rec.rels() == ["real/deeper/a.csv"]
+        (inbox / "live_root").symlink_to("/")  # one dropped while running, too
+        scans = w._scan_count
+        await rec.wait_for(lambda: w._scan_count >= scans + 2)
+        write(inbox / "sentinel.csv")
+        await rec.wait_ready("sentinel.csv")
+        watched = inotify_watches()
+    listed = list(opened)  # before the checks below list folders themselves
+    assert real_dirs(inbox) <= watched
+    assert not (watched & (root_and_top_dirs() | real_dirs(outside)))
+    assert listed
+    assert not_under(listed, inbox) == []
+    assert sorted(rec.rels()) == ["real/deeper/a.csv", "sentinel.csv"]
+    assert {rel for rel, _ in rec.skips} == {"root", "outdir", "live_root"}
+
+
+@linux_only
+async def test_event_queue_overflow_rescans(inbox: Path) -> None:
+    limit = max_queued_events()
+    if limit > 50_000:
+        pytest.skip(f"fs.inotify.max_queued_events is {limit}: too many files to overflow it")
+    # Each file is two events (create, close): the kernel's queue overflows while the loop is
+    # blocked. No periodic rescan: only the overflow can bring back what was dropped.
+    n = limit // 2 + 500
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0)
+    rec = Recorder()
+    async with watching(inbox, rec, rules) as w:
+        for i in range(n):
+            (inbox / f"f{i:05d}.csv").write_bytes(b"")  # the loop is blocked meanwhile
+        await rec.wait_for(lambda: len(rec.ready) == n, timeout=60)
+        assert w._scan_count >= 2
+    assert len(set(rec.rels())) == n
+
+
 async def test_fifo_skipped_once_and_never_opened(inbox: Path) -> None:
     os.mkfifo(inbox / "pipe.csv")
     rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0.1)
@@ -522,17 +694,18 @@ async def test_fifo_skipped_once_and_never_opened(inbox: Path) -> None:
 async def test_unreadable_subfolder_is_skipped(
     inbox: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Root can list any folder, so simulate the EACCES that a chmod 000 folder gives.
+    # Root can list any folder, so simulate the EACCES that a chmod 000 folder gives (the
+    # watcher opens a folder to list it).
     write(inbox / "locked" / "a.csv")
     write(inbox / "open" / "b.csv")
-    real_scandir = os.scandir
+    real_open = os.open
 
-    def scandir(path: str) -> os._ScandirIterator[str]:
+    def fake_open(path: str, flags: int, *args: int, **kwargs: int) -> int:
         if os.fspath(path).endswith("/locked"):
             raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_scandir(path)
+        return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "open", fake_open)
     rec = Recorder()
     async with watching(inbox, rec, clock=later(60)):
         pass
@@ -606,16 +779,17 @@ async def test_non_utf8_name_while_running(inbox: Path) -> None:
 class NoEventsWatcher(Watcher):
     """A watcher whose event stream never delivers anything: every event is 'lost'."""
 
-    def _changes(
+    @asynccontextmanager
+    async def _events(
         self, stop: anyio.Event
-    ) -> AsyncGenerator[set[tuple[watchfiles.Change, str]], None]:
+    ) -> AsyncGenerator[AsyncIterator[set[tuple[watchfiles.Change, str]]], None]:
         async def nothing() -> AsyncGenerator[set[tuple[watchfiles.Change, str]], None]:
             await stop.wait()
             no_changes: list[set[tuple[watchfiles.Change, str]]] = []
             for batch in no_changes:  # an async generator that never yields
                 yield batch
 
-        return nothing()
+        yield nothing()
 
 
 async def test_rescan_finds_files_whose_events_were_lost(inbox: Path) -> None:
@@ -647,11 +821,38 @@ async def test_no_periodic_rescan_when_disabled(inbox: Path) -> None:
 
 
 async def test_force_polling(inbox: Path) -> None:
-    rules = WatchRules(settle_seconds=SETTLE, force_polling=True)
+    rules = WatchRules(settle_seconds=SETTLE, force_polling=True, rescan_seconds=0)
+    write(inbox / "sub" / "before.csv")
     rec = Recorder()
     async with watching(inbox, rec, rules):
+        # Our own scans poll (watchfiles' poller would follow symlinked folders): no watches.
+        if sys.platform.startswith("linux"):
+            assert not real_dirs(inbox) & inotify_watches()
         write(inbox / "polled.csv")
-        await rec.wait_ready("polled.csv")
+        write(inbox / "new" / "deep" / "polled.csv")
+        await rec.wait_ready("sub/before.csv", "polled.csv", "new/deep/polled.csv")
+        (inbox / "polled.csv").write_bytes(b"changed")
+        await rec.wait_for(lambda: rec.times("polled.csv") == 2)
+    assert rec.last("polled.csv").size == 7
+
+
+class WatchfilesWatcher(Watcher):
+    """The watcher as it runs where there is no inotify: events from watchfiles."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._events_kind = "watchfiles"
+
+
+async def test_watchfiles_events_where_there_is_no_inotify(inbox: Path) -> None:
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0)
+    rec = Recorder()
+    async with watching(inbox, rec, rules, cls=WatchfilesWatcher) as w:
+        write(inbox / "drop.csv")
+        (inbox / "a" / "b").mkdir(parents=True)
+        write(inbox / "a" / "b" / "deep.csv")
+        await rec.wait_ready("drop.csv", "a/b/deep.csv")
+        assert w._scan_count == 1
 
 
 # ---------------------------------------------------------------------------- shutdown

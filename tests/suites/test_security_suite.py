@@ -16,7 +16,6 @@ outside the inbox is read or moved.
 * Symlinks and odd names: nothing outside the inbox is uploaded, read as metadata, moved or
   deleted; with ``strace`` (skipped when missing) the daemon's opens are checked too.
 
-Tests marked ``xfail(strict=True)`` document a gap found in the daemon; their reasons say where.
 """
 
 from __future__ import annotations
@@ -1690,17 +1689,6 @@ def test_strace_daemon_opens_no_file_outside_and_changes_nothing_there(
     assert not changed, changed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "daemon/watcher.py Watcher._changes: watchfiles.awatch(recursive=True) (notify, inotify "
-        "backend) follows symlinked folders: it opens and lists inbox/outdir -> ../outside/dir and "
-        "everything below it and adds inotify watches there (strace: openat('inbox/outdir') = "
-        "fd</…/outside/dir>, inotify_add_watch('inbox/outdir')). No file content is read and "
-        "events from there are refused by the scanner, but a symlink to / would make it walk and "
-        "watch the whole file system; watchfiles 1.3 has no option to stop it"
-    ),
-)
 def test_strace_daemon_lists_and_watches_no_folder_outside(traced_daemon: Trace) -> None:
     t = traced_daemon
     outside = [
@@ -1711,3 +1699,7 @@ def test_strace_daemon_lists_and_watches_no_folder_outside(traced_daemon: Trace)
         and _inside(resolved, [str(t.outside)])
     ]
     assert not outside, outside
+    # The trace did see the daemon list and watch its inbox (so the above means something).
+    inside = {(name.startswith("open"), resolved) for name, _, resolved, ok in t.calls if ok}
+    assert (True, str(t.inbox)) in inside
+    assert (False, str(t.inbox)) in inside
