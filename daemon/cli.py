@@ -1,4 +1,9 @@
-"""``inboxd`` command line: ``main(argv) -> int``. Config errors exit with status 78."""
+"""``inboxd`` command line: ``main(argv) -> int``.
+
+An :class:`~daemon.errors.InboxdError` that stops a command is one line on stderr and the
+error's ``exit_status``: 78 for the configuration, 65 for an unusable state database, 74 for a
+full state filesystem, 1 otherwise.
+"""
 
 from __future__ import annotations
 
@@ -30,16 +35,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        reason = _reason(exc)
+        if reason is None:
+            raise
+        return _report(reason)
+
+
+def _report(exc: InboxdError) -> int:
+    if isinstance(exc, ConfigError):
         print("inboxd: configuration problem:", file=sys.stderr)
         for line in exc.problems:
             print(f"  {line}", file=sys.stderr)
-        return ConfigError.exit_status
-    except InboxdError as exc:
+    else:
         print(f"inboxd: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
+    return exc.exit_status
+
+
+def _reason(exc: BaseException) -> InboxdError | None:
+    """The one error to tell a person, or None when ``exc`` is a bug (let it show).
+
+    The daemon's task groups wrap what stopped it in (nested) exception groups, together with
+    whatever else failed while the group was cancelled. A state database error is a QueueError
+    (see its docstring) until here.
+    """
+    from daemon.queue import QueueError
+
+    leaves: list[InboxdError] = []
+    pending: list[BaseException] = [exc]
+    while pending:
+        e = pending.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            pending[:0] = e.exceptions
+        elif isinstance(e, QueueError):
+            leaves.append(e.as_state_error())
+        elif isinstance(e, InboxdError):
+            leaves.append(e)
+        else:
+            return None
+    if not leaves:
+        return None
+    # A classified error (a full disk, a corrupt file) says more than the generic ones that
+    # other tasks may have run into on the same database meanwhile.
+    return next((e for e in leaves if e.exit_status != EXIT_FAILED), leaves[0])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -219,7 +259,7 @@ def _open_readonly(settings: Settings) -> Any:
         try:
             return await Queue.open(path, readonly=True)
         except QueueError as exc:
-            raise StateError(str(exc)) from None
+            raise exc.as_state_error() from None
 
     return opener
 

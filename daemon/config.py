@@ -12,10 +12,11 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -110,17 +111,75 @@ def _checked_token(text: str, where: str) -> SecretStr:
     return SecretStr(text)
 
 
+def _stream_ref(value: Any) -> Any:
+    # Checked before the int | str union: pydantic would otherwise report one line per union
+    # member, and accept ids (0, -3) and names ("") that fail every file later.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())  # the server takes digits as an id too (GET /streams)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError("a stream id is 1 or more — give the id or the name of a stream")
+        return value
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(
+                "a stream name must not be empty — give the id or the name of a stream"
+            )
+        return value.strip()
+    raise ValueError("must be a stream id (a whole number, e.g. 1) or a stream name in quotes")
+
+
+def _plain_metadata(value: Any) -> Any:
+    # Checked here so that a bad value gives one line naming its key, not one per union member.
+    if not isinstance(value, dict):
+        return value
+    for key, item in value.items():
+        if not isinstance(item, str | int | float | bool):
+            raise ValueError(
+                f"the value of {str(key)!r} must be a string, number or boolean, not "
+                f"{_toml_kind(item)} — quote it or split it into several keys"
+            )
+    return value
+
+
+def _toml_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return "a date/time" if hasattr(value, "isoformat") else type(value).__name__
+
+
+def _rate(value: Any) -> Any:
+    # Before the str | int union, for one line per problem; parse_rate checks the text later.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(
+            'must be bytes per second (a whole number) or a rate such as "20MB", "1.5MiB" or '
+            '"100Mbit"; 0 = unlimited'
+        )
+    return value
+
+
+#: A stream id (>= 1) or a stream name (not empty).
+StreamRef = Annotated[int | str, BeforeValidator(_stream_ref)]
+Metadata = Annotated[dict[str, str | int | float | bool], BeforeValidator(_plain_metadata)]
+
+
 class RouteSettings(_Section):
     """Files whose relative path matches ``glob`` go to ``stream`` with extra ``metadata``."""
 
     glob: str
-    stream: int | str | None = None
-    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    stream: StreamRef | None = None
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class UploadSettings(_Section):
-    stream: int | str = 1
-    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    stream: StreamRef = 1
+    metadata: Metadata = Field(default_factory=dict)
     part_concurrency: int = Field(default=4, ge=1, le=64)
     workers: int = Field(default=2, ge=1, le=64)
     # What to do when a dataset of the same name exists and was not made from this file.
@@ -153,6 +212,16 @@ class InboxSettings(_Section):
     rescan_seconds: float = Field(default=600.0, ge=0)
     force_polling: bool | None = None
 
+    @field_validator("include")
+    @classmethod
+    def _includes_something(cls, value: list[str]) -> list[str]:
+        # An empty list (or pattern) takes no file at all, and nothing would say why.
+        if not value:
+            raise ValueError('takes no file at all — list at least one glob, e.g. ["*"]')
+        if not all(pattern.strip() for pattern in value):
+            raise ValueError('an empty glob matches no file — remove it, or write "*" for all')
+        return value
+
 
 class StateSettings(_Section):
     path: Path = Path("/var/lib/inboxd/state.db")
@@ -171,7 +240,7 @@ class MetricsSettings(_Section):
 
 class BandwidthSettings(_Section):
     # Upload rate shared by all workers: bytes/s or "20MB", "1.5MiB", "100Mbit"; 0 = unlimited.
-    limit: str | int = 0
+    limit: Annotated[str | int, BeforeValidator(_rate)] = 0
     # Upload only inside these local-time windows, e.g. ["19:00-07:00", "Sat,Sun 00:00-24:00"].
     windows: list[str] = Field(default_factory=list)
 
@@ -427,9 +496,6 @@ def _describe(exc: ValidationError) -> list[str]:
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
         value = err.get("input")
-        # Secrets may hide in a whole section given the wrong shape ([[api]] instead of [api]).
-        secret = any(word in key for word in ("token", "secret")) or isinstance(value, dict | list)
-        shown = "<hidden>" if secret else repr(value)
         if err["type"] == "extra_forbidden":
             lines.append(
                 f"{key}: unknown key — remove it or check its spelling in config.example.toml"
@@ -439,7 +505,14 @@ def _describe(exc: ValidationError) -> list[str]:
             lines.append(f"{key}: required — add it")
             continue
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{key} = {shown}: {msg}")
+        if any(word in key for word in ("token", "secret")):
+            lines.append(f"{key} = <hidden>: {msg}")
+        elif isinstance(value, dict | list) and value:
+            # Secrets may hide in a whole section given the wrong shape ([[api]] instead of
+            # [api]): a table or array is not shown; the message names what is wrong in it.
+            lines.append(f"{key}: {msg}")
+        else:
+            lines.append(f"{key} = {value!r}: {msg}")
     return lines
 
 
@@ -481,7 +554,7 @@ def _cross_checks(settings: Settings) -> list[str]:
         from daemon.metrics import parse_listen
 
         try:
-            parse_listen(settings.metrics.listen)
+            parse_listen(settings.metrics.listen, key="metrics.listen")
         except ValueError as exc:
             problems.append(f"{exc} — use a loopback address such as 127.0.0.1:9464")
     return problems

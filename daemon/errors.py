@@ -5,6 +5,8 @@
     InboxdError                      every error inboxd raises on purpose
     ├── ConfigError                  fix the configuration (exit status 78)
     ├── StateError                   the state database is unusable; fix or move it
+    │   ├── StateDataError           not a usable inboxd database: restore or move it (exit 65)
+    │   └── StateFullError           its filesystem is full: free space (exit 74)
     ├── ApiError                     the Marple DB API answered with an error
     │   ├── AuthError                403: token missing, wrong or revoked — pause, fix the token
     │   ├── NotFoundError            404: unknown stream, ingestion or dataset — give up
@@ -22,7 +24,9 @@
     └── UploadFailed                 an ingestion ended in ``abort``; ``reason`` says why
 
 Every error carries ``retryable`` (may the same step be tried again?) and ``advice``
-(what a person should do), and its ``str()`` never contains a token or a signed URL.
+(what a person should do), and its ``str()`` never contains a token or a signed URL. When one
+stops ``inboxd``, it exits with the error's ``exit_status`` (sysexits.h), so systemd can tell a
+problem that will not fix itself (``RestartPreventExitStatus=``) from one that may clear up.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class InboxdError(Exception):
     retryable: ClassVar[bool] = False
     #: Short machine-readable category, recorded in the queue and in metrics.
     kind: ClassVar[str] = "error"
+    #: What ``inboxd`` exits with when this error stops it.
+    exit_status: ClassVar[int] = 1
     advice: str = ""
 
     def __init__(self, message: str, *, advice: str | None = None) -> None:
@@ -68,6 +74,20 @@ class StateError(InboxdError):
     """The state database cannot be used (corrupt, too new, unwritable)."""
 
     kind = "state"
+
+
+class StateDataError(StateError):
+    """The file is not a database this inboxd can use: corrupt, not SQLite, a directory, a
+    newer schema, a failed upgrade. Starting again reads the same bytes: it never fixes itself."""
+
+    exit_status = 65  # EX_DATAERR; systemd's RestartPreventExitStatus=65
+
+
+class StateFullError(StateError):
+    """The filesystem holding the state database is full. It may clear up (a log rotated, a
+    person freed space), so a restart later is worth it."""
+
+    exit_status = 74  # EX_IOERR
 
 
 class ApiError(InboxdError):

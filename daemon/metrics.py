@@ -541,42 +541,39 @@ def _is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-def parse_listen(listen: str, *, allow_remote: bool = False) -> tuple[str, int]:
+def parse_listen(
+    listen: str, *, allow_remote: bool = False, key: str = "metrics listen"
+) -> tuple[str, int]:
     """Split ``"host:port"`` (or ``"[v6addr]:port"``) into ``(host, port)``.
 
     The endpoint has no authentication, so unless ``allow_remote`` the host must be a loopback
     address (127.0.0.0/8, ``::1``) or ``localhost``. With ``allow_remote`` an empty host
     (``":9464"``) means every interface. Raises :class:`ValueError` with a message fit for a
-    configuration error.
+    configuration error, starting with ``<key> = '<listen>':`` (the config passes its key).
     """
     text = listen.strip()
+    where = f"{key} = {listen!r}"
     if text.startswith("["):
         close = text.find("]")
         if close == -1 or text[close + 1 : close + 2] != ":":
-            raise ValueError(f"metrics listen = {listen!r}: expected '[address]:port'")
+            raise ValueError(f"{where}: expected '[address]:port'")
         host, port_text = text[1:close], text[close + 2 :]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(
-                f"metrics listen = {listen!r}: {host!r} is not an IPv6 address"
-            ) from None
+            raise ValueError(f"{where}: {host!r} is not an IPv6 address") from None
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
-            raise ValueError(
-                f"metrics listen = {listen!r}: expected 'host:port', e.g. 127.0.0.1:9464"
-            )
+            raise ValueError(f"{where}: expected 'host:port', e.g. 127.0.0.1:9464")
         if ":" in host:
-            raise ValueError(
-                f"metrics listen = {listen!r}: write an IPv6 address in brackets, e.g. [::1]:9464"
-            )
+            raise ValueError(f"{where}: write an IPv6 address in brackets, e.g. [::1]:9464")
     if not _PORT.match(port_text) or int(port_text) > 65535:
-        raise ValueError(f"metrics listen = {listen!r}: the port must be a number 0-65535")
+        raise ValueError(f"{where}: the port must be a number 0-65535")
     if not allow_remote and not _is_loopback(host):
-        where = repr(host) if host else "every interface"
+        host_shown = repr(host) if host else "every interface"
         raise ValueError(
-            f"metrics listen = {listen!r}: {where} is not a loopback address. The metrics"
+            f"{where}: {host_shown} is not a loopback address. The metrics"
             " endpoint has no authentication, so it listens only on 127.0.0.1, [::1] or"
             " localhost unless remote access is explicitly allowed"
         )

@@ -2,7 +2,7 @@
 
 Pure decisions from the settings and the file's path (plus its optional sidecar
 ``<file>.meta.json``); no network, no database. Stream references stay as written (id or
-name) here; the service resolves names to ids once at start-up.
+name) here; a name is resolved to an id when the file is uploaded (see ``Service._stream_of``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from daemon.config import Settings
+from daemon.config import RouteSettings, Settings
 
 SIDECAR_SUFFIX = ".meta.json"
 _SIDECAR_MAX = 64 * 1024
@@ -59,14 +59,11 @@ def _printable(rel: str) -> str:
 def route(rel: str, inbox: Path, settings: Settings) -> Route:
     """Decide stream, dataset name and metadata for the file at ``inbox / rel``."""
     up = settings.upload
-    stream: int | str = up.stream
     metadata: dict[str, Any] = dict(up.metadata)
-    for r in settings.routes:
-        if _matches(rel, r.glob):
-            if r.stream is not None:
-                stream = r.stream
-            metadata.update(r.metadata)
-            break
+    rule = matching_route(rel, settings)
+    if rule is not None:
+        metadata.update(rule.metadata)
+    stream = stream_for(rel, settings)
     parts = PurePosixPath(_printable(rel)).parts[:-1]
     for key, value in zip(up.path_metadata, parts, strict=False):
         metadata[key] = value
@@ -75,6 +72,30 @@ def route(rel: str, inbox: Path, settings: Settings) -> Route:
         extra, warning = read_sidecar(inbox / (rel + SIDECAR_SUFFIX))
         metadata.update(extra)
     return Route(stream, dataset_name_for(rel, up.dataset_name), metadata, warning)
+
+
+def matching_route(rel: str, settings: Settings) -> RouteSettings | None:
+    """The first ``[[routes]]`` entry whose glob matches ``rel``; None when none does."""
+    for r in settings.routes:
+        if _matches(rel, r.glob):
+            return r
+    return None
+
+
+def stream_for(rel: str, settings: Settings) -> int | str:
+    """The stream reference (id or name, as configured) for ``rel``; reads no file."""
+    rule = matching_route(rel, settings)
+    if rule is not None and rule.stream is not None:
+        return rule.stream
+    return settings.upload.stream
+
+
+def stream_source(rel: str, settings: Settings) -> str:
+    """Where the stream of ``rel`` is configured, for a person who has to fix it."""
+    rule = matching_route(rel, settings)
+    if rule is not None and rule.stream is not None:
+        return f"the [[routes]] entry with glob {rule.glob!r}"
+    return "[upload] stream"
 
 
 def _matches(rel: str, pattern: str) -> bool:

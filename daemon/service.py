@@ -25,14 +25,22 @@ from daemon.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
 from daemon.client import CHUNK_SIZE
 from daemon.config import Settings
 from daemon.disposal import Disposal
-from daemon.errors import ConfigError, InboxdError, StateError
+from daemon.errors import ConfigError, InboxdError, NotFoundError, StateError
 from daemon.metrics import Metrics, MetricsServer
 from daemon.notify import Notifier, watchdog_interval
 from daemon.poller import Poller
-from daemon.queue import FileIdentity, NewJob, Queue, QueueError, make_private_dirs
+from daemon.queue import (
+    FileIdentity,
+    Job,
+    NewJob,
+    Queue,
+    QueueError,
+    make_private_dirs,
+    state_os_error,
+)
 from daemon.retention import Retention, disk_free
 from daemon.retry import RetryPolicy
-from daemon.routing import SIDECAR_SUFFIX, Route, route
+from daemon.routing import SIDECAR_SUFFIX, Route, route, stream_for, stream_source
 from daemon.status import HEARTBEAT_SECONDS
 from daemon.targets import Target
 from daemon.targets.factory import open_target
@@ -76,6 +84,8 @@ class Service:
         self.target: Target | None = None
         self._stop = anyio.Event()
         self._settling: dict[str, tuple[int, float] | None] = {}
+        #: stream names (casefolded) the workers resolved, so later files queue with the id
+        self._stream_ids: dict[str, int] = {}
         self.notifier = Notifier()
         self._ready = False
 
@@ -99,7 +109,7 @@ class Service:
             try:
                 queue = await Queue.open(s.state.path)
             except QueueError as exc:
-                raise StateError(str(exc)) from None
+                raise exc.as_state_error() from None
             self.queue = queue
             try:
                 await self._run(queue)
@@ -154,6 +164,7 @@ class Service:
                 owner=owner,
                 metrics=self.metrics,
                 windows=parse_windows(s.bandwidth.windows),
+                resolve_stream=self._stream_of,
             )
             self.poller = Poller(
                 queue,
@@ -261,7 +272,7 @@ class Service:
         for ident, r in zip(files, routes, strict=True):
             if r.warning:
                 _log.warning("route.sidecar", path=ident.rel, problem=r.warning)
-            stream_id = await self._stream_id(r.stream, ident.rel)
+            stream_id = await self._stream_id(r.stream)
             kind = self.settings.api.kind
             items.append(NewJob(ident, stream_id, r.dataset_name, r.metadata, kind))
         new = await self.queue.enqueue_many(items)
@@ -270,18 +281,40 @@ class Service:
             _log.info("watcher.enqueued", files=len(new))
             self.workers.wake()
 
-    async def _stream_id(self, ref: int | str, rel: str) -> int:
-        """Resolve a stream name for intake; waits out an API outage instead of dropping files."""
+    async def _stream_id(self, ref: int | str) -> int:
+        """The stream id a file is queued with; 0 = a name the worker looks up at upload.
+
+        Intake never asks the server: a name it cannot resolve (server down, or no such
+        stream) must not hold up the files behind it.
+        """
         assert self.target is not None
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await self.target.resolve_destination(ref)
-            except InboxdError as exc:
-                wait = min(60.0, 0.5 * 2**attempt) if exc.retryable else 60.0
-                _log.warning("route.stream_unresolved", path=rel, stream=ref, error=str(exc))
-                await anyio.sleep(wait)
+        if isinstance(ref, str) and not ref.strip().isdigit():
+            return self._stream_ids.get(ref.strip().casefold(), 0)
+        return await self.target.resolve_destination(ref)  # an id: no network
+
+    async def _stream_of(self, job: Job) -> int:
+        """The stream id of a job queued as stream 0, from the route as configured now.
+
+        Raises NotFoundError (GET /streams: the job fails with the reason) for a name the
+        server does not know; other errors are the workers' usual retry/pause cases.
+        """
+        assert self.target is not None
+        ref = stream_for(job.identity.rel, self.settings)
+        try:
+            stream_id = await self.target.resolve_destination(ref)
+        except NotFoundError as exc:
+            if exc.status is not None:  # the request itself got a 404: not about the name
+                raise
+            raise NotFoundError(
+                f"stream {ref!r} not found on the server",
+                endpoint="GET /streams",
+                advice=f"fix {stream_source(job.identity.rel, self.settings)} in the config "
+                "(`inboxd check` lists the streams this token can see) or create the stream, "
+                "then `inboxd retry --all-failed`",
+            ) from None
+        if isinstance(ref, str) and stream_id:
+            self._stream_ids[ref.strip().casefold()] = stream_id
+        return stream_id
 
     async def _on_skip(self, rel: str, reason: str) -> None:
         _log.warning("watcher.skip", path=rel, reason=reason)
@@ -442,9 +475,12 @@ def _chunk_size(rate: float) -> int:
 
 def _lock_state(db: Path) -> int:
     """Hold an exclusive lock next to the database: two daemons on one queue would race."""
-    make_private_dirs(db.parent)
     path = db.with_name(db.name + ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        make_private_dirs(db.parent)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise state_os_error(db, exc, "lock the state database").as_state_error() from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -454,6 +490,10 @@ def _lock_state(db: Path) -> int:
             f"another inboxd (pid {other}) is running with the state database {db}",
             advice="stop it first, or give this one its own [state] path",
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError as exc:  # ENOSPC on a full state filesystem, before SQLite even starts
+        os.close(fd)
+        raise state_os_error(db, exc, "lock the state database").as_state_error() from None
     return fd

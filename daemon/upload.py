@@ -302,7 +302,9 @@ class _Flow:
                 raise  # a token problem pauses uploads; the ingestion stays resumable
             reason = f"upload failed: {exc.message}"
             await self._abort(reason)
-            raise UploadFailed(reason, cause_kind=exc.kind) from exc
+            # The recorded reason keeps the advice (what to do next); the server's abort
+            # reason need not.
+            raise UploadFailed(f"upload failed: {exc}", cause_kind=exc.kind) from exc
         # No journal entry for "completed": the caller records the outcome next, and a crash
         # before that resumes at "completing", which finds the upload done on the server.
         self.state.stage = "completed"

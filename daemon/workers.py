@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.metrics import Metrics
-from daemon.queue import Job, JobState, Queue, Stage
+from daemon.queue import Job, JobState, Queue, QueueError, Stage
 from daemon.targets import Target, Work
 from daemon.upload import FileRef, Resume
 
@@ -138,8 +138,11 @@ class Workers:
         owner: str | None = None,
         metrics: Metrics | None = None,
         windows: UploadWindows | None = None,
+        resolve_stream: Callable[[Job], Awaitable[int]] | None = None,
     ) -> None:
         self.metrics = metrics
+        #: the stream id of a job queued as stream 0 (its stream name not looked up yet)
+        self.resolve_stream = resolve_stream
         self.windows = windows
         #: when uploads wait for an upload window: the time it opens (for status)
         self.window_opens_at: datetime | None = None
@@ -184,10 +187,13 @@ class Workers:
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the workers until cancelled, or until ``stopping`` is set and work is done."""
-        async with anyio.create_task_group() as tg:
-            for i in range(self.settings.count):
-                tg.start_soon(self._loop, i)
-            task_status.started()
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._housekeeping)
+            async with anyio.create_task_group() as tg:
+                for i in range(self.settings.count):
+                    tg.start_soon(self._loop, i)
+                task_status.started()
+            outer.cancel_scope.cancel()  # the loops are done: nothing left to keep
 
     async def _loop(self, index: int) -> None:
         log = _log.bind(worker=index)
@@ -209,6 +215,10 @@ class Workers:
                 continue
             try:
                 await self._process(job)
+            except QueueError:
+                # Not this file's problem: the state database cannot be written (full disk,
+                # I/O error). Carrying on would only hide it; the service stops and says why.
+                raise
             except Exception:  # the daemon must outlive any one file
                 log.exception("worker.unexpected", job_id=job.id)
                 await self._backoff(job, "internal error (see the log); will retry", "internal")
@@ -227,22 +237,27 @@ class Workers:
         try:
             self.active[job.id] = job
             saver = self._sent[job.id] = _ProgressSaver(self.queue, job.id)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep_lease, job.id)
-                tg.start_soon(saver.run)
-                try:
-                    await self._upload(job, saver)
-                finally:
-                    tg.cancel_scope.cancel()
+            await self._upload(job, saver)
         finally:
             self.active.pop(job.id, None)
             self._sent.pop(job.id, None)
             structlog.contextvars.unbind_contextvars("job_id", "path")
 
-    async def _keep_lease(self, job_id: int) -> None:
+    async def _housekeeping(self) -> None:
+        """Keep the leases of the jobs in flight and their ``bytes_sent`` current.
+
+        One task for all jobs rather than two per job: most files take milliseconds, and
+        starting and cancelling tasks for each cost more than the upload's own bookkeeping.
+        """
+        renewed = time.monotonic()
         while True:
-            await anyio.sleep(LEASE_SECONDS / 3)
-            await self.queue.renew_lease(job_id, self._owner_of(job_id), LEASE_SECONDS)
+            await anyio.sleep(_PROGRESS_EVERY)
+            for saver in list(self._sent.values()):
+                await saver.flush()
+            if time.monotonic() - renewed >= LEASE_SECONDS / 3:
+                renewed = time.monotonic()
+                for job_id in list(self.active):
+                    await self.queue.renew_lease(job_id, self._owner_of(job_id), LEASE_SECONDS)
 
     def _owner_of(self, job_id: int) -> str:
         job = self.active.get(job_id)
@@ -283,6 +298,11 @@ class Workers:
         log.info("upload.start", size=ident.size, attempt=job.attempts + 1, stage=resume.stage)
         started = time.monotonic()
         try:
+            if job.stream_id == 0 and self.resolve_stream is not None:
+                # Here, not at intake: an outage or an unknown name then meets the same
+                # backoff, pause and failure handling as the upload itself.
+                job = await self._with_stream(job, self.resolve_stream)
+                work = replace(work, job=job)
             result = await self.target.deliver(work)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
@@ -351,6 +371,14 @@ class Workers:
                 seconds=round(time.monotonic() - started, 3),
             )
 
+    async def _with_stream(self, job: Job, resolve: Callable[[Job], Awaitable[int]]) -> Job:
+        stream_id = await resolve(job)
+        if stream_id == job.stream_id:
+            return job
+        # Stored before the upload: the poller asks for the import status per stream.
+        await self.queue.set_stream_id(job.id, stream_id)
+        return replace(job, stream_id=stream_id)
+
     async def _predecessors(self, job: Job) -> frozenset[str]:
         """Keys of earlier versions of this file that never finished (see UploadRequest)."""
         older = await self.queue.find_by_rel(job.identity.rel)
@@ -418,8 +446,3 @@ class _ProgressSaver:
         if self._dirty:
             self._dirty = False
             await self._queue.save_progress(self._job_id, bytes_sent=max(self.total, 0))
-
-    async def run(self) -> None:
-        while True:
-            await anyio.sleep(_PROGRESS_EVERY)
-            await self.flush()

@@ -102,6 +102,32 @@ def test_environment_overrides_file_and_nests(
     assert s.upload.metadata == {"rig": "a"}
 
 
+def test_good_values_of_checked_union_keys_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks before the stream/metadata/limit unions let every good value through."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[upload]\nstream = " Vehicle Logs "\n'
+        'metadata = { s = "x", i = 3, f = 1.5, b = false }\n'
+        "[bandwidth]\nlimit = 2e6\n"
+        '[[routes]]\nglob = "a/*"\nstream = 4.0\n'
+        '[[routes]]\nglob = "b/*"\nmetadata = { n = 0 }\n'
+    )
+    s = load_settings(cfg)
+    assert s.upload.stream == "Vehicle Logs"
+    assert s.upload.metadata == {"s": "x", "i": 3, "f": 1.5, "b": False}
+    assert type(s.upload.metadata["b"]) is bool and type(s.upload.metadata["i"]) is int
+    assert s.bandwidth.limit == 2_000_000 and type(s.bandwidth.limit) is int
+    assert [(r.stream, r.metadata) for r in s.routes] == [(4, {}), (None, {"n": 0})]
+    # Digits are an id wherever they come from (the environment only gives text).
+    monkeypatch.setenv("INBOXD_UPLOAD__STREAM", " 12 ")
+    monkeypatch.setenv("INBOXD_BANDWIDTH__LIMIT", "20MB")
+    s = load_settings(cfg)
+    assert s.upload.stream == 12
+    assert s.bandwidth.limit == "20MB"
+
+
 def test_example_config_mirrors_the_settings_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every key of the model is documented in config.example.toml, with its default."""
     example = REPO / "config.example.toml"
@@ -229,3 +255,83 @@ def test_progress_bar_shows_bytes_rate_and_eta() -> None:
     quiet = io.StringIO()  # not a terminal: no bar at all (logs and --json stay clean)
     _ProgressBar("x", 10, quiet).add(10)
     assert quiet.getvalue() == ""
+
+
+# ---- a state database inboxd cannot use: one line and an exit status systemd can act on ------
+
+
+def test_retry_on_a_corrupt_database_exits_65_in_one_line(tmp_path: Path) -> None:
+    import random
+
+    import anyio
+
+    from daemon.queue import FileIdentity, NewJob, Queue
+
+    db = tmp_path / "state.db"
+
+    async def build() -> None:
+        async with await Queue.open(db) as q:
+            jobs = [
+                NewJob(FileIdentity(f"f{i:05d}.csv", i + 1, i, i + 1), 1, f"{i}", {})
+                for i in range(3000)
+            ]
+            await q.enqueue_many(jobs)
+
+    anyio.run(build)
+    data = bytearray(db.read_bytes())
+    start, end = int(len(data) * 0.3), int(len(data) * 0.7)
+    data[start:end] = random.Random(7).randbytes(end - start)
+    db.write_bytes(bytes(data))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[state]\npath = "{db}"\n')
+    result = run("retry", "--config", str(cfg), "--all-failed")
+    assert result.returncode == 65, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"inboxd: state database {db} is corrupt"), line
+    assert "restore it from a backup" in line and "-wal" in line
+    assert db.read_bytes() == data
+
+
+def test_the_reason_inside_the_daemons_exception_groups() -> None:
+    """`inboxd run` fails out of nested task groups; the person gets the one error that says
+    most, with its exit status; anything that is not ours stays a traceback."""
+    from daemon.cli import _reason
+    from daemon.errors import StateError, TransportError
+    from daemon.queue import QueueError
+
+    generic = QueueError("state database /s/state.db: cannot commit")
+    full = QueueError("state database /s/state.db: no space left on its filesystem", reason="full")
+    nested = ExceptionGroup("service", [ExceptionGroup("watcher", [generic]), full])
+    found = _reason(nested)
+    assert isinstance(found, StateError)
+    assert (found.exit_status, str(found)) == (74, str(full))
+    only_generic = _reason(ExceptionGroup("service", [generic, TransportError("reset")]))
+    assert isinstance(only_generic, StateError) and only_generic.exit_status == 1
+    assert _reason(ExceptionGroup("service", [full, RuntimeError("a bug")])) is None
+    assert _reason(ExceptionGroup("service", [ExceptionGroup("empty?", [KeyError(1)])])) is None
+
+
+def test_run_beside_another_daemon_names_it_and_exits_1(sandbox: Sandbox, tmp_path: Path) -> None:
+    """Exit 1, not 65: the other daemon may stop, so systemd restarting this one is right."""
+    import fcntl
+    import os
+
+    cfg = write_config(tmp_path, sandbox)
+    lock = tmp_path / "state" / "state.db.lock"
+    lock.parent.mkdir()
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"4242")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run("run", "--config", str(cfg), timeout=30)
+    finally:
+        os.close(fd)
+    assert result.returncode == 1, result.stderr[-2000:]
+    human = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert human == [
+        f"inboxd: another inboxd (pid 4242) is running with the state database"
+        f" {tmp_path / 'state' / 'state.db'} — stop it first, or give this one its own"
+        " [state] path"
+    ]
+    assert not (tmp_path / "state" / "state.db").exists()  # it stopped before opening it

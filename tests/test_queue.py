@@ -760,3 +760,130 @@ async def test_status_reads_fast_on_100k_jobs(db_path: Path) -> None:
         print({name: round(t * 1000, 1) for name, t in timings.items()})  # ms, shown with -s
         slow = {name: round(t, 3) for name, t in timings.items() if t > 0.3}
         assert not slow, f"slow status reads: {slow}"
+
+
+# ---------------------------------------------------------------------------------------------
+# unusable files and a full filesystem: what the error says, and the exit status it maps to
+
+
+def _corrupt_the_middle(path: Path) -> bytes:
+    """Random bytes over the middle 40 % of the file (the header stays valid); returns them."""
+    import random
+
+    data = bytearray(path.read_bytes())
+    start, end = int(len(data) * 0.3), int(len(data) * 0.7)
+    data[start:end] = random.Random(5).randbytes(end - start)
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+async def test_corrupt_pages_are_refused_when_the_writer_opens(db_path: Path) -> None:
+    async with await Queue.open(db_path) as q:
+        await q.enqueue_many(many(3000))
+    broken = _corrupt_the_middle(db_path)
+    with pytest.raises(QueueError, match=r"inboxd\.db is corrupt .*quick_check") as caught:
+        await Queue.open(db_path)
+    assert "\n" not in str(caught.value)  # quick_check reports over several lines
+    assert caught.value.reason == "data"
+    assert caught.value.as_state_error().exit_status == 65
+    # not switched to WAL, not migrated: untouched
+    assert await anyio.Path(db_path).read_bytes() == broken
+    # A reader skips the check; the damaged pages fail its first read the same way.
+    async with await Queue.open(db_path, readonly=True) as reader:
+        with pytest.raises(QueueError, match=r"inboxd\.db is corrupt") as read:
+            await reader.counts()
+    assert read.value.reason == "data"
+
+
+async def test_a_directory_in_place_of_the_database_is_named(db_path: Path) -> None:
+    (db_path / "something").mkdir(parents=True)
+    for readonly in (False, True):
+        with pytest.raises(QueueError, match=r"inboxd\.db is a directory") as caught:
+            await Queue.open(db_path, readonly=readonly)
+        assert caught.value.as_state_error().exit_status == 65
+    assert [p.name async for p in anyio.Path(db_path).iterdir()] == ["something"]
+
+
+async def test_newer_schema_and_failed_upgrade_do_not_fix_themselves(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with await Queue.open(db_path):
+        pass
+
+    async def broken(db: aiosqlite.Connection) -> None:
+        await db.execute("THIS IS NOT SQL")
+
+    monkeypatch.setattr(queue_module, "MIGRATIONS", [*MIGRATIONS, broken])
+    with pytest.raises(QueueError, match="cannot upgrade") as failed:
+        await Queue.open(db_path)
+    monkeypatch.setattr(queue_module, "MIGRATIONS", MIGRATIONS[:1])
+    with pytest.raises(QueueError, match="newer inboxd") as newer:
+        await Queue.open(db_path)
+    assert failed.value.reason == newer.value.reason == "data"
+
+
+def _tiny_tmpfs(where: Path) -> None:
+    """Mount a 512 KiB tmpfs at ``where`` (unmounted by the caller); skips when we may not."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("a full filesystem needs a small tmpfs, and mounting one needs root")
+    where.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+
+
+def _fill_up(directory: Path) -> None:
+    """Write into ``directory`` until its filesystem says ENOSPC, down to the last byte."""
+    import errno
+
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (64 * 1024, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
+
+
+async def test_upgrade_on_a_full_filesystem_asks_for_space_not_a_bug_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upgrade is fine, it only needs room: "free space", exit 74 — not "report this"."""
+    state = tmp_path / "state"
+    _tiny_tmpfs(state)
+    try:
+        db = state / "state.db"
+        async with await Queue.open(db):
+            pass
+        # A second connection keeps -shm (and an empty -wal) in place, as a running status
+        # would: the open gets past WAL set-up and the first thing to need room is the upgrade.
+        holder = raw(db)
+        holder.execute("SELECT count(*) FROM jobs").fetchall()
+        _fill_up(state)
+
+        async def grow(conn: aiosqlite.Connection) -> None:
+            # A small page cache spills to the WAL within the step (as a big table rebuild
+            # does), so the step fails, not the COMMIT after it.
+            await conn.execute("PRAGMA cache_size = 4")
+            await conn.execute("CREATE TABLE ballast (x BLOB)")
+            await conn.execute("INSERT INTO ballast VALUES (zeroblob(256 * 1024))")
+
+        monkeypatch.setattr(queue_module, "MIGRATIONS", [*MIGRATIONS, grow])
+        with pytest.raises(QueueError, match=r"state\.db: no space left") as caught:
+            await Queue.open(db)
+        assert "report this" not in str(caught.value)
+        assert caught.value.as_state_error().exit_status == 74
+        holder.close()
+        assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    finally:
+        await anyio.run_process(["umount", "-l", str(state)], check=False)

@@ -256,7 +256,10 @@ def _build_corpus(inbox: Path, outside: Path, unreadable: bool) -> Corpus:
     if unreadable:
         write_file(inbox / "unreadable.csv", 2000, 6)
         os.chmod(inbox / "unreadable.csv", 0)
-        c.failed["unreadable.csv"] = ("file", r"unreadable\.csv: permission denied")
+        c.failed["unreadable.csv"] = (
+            "file",
+            r"unreadable\.csv: permission denied — make the file readable",
+        )
     write_file(inbox / "unknown-stream" / "x.csv", 500, 7)
     c.failed["unknown-stream/x.csv"] = (
         "not_found",
@@ -623,22 +626,15 @@ async def test_follow_symlinks_uploads_a_link_to_a_file_inside(
 # -------------------------------------------------------------------- unknown stream by name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="BUG service.py _on_ready/_stream_id: a route whose stream is a name the server does "
-    "not know makes intake retry the lookup forever (every 60 s) inside the watcher's "
-    "on_ready, so that file's whole batch and every later file is never enqueued; nothing is "
-    "recorded for the file, `status` shows nothing",
-)
 async def test_unknown_stream_name_in_a_route_fails_that_file_only(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:
+    """Was a bug: intake retried the lookup forever, so nothing after that file was taken."""
     config = write_config(tmp_path, sandbox)
-    with config.open("a") as fh:
-        fh.write('[[routes]]\nglob = "named/*"\nstream = "No Such Stream"\n')
+    base = config.read_text()
+    config.write_text(base + '[[routes]]\nglob = "named/*"\nstream = "No Such Stream"\n')
     inbox = tmp_path / "inbox"
-    write_file(inbox / "named" / "a.csv", 100)
+    named = write_file(inbox / "named" / "a.csv", 100)
     other = write_file(inbox / "other" / "b.csv", 100, 2)
     try:
         async with running_service(config) as svc:
@@ -646,39 +642,80 @@ async def test_unknown_stream_name_in_a_route_fails_that_file_only(
             wanted = {"other/b.csv", "later.csv"}
             await wait_until(lambda: wanted <= set(server_datasets(sandbox)), timeout=5)
             assert svc.queue is not None
-            (job,) = await svc.queue.find_by_rel("named/a.csv")
+            queue = svc.queue
+
+            async def failed() -> Job | None:
+                (job,) = await queue.find_by_rel("named/a.csv")
+                return job if job.state == JobState.FAILED else None
+
+            job = await wait_until(failed, timeout=5)
     except BaseExceptionGroup as group:  # running_service's task group wraps what we raised
         raise group.exceptions[0] from None
-    assert job.state == JobState.FAILED
-    assert "No Such Stream" in (job.last_error or "")
+    assert job.error_kind == "not_found"
+    assert re.fullmatch(
+        r"GET /streams: stream 'No Such Stream' not found on the server — fix the \[\[routes\]\] "
+        r"entry with glob 'named/\*' in the config \(`inboxd check` lists the streams this "
+        r"token can see\) or create the stream, then `inboxd retry --all-failed`",
+        job.last_error or "",
+    ), job.last_error
+    _STATS["reasons_checked"] += 1
     names = server_datasets(sandbox)
+    assert "named/a.csv" not in names
     assert sandbox.dataset_bytes(names["other/b.csv"][0]) == other
     assert sandbox.dataset_bytes(names["later.csv"][0]) == later
+
+    # What the reason says to do works: fix the route, `inboxd retry`, and the file goes to the
+    # stream the route names now (looked up when it is uploaded, not when it was queued).
+    config.write_text(base + '[[routes]]\nglob = "named/*"\nstream = "vehicle logs"\n')
+    retry = ["retry", "--all-failed", "--config", str(config)]
+    code, out, err = await anyio.to_thread.run_sync(lambda: _check(retry))
+    assert (code, out) == (0, "requeued 1 job(s)\n"), err
+    async with running_service(config):
+        await wait_until(lambda: "named/a.csv" in server_datasets(sandbox), timeout=10)
+    (dataset_id,) = server_datasets(sandbox)["named/a.csv"]
+    assert sandbox.datasets[dataset_id].stream_id == 2  # "Vehicle Logs", matched ignoring case
+    assert sandbox.dataset_bytes(dataset_id) == named
+
+
+async def test_stream_lookup_outage_queues_files_and_fails_none(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """GET /streams answers 503: files routed by stream name are queued, not failed, and not
+    held back at intake; they upload to the right stream once the server answers again."""
+    config = write_config(tmp_path, sandbox)
+    with config.open("a") as fh:
+        fh.write('[[routes]]\nglob = "named/*"\nstream = "Vehicle Logs"\n')
+    inbox = tmp_path / "inbox"
+    sandbox.faults.fail_next["GET /streams"] = [503] * 100_000
+    data = {
+        "named/a.csv": write_file(inbox / "named" / "a.csv", 100),
+        "named/b.csv": write_file(inbox / "named" / "b.csv", 100, 2),
+        "plain.csv": write_file(inbox / "plain.csv", 100, 3),
+    }
+    async with running_service(config) as svc:
+        assert svc.queue is not None
+        queue = svc.queue
+
+        async def all_tried() -> bool:
+            jobs = [j for rel in data for j in await queue.find_by_rel(rel)]
+            return len(jobs) == len(data) and all(j.attempts >= 1 for j in jobs)
+
+        await wait_until(all_tried, timeout=10)
+        jobs = [j for rel in data for j in await queue.find_by_rel(rel)]
+        assert {j.state for j in jobs} <= {JobState.QUEUED, JobState.UPLOADING}, jobs
+        assert all("503" in (j.last_error or "") for j in jobs), [j.last_error for j in jobs]
+        sandbox.faults.fail_next.clear()
+        await wait_until(lambda: set(data) <= set(server_datasets(sandbox)), timeout=15)
+    names = server_datasets(sandbox)
+    for rel, content in data.items():
+        (dataset_id,) = names[rel]
+        assert sandbox.dataset_bytes(dataset_id) == content
+        assert sandbox.datasets[dataset_id].stream_id == (1 if rel == "plain.csv" else 2), rel
 
 
 # ----------------------------------------------------------------------- bad config values
 
 _TOKEN_VALUE = "s3cr3t-config-token"
-_KEY_NOT_NAMED = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG metrics.py parse_listen / config.py _cross_checks: the problem line reads "
-    "'metrics listen = …' — it does not name the key metrics.listen",
-)
-_UNION_LINES = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG config.py _describe: a bad value for a union-typed key gives one line per "
-    "union member under invented keys (upload.stream.int / upload.stream.str, "
-    "upload.metadata.a.str/.int/.float/.bool), not one line per problem",
-)
-_ACCEPTED = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="GAP config.py: the value is accepted although it cannot work (a negative or empty "
-    "stream id/name fails every file later; include = [] takes no file at all, silently)",
-)
-
 #: (id, TOML, key the problem line starts with, regex on that line, marks)
 BAD_CONFIG: list[tuple[str, str, str, str, Any]] = [
     (
@@ -731,11 +768,79 @@ BAD_CONFIG: list[tuple[str, str, str, str, Any]] = [
         "[upload]\nmetadata = { a = { b = 1 } }",
         "upload.metadata",
         r"string|number|boolean",
-        (_UNION_LINES,),
+        (),
     ),
-    ("stream-fraction", "[upload]\nstream = 1.5", "upload.stream", r"stream", (_UNION_LINES,)),
-    ("stream-negative", "[upload]\nstream = -3", "upload.stream", r"", (_ACCEPTED,)),
-    ("stream-empty", '[upload]\nstream = ""', "upload.stream", r"", (_ACCEPTED,)),
+    (
+        "metadata-date",
+        "[upload]\nmetadata = { day = 2024-01-01 }",
+        "upload.metadata",
+        r"'day' must be a string, number or boolean, not a date/time — quote it",
+        (),
+    ),
+    (
+        "stream-fraction",
+        "[upload]\nstream = 1.5",
+        "upload.stream",
+        r"^upload\.stream = 1\.5: must be a stream id \(a whole number, e\.g\. 1\) or a "
+        r"stream name",
+        (),
+    ),
+    (
+        "stream-bool",
+        "[upload]\nstream = true",
+        "upload.stream",
+        r"stream id .* or a stream name",
+        (),
+    ),
+    (
+        "stream-negative",
+        "[upload]\nstream = -3",
+        "upload.stream",
+        r"= -3: a stream id is 1 or more",
+        (),
+    ),
+    (
+        "stream-zero-text",
+        '[upload]\nstream = "0"',
+        "upload.stream",
+        r"a stream id is 1 or more",
+        (),
+    ),
+    (
+        "stream-empty",
+        '[upload]\nstream = ""',
+        "upload.stream",
+        r"stream name must not be empty",
+        (),
+    ),
+    (
+        "stream-blank",
+        '[upload]\nstream = "  "',
+        "upload.stream",
+        r"stream name must not be empty",
+        (),
+    ),
+    (
+        "route-stream-zero",
+        '[[routes]]\nglob = "*"\nstream = 0',
+        "routes.0.stream",
+        r"a stream id is 1 or more",
+        (),
+    ),
+    (
+        "route-stream-empty",
+        '[[routes]]\nglob = "*"\nstream = ""',
+        "routes.0.stream",
+        r"stream name must not be empty",
+        (),
+    ),
+    (
+        "route-metadata-array",
+        '[[routes]]\nglob = "*"\nmetadata = { a = [1] }',
+        "routes.0.metadata",
+        r"'a' must be a string, number or boolean, not an array",
+        (),
+    ),
     (
         "settle-negative",
         "[inbox]\nsettle_seconds = -1",
@@ -758,7 +863,20 @@ BAD_CONFIG: list[tuple[str, str, str, str, Any]] = [
         (),
     ),
     ("include-not-list", '[inbox]\ninclude = "*.csv"', "inbox.include", r"valid list", ()),
-    ("include-empty", "[inbox]\ninclude = []", "inbox.include", r"", (_ACCEPTED,)),
+    (
+        "include-empty",
+        "[inbox]\ninclude = []",
+        "inbox.include",
+        r"= \[\]: takes no file at all",
+        (),
+    ),
+    (
+        "include-empty-glob",
+        '[inbox]\ninclude = ["*.csv", ""]',
+        "inbox.include",
+        r"an empty glob matches no file",
+        (),
+    ),
     ("exclude-ints", "[inbox]\nexclude = [1]", "inbox.exclude", r"valid string", ()),
     (
         "rescan-negative",
@@ -822,15 +940,15 @@ BAD_CONFIG: list[tuple[str, str, str, str, Any]] = [
         "metrics-public",
         '[metrics]\nlisten = "0.0.0.0:9464"',
         "metrics.listen",
-        r"not a loopback address",
-        (_KEY_NOT_NAMED,),
+        r"^metrics\.listen = '0\.0\.0\.0:9464': '0\.0\.0\.0' is not a loopback address",
+        (),
     ),
     (
         "metrics-garbage",
         '[metrics]\nlisten = "nonsense"',
         "metrics.listen",
-        r"host:port",
-        (_KEY_NOT_NAMED,),
+        r"^metrics\.listen = 'nonsense': expected 'host:port'",
+        (),
     ),
     (
         "bandwidth-word",
@@ -840,6 +958,13 @@ BAD_CONFIG: list[tuple[str, str, str, str, Any]] = [
         (),
     ),
     ("bandwidth-negative", "[bandwidth]\nlimit = -5", "bandwidth.limit", r"upload rate -5", ()),
+    (
+        "bandwidth-fraction",
+        "[bandwidth]\nlimit = 1.5",
+        "bandwidth.limit",
+        r"bytes per second \(a whole number\) or a rate such as",
+        (),
+    ),
     (
         "window-time",
         '[bandwidth]\nwindows = ["25:00-07:00"]',

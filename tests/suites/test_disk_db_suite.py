@@ -12,10 +12,10 @@ file and what to do, never a Python traceback), it never crash-loops silently (e
 * SIGKILL while thousands of files are being taken at start-up, then a restart: every file
   lands exactly once.
 
-``inboxd run`` exit statuses seen today: 78 for a config problem, **1** for every state
-database problem (corrupt, too new, full disk) — the same as any other failure, so systemd's
-``Restart=on-failure`` restarts it every 5 s forever. See the report in the PR for the
-proposal (65/EX_DATAERR for an unusable database, added to ``RestartPreventExitStatus=``).
+``inboxd run`` exit statuses: 78 for a config problem, 65 (EX_DATAERR) for a state database
+that is not usable (corrupt, not SQLite, a directory, a newer schema, a failed upgrade: in
+``RestartPreventExitStatus=``, it never fixes itself) and 74 (EX_IOERR) for a full state
+filesystem (systemd restarts it: space may be freed).
 
 CI scale by default (2,000 files in the SIGKILL case); ``INBOXD_SUITE=long`` for 50,000 files
 and five more kills at random moments.
@@ -51,6 +51,7 @@ from tests.daemon_helpers import REPO, inboxd, server_datasets, start_daemon, wr
 
 KiB = 1024
 MiB = 1024 * KiB
+EX_DATAERR, EX_IOERR = 65, 74  # sysexits.h: an unusable state database, a full state filesystem
 LONG = os.environ.get("INBOXD_SUITE") == "long"
 SEED = 20261122
 pytestmark = pytest.mark.slow
@@ -348,14 +349,6 @@ def test_full_state_disk_while_running_is_not_silent(full_while_running: FullDis
     assert re.search(_FULL_CLEAR, r.output, re.IGNORECASE), r.output[-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG service.py/queue.py: a write that fails with SQLITE_FULL raises QueueError "
-    "(not an InboxdError) inside the service's task group; `inboxd run` dies with an "
-    "ExceptionGroup traceback (cli.py main catches neither) and exit status 1 instead of "
-    "one line saying the state filesystem is full",
-)
 def test_full_state_disk_while_running_says_so_in_one_line(
     full_while_running: FullDiskRun,
 ) -> None:
@@ -363,6 +356,21 @@ def test_full_state_disk_while_running_says_so_in_one_line(
     assert "Traceback" not in r.output, r.output[-4000:]
     lines = _human_lines(r.output)
     assert any(re.search(_FULL_CLEAR, line, re.IGNORECASE) for line in lines), lines
+
+
+def test_full_state_disk_while_running_exits_74(full_while_running: FullDiskRun) -> None:
+    """EX_IOERR, not 65: systemd restarts it (a full disk may clear up), see the unit."""
+    assert full_while_running.exit_code == EX_IOERR, full_while_running.output[-2000:]
+
+
+def test_status_while_the_state_disk_is_full(full_while_running: FullDiskRun) -> None:
+    """`inboxd status` right after the daemon stopped on the full disk, still full."""
+    out = full_while_running.status_while_full
+    assert out is not None
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    counts = json.loads(out.stdout)["counts"]
+    assert counts["done"] >= 1, counts  # the fixture filled the disk after the first was done
 
 
 @pytest.fixture
@@ -377,47 +385,19 @@ def full_state(tmp_path: Path, sandbox: Sandbox) -> Iterator[tuple[Path, Path]]:
         unmount()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG service.py _lock_state (os.pwrite of the pid into state.db.lock, outside any "
-    "try): on a full state filesystem a raw OSError ENOSPC escapes as a traceback (exit 1)",
-)
 def test_start_on_full_fresh_state_dir_says_so(full_state: tuple[Path, Path]) -> None:
     config, state = full_state
     _fill(state)
     code, stderr = _run_briefly(config)
     _STATS["exit_codes"]["disk_full_at_start_fresh"] = code
-    assert code not in (0, None)
-    assert_one_clear_line(stderr, re.escape(str(state)), _FULL_CLEAR)
+    assert code == EX_IOERR, stderr[-2000:]
+    assert_one_clear_line(stderr, re.escape(str(state)), _FULL_CLEAR, r"free space")
 
 
 @pytest.mark.parametrize("command", ["run", "status"])
 def test_start_on_full_state_dir_with_a_database(
-    full_state: tuple[Path, Path], command: str, request: pytest.FixtureRequest
+    full_state: tuple[Path, Path], command: str
 ) -> None:
-    if command == "run":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="BUG queue.py _open_error: on a full state filesystem `inboxd run` says "
-                "'cannot open state database …: disk I/O error; check that the path is on a "
-                "local filesystem and … readable and writable' — the wrong advice, and "
-                "nothing about the disk being full",
-            )
-        )
-    else:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="BUG queue.py Queue.open(readonly=True): `inboxd status` needs to "
-                "create state.db-shm and fails with 'disk I/O error' (exit 1) on a full state "
-                "filesystem, exactly when a person needs it; it could fall back to "
-                "`?immutable=1` or say the disk is full",
-            )
-        )
     config, state = full_state
     _make_db(state / "state.db", 3)  # the database of an earlier run, closed cleanly
     (state / "state.db.lock").write_text("4242")  # and the lock file that run left
@@ -425,12 +405,16 @@ def test_start_on_full_state_dir_with_a_database(
     if command == "run":
         code, stderr = _run_briefly(config)
         _STATS["exit_codes"]["disk_full_at_start_existing_db"] = code
-        assert code not in (0, None)
-        assert_one_clear_line(stderr, re.escape(str(state / "state.db")), _FULL_CLEAR)
+        assert code == EX_IOERR, stderr[-2000:]
+        assert_one_clear_line(
+            stderr, re.escape(str(state / "state.db")), _FULL_CLEAR, r"free space"
+        )
     else:
+        # `status` needs no room: it reads the closed database without creating -shm.
         out = inboxd("status", "--config", str(config), "--json")
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout)["counts"]["queued"] + 1 >= 1
+        assert "Traceback" not in out.stderr, out.stderr
+        assert json.loads(out.stdout)["counts"]["queued"] == 3
 
 
 # ================================================ (b) a database other users have touched
@@ -598,79 +582,62 @@ def _v0_hand_made(db: Path) -> None:
     con.close()
 
 
-XFAIL_MIDDLE = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG queue.py Queue.open runs no integrity check (PRAGMA quick_check), so a database "
-    "with corrupt pages in the middle opens fine; the first query that meets them raises "
-    "QueueError('database disk image is malformed'), which is not an InboxdError: `run` dies "
-    "with an ExceptionGroup traceback from its task group and `status` with a plain traceback "
-    "(cli.py main only catches ConfigError/InboxdError); both exit 1",
-)
-XFAIL_DIRECTORY = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG queue.py _open_error: a directory in place of state.db gives 'unable to open "
-    "database file' (run) / 'disk I/O error' (status, plus an aiosqlite thread traceback "
-    "'Event loop is closed' on stderr), with advice about local filesystems and permissions "
-    "instead of 'is a directory'",
-)
-
-#: case → (breaker, run: needles or "starts", status: needles or "ok")
-BROKEN: dict[str, tuple[Callable[[Path], None], Any, Any, Any]] = {
+#: case → (breaker, run: needles or "starts", status: needles, status's exit status). `run`
+#: exits EX_DATAERR whenever it does not start; `status` exits 1 where only an upgrade is due.
+BROKEN: dict[str, tuple[Callable[[Path], None], Any, tuple[str, ...], int]] = {
     "corrupt-middle": (
         _corrupt_middle,
-        (r"state\.db", r"malformed|not a valid|corrupt", r"move it away|restore"),
+        (r"state\.db", r"malformed|not a valid|corrupt", r"move it away", r"backup", r"-wal"),
         (r"state\.db", r"malformed|not a valid|corrupt"),
-        XFAIL_MIDDLE,
+        EX_DATAERR,
     ),
     "corrupt-header": (
         _corrupt_header,
         (r"state\.db", r"not a valid SQLite database", r"move it away", r"backup"),
         (r"state\.db", r"not a valid SQLite database"),
-        None,
+        EX_DATAERR,
     ),
     "truncated-half": (
         _truncate,
         (r"state\.db", r"not a valid SQLite database|malformed", r"move it away"),
         (r"state\.db", r"not a valid SQLite database|malformed"),
-        None,
+        EX_DATAERR,
     ),
     "zero-bytes": (
         _zero_bytes,
         "starts",  # indistinguishable from a file Queue.open created just before a crash
         (r"state\.db", r"schema v0", r"start the daemon once"),
-        None,
+        1,
     ),
     "directory": (
         _directory,
         (r"state\.db", r"is a directory|not a (regular )?file"),
         (r"state\.db", r"is a directory|not a (regular )?file"),
-        XFAIL_DIRECTORY,
+        EX_DATAERR,
     ),
     "newer-schema": (
         _newer,
         (r"state\.db", r"newer inboxd", rf"schema v{len(MIGRATIONS) + 4}", r"upgrade inboxd"),
         (r"state\.db", r"newer inboxd", r"upgrade inboxd"),
-        None,
+        EX_DATAERR,
     ),
     "older-schema-stamped-v0": (
         _older_stamped,
         (r"state\.db", r"cannot upgrade", rf"schema v0 to v{len(MIGRATIONS)}", r"left unchanged"),
         (r"state\.db", r"schema v0"),
-        None,
+        1,
     ),
     "v1-previous-release": (
         _v1_previous_release,
         "starts",  # migrated in place; its done file is not uploaded again
         (r"state\.db", r"schema v1", r"start the daemon once"),
-        None,
+        1,
     ),
     "v0-hand-made": (
         _v0_hand_made,
         "starts",  # migrated in place
         (r"state\.db", r"schema v0", r"start the daemon once"),
-        None,
+        1,
     ),
 }
 
@@ -688,11 +655,8 @@ def test_broken_state_database(
     tmp_path: Path,
     case: str,
     command: str,
-    request: pytest.FixtureRequest,
 ) -> None:
-    breaker, run_expect, status_expect, mark = BROKEN[case]
-    if mark is not None:
-        request.applymarker(mark)
+    breaker, run_expect, status_expect, status_exit = BROKEN[case]
     config = write_config(tmp_path, broken_sandbox, log={"level": "info"})
     data = write_file(tmp_path / "inbox" / f"{case}.csv", 500)
     db = tmp_path / "state" / "state.db"
@@ -701,7 +665,8 @@ def test_broken_state_database(
     if command == "status":
         out = inboxd("status", "--config", str(config), timeout=30)
         _STATS["exit_codes"][f"status:{case}"] = out.returncode
-        assert out.returncode != 0, f"status exited 0 on a {case} database:\n{out.stdout[:500]}"
+        assert out.returncode == status_exit, f"status exited {out.returncode} on a {case} "
+        f"database:\n{out.stdout[:500]}{out.stderr[-1500:]}"
         assert_one_clear_line(out.stderr, *status_expect)
         if before is not None:
             assert db.read_bytes() == before, "status changed the database"
@@ -724,7 +689,7 @@ def test_broken_state_database(
         return
     # A broken database never fixes itself: the daemon must stop, loudly, and touch nothing.
     assert code is not None, "the daemon kept running on a broken state database"
-    assert code != 0
+    assert code == EX_DATAERR, stderr[-2000:]
     assert_one_clear_line(stderr, *run_expect)
     if before is not None:
         assert db.read_bytes() == before, "run changed the broken database"
