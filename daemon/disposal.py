@@ -48,7 +48,12 @@ class Disposal:
     async def once(self) -> int:
         """One pass; returns the number of jobs handled."""
         jobs = await self.queue.jobs_for_after_upload(limit=500)
+        if self.action == "keep":
+            # Nothing to do on disk: record the whole batch in one write.
+            await self.queue.set_after_upload_many({job.id: "kept" for job in jobs})
+            return len(jobs)
         for job in jobs:
+            # One job at a time: each move or delete is recorded before the next one starts.
             outcome = await anyio.to_thread.run_sync(self._apply, job)
             await self.queue.set_after_upload(job.id, outcome)
         return len(jobs)

@@ -119,6 +119,11 @@ class _Journal:
             await self._queue.clear_parts(self._job_id)
             self._parts_possible = False
 
+    @property
+    def parts_possible(self) -> bool:
+        """Whether parts may be recorded for this job (False: none ever were)."""
+        return self._parts_possible
+
     async def part_done(self, part_number: int) -> None:
         self._parts_possible = True
         await self._queue.mark_part_done(self._job_id, part_number)
@@ -285,14 +290,16 @@ class Workers:
             parts_done=await self.queue.parts_done(job.id) if job.ingestion_id else set(),
             fell_back=job.fell_back,
         )
+        predecessors, previous_refs = await self._history(job)
+        journal = _Journal(self.queue, job.id, parts_possible=job.ingestion_id is not None)
         work = Work(
             job=job,
             file=ref,
             resume=resume,
-            journal=_Journal(self.queue, job.id, parts_possible=job.ingestion_id is not None),
+            journal=journal,
             progress=sent.add,
-            predecessor_keys=await self._predecessors(job),
-            previous_refs=await self.queue.previous_refs(ident.rel, job.target),
+            predecessor_keys=predecessors,
+            previous_refs=previous_refs,
         )
         log = _log.bind(job_id=job.id, path=ident.rel)
         log.info("upload.start", size=ident.size, attempt=job.attempts + 1, stage=resume.stage)
@@ -340,15 +347,15 @@ class Workers:
             else:
                 await self._fail(job, str(exc), exc.kind)
         else:
-            await self.queue.save_progress(
+            self._outage_failures = 0
+            await self.queue.mark_uploaded(
                 job.id,
                 bytes_sent=ident.size,
                 dataset_id=result.dataset_id,
                 dataset_name=result.dataset_name,
                 target_refs=result.refs,
+                parts_recorded=journal.parts_possible,
             )
-            self._outage_failures = 0
-            await self.queue.mark_uploaded(job.id)
             if not result.needs_poll:
                 # Nothing to wait for on the server's side: delivered is done.
                 await self.queue.record_import(
@@ -379,10 +386,17 @@ class Workers:
         await self.queue.set_stream_id(job.id, stream_id)
         return replace(job, stream_id=stream_id)
 
-    async def _predecessors(self, job: Job) -> frozenset[str]:
-        """Keys of earlier versions of this file that never finished (see UploadRequest)."""
-        older = await self.queue.find_by_rel(job.identity.rel)
-        return frozenset(j.upload_key for j in older if j.id != job.id and j.state in _UNFINISHED)
+    async def _history(self, job: Job) -> tuple[frozenset[str], dict[str, Any] | None]:
+        """What earlier jobs of this path tell the upload, from one read of them.
+
+        The upload keys of earlier versions that never finished (see ``UploadRequest``), and
+        the ``target_refs`` of the newest finished one for the same target (a target that
+        keeps one remote object per file updates it rather than creating another).
+        """
+        others = [j for j in await self.queue.find_by_rel(job.identity.rel) if j.id != job.id]
+        keys = frozenset(j.upload_key for j in others if j.state in _UNFINISHED)
+        done = [j for j in others if j.state == JobState.DONE and j.target == job.target]
+        return keys, (max(done, key=lambda j: j.id).target_refs if done else None)
 
     async def _changed(self, job: Job, exc: FileChangedError) -> None:
         path = self.inbox / job.identity.rel

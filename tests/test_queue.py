@@ -18,6 +18,7 @@ from daemon import queue as queue_module
 from daemon.queue import (
     MIGRATIONS,
     FileIdentity,
+    ImportRecord,
     Job,
     JobState,
     NewJob,
@@ -177,7 +178,6 @@ async def test_v1_database_gains_target_columns(
         job = await get(q, job_id)
         assert (job.target, job.target_refs) == ("marple-db", {})
         await q.save_progress(job_id, target_refs={"source_id": 7})
-        assert await q.previous_refs("a.csv", "marple-db") is None  # not done yet
         assert (await get(q, job_id)).target_refs == {"source_id": 7}
 
 
@@ -551,6 +551,70 @@ async def test_upload_and_import_transitions(q: Queue) -> None:
     assert (await get(q, ok)).after_upload == "archived"
     totals = await q.totals()
     assert (totals["files_done"], totals["bytes_done"]) == (1, 10)
+
+
+async def test_mark_uploaded_stores_the_outcome_in_one_statement(q: Queue) -> None:
+    small, parted = await q.enqueue_many([new("small"), new("parted")])
+    await q.claim("w", 60)
+    await q.mark_uploaded(
+        small,
+        bytes_sent=10,
+        dataset_id=41,
+        dataset_name="small (2)",
+        target_refs={"source_id": 9},
+        parts_recorded=False,
+    )
+    job = await get(q, small)
+    assert (job.state, job.stage, job.lease_owner) == (JobState.IMPORTING, Stage.COMPLETED, None)
+    assert (job.bytes_sent, job.dataset_id, job.dataset_name) == (10, 41, "small (2)")
+    assert job.target_refs == {"source_id": 9}
+    # Fields not given stay as they were; parts recorded are dropped.
+    await q.claim("w", 60)
+    await q.save_progress(parted, dataset_id=5, bytes_sent=3)
+    await q.mark_part_done(parted, 1)
+    await q.mark_uploaded(parted)
+    job = await get(q, parted)
+    assert (job.state, job.dataset_id, job.bytes_sent) == (JobState.IMPORTING, 5, 3)
+    assert await q.parts_done(parted) == set()
+
+
+async def test_record_imports_applies_a_batch_and_skips_finished_jobs(q: Queue) -> None:
+    ids = await q.enqueue_many([new(f"j{i}") for i in range(4)])
+    for job_id in ids:
+        await q.claim("w", 60)
+        await q.mark_uploaded(job_id, parts_recorded=False)
+    going, done, bad, late = ids
+    await q.record_import(
+        late, status="done", progress=1, message=None, terminal=True, failed=False
+    )
+    await q.record_imports(
+        [
+            ImportRecord(going, "importing", 0.25, "rows", terminal=False, failed=False),
+            ImportRecord(done, "finished", 1.0, None, terminal=True, failed=False),
+            ImportRecord(bad, "failed", None, "bad header", terminal=True, failed=True),
+            # A late answer for a job already finished changes nothing.
+            ImportRecord(late, "importing", 0.1, None, terminal=False, failed=False),
+        ]
+    )
+    g, d, b, lt = [await get(q, i) for i in ids]
+    assert (g.state, g.import_status, g.import_progress, g.import_message) == (
+        JobState.IMPORTING,
+        "importing",
+        0.25,
+        "rows",
+    )
+    assert (d.state, d.import_status) == (JobState.DONE, "finished")
+    assert (b.state, b.error_kind, b.last_error) == (
+        JobState.FAILED,
+        "import",
+        "import failed: bad header",
+    )
+    assert (lt.state, lt.import_status) == (JobState.DONE, "done")
+    await q.record_imports([])  # nothing to do is not an error
+
+    await q.set_after_upload_many({d.id: "kept", lt.id: "deleted", 999_999: "kept"})
+    assert await q.jobs_for_after_upload(10) == []
+    assert [(await get(q, i)).after_upload for i in (done, late)] == ["kept", "deleted"]
 
 
 async def test_mark_failed_and_superseded(q: Queue) -> None:
