@@ -24,8 +24,18 @@ POST .../upload/complete               guarded    on 409 or an ambiguous failure
 POST .../abort                         yes        aborting an aborted ingestion is a no-op
 =====================================  =========  ============================================
 
-Storage requests go through a second httpx client that has no default headers at all: the API
-token can never reach a storage URL, and signed URLs never appear in our messages.
+Storage requests go through a second httpx client that has no default headers of ours: the
+API token can never reach a storage URL, and signed URLs never appear in our messages.
+
+httpx's timeouts (``[api] timeout``) bound each connect, read and write, not a whole answer: a
+server trickling a byte per second would hold a call forever. So every call also has an overall
+deadline of ``DEADLINE_FACTOR`` (2) x ``[api] timeout`` (60 s by default), a retryable
+TransportError (StorageError for storage) when it passes. A streamed request body (a file or a
+part, which may take hours on a slow link) is not under it: its clock starts once the last byte
+is sent, so only the answer is timed.
+
+Answers are read capped at 16 MiB, gzip/deflate decoded by us in bounded steps (the decoded size
+is capped too: a decompression bomb is refused, not inflated).
 """
 
 from __future__ import annotations
@@ -33,20 +43,29 @@ from __future__ import annotations
 import email.utils
 import functools
 import json
+import math
 import os
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
 import httpx
-from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+)
 
 from daemon import __version__
 from daemon.config import ApiSettings
@@ -71,6 +90,16 @@ from daemon.errors import (
 CHUNK_SIZE = 2 * 1024 * 1024
 _SLOW_READ = 0.02  # seconds; a read slower than this moves to a thread
 _MAX_BODY = 16 * 1024 * 1024  # a larger API answer is a server fault, not data to hold in RAM
+# httpx's timeouts bound each socket operation, so a server trickling a byte now and then
+# would hold a call forever. A whole answer gets this many read timeouts ([api] timeout):
+# room for the connect plus a server that thinks for almost a full timeout, yet a stuck
+# call ends within a minute at the default 30 s. Streamed request bodies (file uploads) are
+# not under it: their clock starts once the last byte is sent.
+DEADLINE_FACTOR = 2.0
+_SLOW_LINK = 64 * 1024  # bytes/s; extra deadline an in-memory request body earns
+_INFLATE_STEP = 64 * 1024  # most bytes one inflate step may produce: a bomb never lands at once
+# Only what _Inflater decodes: httpx would also offer br/zstd if those packages were installed.
+_ACCEPT_ENCODING = "gzip, deflate"
 _USER_AGENT = f"inboxd/{__version__}"
 _BEARER = re.compile(r"Bearer\s+[^\s'\"]+")
 
@@ -113,10 +142,19 @@ class PartUrls(_Model):
     next_part: int | None = None
 
 
+def _finite_or_none(value: float | None) -> float | None:
+    """``value``, or None when it is NaN or infinite (JSON has no such numbers to show)."""
+    return value if value is None or math.isfinite(value) else None
+
+
+# JSON answers may say 1e999 or NaN (Python's json reads both): a progress we cannot show.
+_Progress = Annotated[float | None, AfterValidator(_finite_or_none)]
+
+
 class DatasetStatus(_Model):
     dataset_id: int
     import_status: str | None = None
-    import_progress: float | None = None
+    import_progress: _Progress = None
     import_message: str | None = None
 
 
@@ -125,7 +163,7 @@ class Dataset(_Model):
     path: str | None = None
     metadata: dict[str, Any] | None = None
     import_status: str | None = None
-    import_progress: float | None = None
+    import_progress: _Progress = None
     import_message: str | None = None
 
 
@@ -308,22 +346,30 @@ class MarpleClient:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
         self._base = url.rstrip("/")
         self._secret = token.get_secret_value()
+        hooks = {"response": [_unfollowed_redirect]}
         self._api = httpx.AsyncClient(
             base_url=self._base,
             headers={
                 "Authorization": f"Bearer {token.get_secret_value()}",
                 "X-Request-Source": _USER_AGENT,
                 "User-Agent": _USER_AGENT,
+                "Accept-Encoding": _ACCEPT_ENCODING,
             },
             timeout=tmo,
             verify=verify,
             limits=limits,
             transport=transport,
             follow_redirects=False,
+            event_hooks=hooks,
         )
-        # No default headers beyond httpx's own: nothing of ours may reach a storage URL.
+        # Nothing of ours may reach a storage URL: Accept-Encoding only narrows httpx's own.
         self._storage = httpx.AsyncClient(
-            timeout=tmo, verify=verify, limits=limits, follow_redirects=False
+            headers={"Accept-Encoding": _ACCEPT_ENCODING},
+            timeout=tmo,
+            verify=verify,
+            limits=limits,
+            follow_redirects=False,
+            event_hooks=hooks,
         )
 
     @classmethod
@@ -547,10 +593,29 @@ class MarpleClient:
         what: str = "storage request",
     ) -> httpx.Headers:
         """One request to a signed storage URL (S3 presigned or Azure SAS)."""
-        where = redact_url(url)
         try:
-            async with self._storage.stream(method, url, content=content, headers=headers) as resp:
-                body = await _read_capped(resp, what, storage=True)
+            where = redact_url(url)
+            # httpx accepts port 99999 and the socket layer then raises a raw OverflowError.
+            _ = urlsplit(url).port
+        except ValueError:
+            # The URL is not shown: its query holds the signature.
+            raise StorageError(
+                f"{what}: the server gave an unusable upload URL (it cannot be parsed)"
+            ) from None
+        scope, limit, content = _deadline_scope(self._storage, content)
+        try:
+            with scope:
+                async with self._storage.stream(
+                    method, url, content=content, headers=headers
+                ) as resp:
+                    body = await _read_capped(resp, what, storage=True)
+            if scope.cancelled_caught:
+                raise StorageError(f"{what} to {where}: no complete answer within {limit:g} s")
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            raise StorageError(
+                f"{what} to {where}: the server gave an unusable upload URL "
+                f"({_describe_httpx(exc)})"
+            ) from None
         except httpx.TransportError as exc:
             raise StorageError(
                 f"{what} to {where}: connection failed ({_describe_httpx(exc)})"
@@ -593,9 +658,17 @@ async def send_request(
     every API client. ``server`` and ``advice`` only word the connect-failure message; text
     that comes from elsewhere (httpx, the server's error body) is scrubbed of ``secret``.
     """
+    scope, limit, kwargs["content"] = _deadline_scope(http, kwargs.get("content"))
     try:
-        async with http.stream(method, url, **kwargs) as resp:
-            body = await _read_capped(resp, endpoint)
+        with scope:
+            async with http.stream(method, url, **kwargs) as resp:
+                body = await _read_capped(resp, endpoint)
+        if scope.cancelled_caught:
+            raise TransportError(
+                f"{endpoint}: no complete answer within {limit:g} s "
+                f"({DEADLINE_FACTOR:g} x [api] timeout): the server or a proxy is stuck "
+                "or trickling its answer"
+            )
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise TransportError(
             f"{endpoint}: cannot connect to {server} ({_scrub(_describe_httpx(exc), secret)})",
@@ -607,6 +680,14 @@ async def send_request(
             f"{endpoint}: no complete answer from the server "
             f"({_scrub(_describe_httpx(exc), secret)})"
         ) from exc
+    except httpx.InvalidURL as exc:
+        # Not a TransportError in httpx: a malformed redirect Location (clients without the
+        # _unfollowed_redirect hook) or a URL built from what the server sent.
+        raise ProtocolError(
+            f"the request or the server's redirect has an unusable URL "
+            f"({_scrub(_describe_httpx(exc), secret)})",
+            endpoint=endpoint,
+        ) from None
     if secret and secret.encode() in body:
         body = body.replace(secret.encode(), b"<redacted>")
     return _decode(resp, body, endpoint)
@@ -618,17 +699,108 @@ def _scrub(text: str, secret: str) -> str:
     return text.replace(secret, "<redacted>") if secret else text
 
 
+def _deadline_scope(http: httpx.AsyncClient, content: Any) -> tuple[anyio.CancelScope, float, Any]:
+    """The cancel scope that bounds one whole call, its limit, and the content to send.
+
+    An in-memory body starts the clock at once, with extra time for its size. A streamed
+    body (a file part of any size, on a link of any speed) is not bounded here: the clock
+    starts when its last chunk has been handed to httpx, so only the answer is timed.
+    """
+    limit = DEADLINE_FACTOR * (http.timeout.read or 30.0)
+    scope = anyio.CancelScope()
+    if content is None or isinstance(content, bytes | bytearray | str):
+        scope.deadline = anyio.current_time() + limit + len(content or b"") / _SLOW_LINK
+        return scope, limit, content
+    return scope, limit, _clock_after(content, scope, limit)
+
+
+async def _clock_after(
+    body: AsyncIterator[bytes], scope: anyio.CancelScope, limit: float
+) -> AsyncIterator[bytes]:
+    async for chunk in body:
+        yield chunk
+    scope.deadline = anyio.current_time() + limit
+
+
+async def _unfollowed_redirect(resp: httpx.Response) -> None:
+    """Drop a redirect's ``Location``: we never follow one, yet httpx builds the next request
+    from it anyway, and a malformed one (``A:0``) raises InvalidURL there, losing the answer."""
+    if resp.has_redirect_location:
+        del resp.headers["Location"]
+
+
+class _Inflater:
+    """One ``Content-Encoding`` step (gzip or deflate), undone in bounded pieces."""
+
+    def __init__(self, coding: str) -> None:
+        self._zlib: Any = None
+        self._head = b""
+        if coding in ("gzip", "x-gzip"):
+            self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 16)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self._zlib is None:
+            # "deflate" should be zlib-wrapped (RFC 9110) but some servers send it raw:
+            # the two header bytes tell which, as httpx's own decoder also allows both.
+            self._head += data
+            if len(self._head) < 2:
+                return
+            data, cmf, flg = self._head, self._head[0], self._head[1]
+            wrapped = cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0
+            self._zlib = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        while True:
+            out = self._zlib.decompress(data, _INFLATE_STEP)
+            if out:
+                yield out
+            data = self._zlib.unconsumed_tail
+            if not data and len(out) < _INFLATE_STEP:
+                return
+
+
+def _decoded(stages: list[_Inflater], data: bytes) -> Iterator[bytes]:
+    if not stages:
+        yield data
+        return
+    for piece in stages[0].feed(data):
+        yield from _decoded(stages[1:], piece)
+
+
 async def _read_capped(resp: httpx.Response, what: str, *, storage: bool = False) -> bytes:
+    """The answer's body, Content-Encoding undone, at most ``_MAX_BODY`` bytes read or made.
+
+    Decoding here (not httpx's ``aiter_bytes``) because httpx inflates each network chunk
+    whole: 64 KiB of a gzip bomb would become 64 MiB before any cap could look at it.
+    """
+    cls = StorageError if storage else ProtocolError
+    too_large = f"{what}: the answer is larger than {_MAX_BODY} bytes; refusing to read it"
+    codings = [c.strip().lower() for c in resp.headers.get("content-encoding", "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    unknown = [c for c in codings if c not in ("gzip", "x-gzip", "deflate")]
+    # Only a successful API answer needs its body; elsewhere it merely words the error, and
+    # one we cannot decode must not hide the status.
+    strict = not storage and resp.is_success
+    if unknown and strict:
+        raise cls(f"{what}: the answer is {unknown[0]!r}-encoded, which inboxd cannot read")
+    stages = [] if unknown else [_Inflater(c) for c in reversed(codings)]
     buf = bytearray()
+    raw = 0
     async for chunk in resp.aiter_raw():
-        buf += chunk
-        if len(buf) > _MAX_BODY:
-            cls = StorageError if storage else ProtocolError
-            raise cls(f"{what}: the answer is larger than {_MAX_BODY} bytes; refusing to read it")
+        raw += len(chunk)
+        if raw > _MAX_BODY:
+            raise cls(too_large)
+        try:
+            for piece in _decoded(stages, chunk):
+                buf += piece
+                if len(buf) > _MAX_BODY:
+                    raise cls(too_large)
+        except zlib.error as exc:
+            if not strict:
+                return bytes(buf)
+            raise cls(f"{what}: the answer's {codings[0]} encoding is corrupt ({exc})") from None
     return bytes(buf)
 
 
-def _describe_httpx(exc: httpx.TransportError) -> str:
+def _describe_httpx(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return _short(f"{type(exc).__name__}: {text}", 200)
 
@@ -655,6 +827,14 @@ def _decode(resp: httpx.Response, body: bytes, endpoint: str) -> Any:
         try:
             data = json.loads(body)
         except ValueError:
+            data = None
+        except RecursionError:
+            if 200 <= status < 300:
+                raise ProtocolError(
+                    "answer is JSON nested too deeply to read (a broken or hostile server)",
+                    status=status,
+                    endpoint=endpoint,
+                ) from None
             data = None
     if 200 <= status < 300:
         if data is None and body:
@@ -696,7 +876,10 @@ def _error_text(data: Any, body: bytes) -> str:
             if isinstance(value, str) and value:
                 return _short(value)
             if value is not None and key == "detail":
-                return _short(json.dumps(value))
+                try:
+                    return _short(json.dumps(value))
+                except (RecursionError, ValueError):
+                    break
     text = body.decode("utf-8", "replace").strip()
     return _short(text) if text else "(empty answer)"
 
@@ -721,6 +904,7 @@ def _parse(adapter: TypeAdapter[_T], data: Any, endpoint: str) -> _T:
 __all__ = [
     "BUSY_STATUSES",
     "CHUNK_SIZE",
+    "DEADLINE_FACTOR",
     "FAILED_STATUSES",
     "OK_STATUSES",
     "ApiError",

@@ -6,6 +6,7 @@ The JSON form (``--json``) is a stable interface for scripts; README documents i
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -184,8 +185,19 @@ def _where(job: dict[str, Any]) -> str:
 
 
 def to_json(snap: Snapshot) -> str:
-    """``status --json``."""
-    return json.dumps(snap.as_json(), indent=2, ensure_ascii=False)
+    """``status --json``: strict JSON, a NaN or infinity (from a server) shows as null."""
+    return json.dumps(_finite(snap.as_json()), indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _pid_alive(pid: int) -> bool:

@@ -2,8 +2,9 @@
 
 Raw asyncio TCP in a background thread on 127.0.0.1:<free port>, so every byte of an answer is
 under the test's control: invalid JSON, missing fields, HTML error pages, redirects, 50 MB
-bodies (with a Content-Length or chunked), answers trickled a byte at a time, connections cut
-half-way through a body, garbage status lines, or no answer at all.
+bodies (with a Content-Length or chunked), answers (or their headers) trickled a byte at a
+time, gzip-encoded answers, connections cut half-way through a body, garbage status lines, or
+no answer at all.
 
 Without a script the server behaves like a minimal, valid Marple DB (see ``default_answer``),
 so an upload flow can be driven up to the one step a test makes hostile::
@@ -57,6 +58,8 @@ class Answer:
     filler: bytes = b" "
     #: seconds to wait before the status line
     delay: float = 0.0
+    #: seconds between single bytes of the status line and headers (slowloris, head first)
+    head_trickle: float = 0.0
     #: seconds between body pieces of ``trickle_bytes`` bytes (slowloris)
     trickle: float = 0.0
     trickle_bytes: int = 1
@@ -297,8 +300,14 @@ async def _write_answer(writer: asyncio.StreamWriter, answer: Answer, seen: Seen
         status_line = f"HTTP/1.1 {answer.status} {reason}".encode()
     head = status_line + b"\r\n"
     head += b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers) + b"\r\n"
-    writer.write(head)
-    await writer.drain()
+    if answer.head_trickle:
+        for i in range(len(head)):
+            writer.write(head[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(answer.head_trickle)
+    else:
+        writer.write(head)
+        await writer.drain()
     sent = 0
     for piece in _pieces(answer, body):
         if answer.cut_after is not None and sent + len(piece) >= answer.cut_after:
