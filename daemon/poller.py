@@ -2,11 +2,15 @@
 
 Statuses are recorded as given. A terminal status ends polling (``FINISHED``/``LIVE`` → done,
 ``*FAILED`` → failed with the server's message); an unknown status is recorded and polled
-again, never a crash.
+again, never a crash. Nor does anything else end the loop: a pass that fails in a way
+nobody foresaw is logged and retried after a growing pause, because a dead poller would leave
+every later upload IMPORTING for good (and end the daemon's task group with it).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import anyio
@@ -14,10 +18,13 @@ import structlog
 
 from daemon.errors import AuthError, InboxdError
 from daemon.metrics import Metrics
-from daemon.queue import Queue
-from daemon.targets import Target
+from daemon.queue import ImportRecord, Job, Queue, QueueError
+from daemon.targets import ImportUpdate, Target
 
 _log = structlog.get_logger(__name__)
+#: longest pause after repeated unexpected failures (the interval is used when it is longer)
+MAX_BACKOFF = 300.0
+_BEARER = re.compile(r"Bearer\s+[^\s'\"]+")
 
 
 class Poller:
@@ -48,17 +55,40 @@ class Poller:
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Poll until cancelled."""
         task_status.started()
+        streak = 0  # passes in a row that failed unexpectedly
         while True:
-            try:
-                await self.poll_once()
-            except AuthError as exc:
-                _log.error("poller.auth", error=str(exc))
-            except InboxdError as exc:
-                _log.warning("poller.error", error=str(exc))
-            self.passes += 1
-            with anyio.move_on_after(self.interval):
-                await self._wake.wait()
+            if await self._pass_failed_unexpectedly():
+                streak += 1
+                pause = min(self.interval * 2 ** min(streak, 20), max(self.interval, MAX_BACKOFF))
+                _log.info("poller.backoff", retry_in=round(pause, 2), failures=streak)
+                self.passes += 1
+                # Not cut short by wake(): every upload would turn the backoff into a busy loop.
+                await anyio.sleep(pause)
+            else:
+                streak = 0
+                self.passes += 1
+                with anyio.move_on_after(self.interval):
+                    await self._wake.wait()
             self._wake = anyio.Event()
+
+    async def _pass_failed_unexpectedly(self) -> bool:
+        """One pass; errors are logged here. True when it failed in a way nobody foresaw."""
+        try:
+            await self.poll_once()
+        except AuthError as exc:
+            _log.error("poller.auth", error=str(exc))
+        except InboxdError as exc:
+            _log.warning("poller.error", error=str(exc))
+        except QueueError:
+            raise  # the state database failed: not a poll problem; the service stops with it
+        except Exception as exc:  # not BaseException: cancellation must end the loop
+            _log.error(
+                "poller.unexpected",
+                error_type=type(exc).__name__,
+                error=_BEARER.sub("Bearer <redacted>", str(exc))[:500],
+            )
+            return True
+        return False
 
     async def poll_once(self) -> int:
         """One pass over the jobs waiting for their import; returns how many were asked."""
@@ -66,33 +96,41 @@ class Poller:
         if not jobs:
             return 0
         by_id = {job.id: job for job in jobs}
+        records: list[ImportRecord] = []
+        finished: list[tuple[Job, ImportUpdate]] = []
         for update in await self.target.poll(jobs):
             job = by_id.get(update.job_id)
             if job is None:
                 continue
-            unchanged = (update.status, update.progress, update.message) == (
+            # NaN/inf from a target would make `status --json` invalid (and NaN never equals
+            # itself, so it would be rewritten on every pass).
+            progress = update.progress
+            if progress is not None and not math.isfinite(progress):
+                progress = None
+            unchanged = (update.status, progress, update.message) == (
                 job.import_status,
                 job.import_progress,
                 job.import_message,
             )
             if unchanged and not update.terminal:
                 continue
-            await self.queue.record_import(
-                job.id,
-                status=update.status,
-                progress=update.progress,
-                message=update.message,
-                terminal=update.terminal,
-                failed=update.failed,
+            records.append(
+                ImportRecord(
+                    job.id, update.status, progress, update.message, update.terminal, update.failed
+                )
             )
-            if update.terminal and self.metrics is not None:
+            if update.terminal:
+                finished.append((job, update))
+        # One transaction for the whole answer: a batch of small files finishes together.
+        await self.queue.record_imports(records)
+        for job, update in finished:
+            if self.metrics is not None:
                 self.metrics.import_finished(not update.failed)
                 if update.failed:
                     self.metrics.failed("import")  # the job ends failed, like upload failures
-            if update.terminal:
-                log = _log.bind(job_id=job.id, path=job.identity.rel, dataset_id=job.dataset_id)
-                if update.failed:
-                    log.warning("import.failed", status=update.status, message=update.message)
-                else:
-                    log.info("import.done", status=update.status)
+            log = _log.bind(job_id=job.id, path=job.identity.rel, dataset_id=job.dataset_id)
+            if update.failed:
+                log.warning("import.failed", status=update.status, message=update.message)
+            else:
+                log.info("import.done", status=update.status)
         return len(jobs)

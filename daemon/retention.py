@@ -40,7 +40,7 @@ import anyio.abc
 import anyio.to_thread
 import structlog
 
-from daemon.queue import Queue
+from daemon.queue import Queue, QueueError
 
 __all__ = ["FreeSpace", "Retention", "RetentionReport", "disk_free"]
 
@@ -216,6 +216,8 @@ class Retention:
         while True:
             try:
                 await self.once()
+            except QueueError:
+                raise  # the state database failed: the service stops and says why
             except Exception as exc:
                 # Housekeeping: a broken pass is reported and tried again, it must never take
                 # the uploads down with it.
