@@ -67,7 +67,7 @@ from pydantic import (
     ValidationError,
 )
 
-from daemon import __version__
+from daemon import __version__, netio
 from daemon.config import ApiSettings
 from daemon.errors import (
     ApiError,
@@ -371,6 +371,10 @@ class MarpleClient:
             follow_redirects=False,
             event_hooks=hooks,
         )
+        if transport is None:
+            # A fifth less CPU per small request than httpcore's anyio streams (see netio).
+            netio.adopt(self._api)
+        netio.adopt(self._storage)
 
     @classmethod
     def from_settings(cls, api: ApiSettings) -> MarpleClient:

@@ -69,7 +69,7 @@ import structlog
 from authlib.oauth1 import ClientAuth  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from daemon import __version__, retry
+from daemon import __version__, netio, retry
 from daemon.bandwidth import RateLimiter
 from daemon.client import FileSlice, Progress, multipart_file_body, send_request, tls_verify
 from daemon.config import ApiSettings, DataServiceGrant, DataServiceSettings
@@ -317,12 +317,20 @@ class DataServiceClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             auth=signer,
-            headers={"Accept": ACCEPT, "User-Agent": _USER_AGENT},
+            # Only the encodings send_request decodes itself (with its size cap), whatever
+            # optional decoders (brotli, zstandard) happen to be installed.
+            headers={
+                "Accept": ACCEPT,
+                "User-Agent": _USER_AGENT,
+                "Accept-Encoding": "gzip, deflate",
+            },
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
             verify=verify,
             transport=transport,
             follow_redirects=False,
         )
+        if transport is None:
+            netio.adopt(self._http)
 
     @classmethod
     def from_settings(cls, api: ApiSettings, ds: DataServiceSettings) -> DataServiceClient:
