@@ -47,6 +47,7 @@ import math
 import os
 import re
 import ssl
+import stat
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -196,7 +197,7 @@ class FileSlice:
     async def chunks(self, progress: Progress | None = None) -> AsyncIterator[bytes]:
         """Yield the slice chunk by chunk; memory use is one chunk whatever the length."""
         chunk_size = self.chunk_size
-        fd = await anyio.to_thread.run_sync(_open_for_read, self.path, self.inode, self.min_size)
+        fd = await _open_slice(self.path, self.inode, self.min_size)
         try:
             pos, end = self.offset, self.offset + self.length
             # Reading in the event loop saves a thread round trip per chunk (a third of the
@@ -259,9 +260,34 @@ def multipart_file_body(
     return body(), headers
 
 
+#: False once an open in the event loop was slow: from then on files are opened in a thread
+_open_in_loop = True
+
+
+async def _open_slice(path: Path, inode: int | None, min_size: int | None) -> int:
+    """``_open_for_read`` in the event loop while opens are fast, else in a worker thread.
+
+    A thread round trip costs more than the open of a local, cached file (most uploads are
+    small files just written); the first open that stalls the loop (a network filesystem,
+    a cold disk) sends every later one to a thread, as reads do per slice.
+    """
+    global _open_in_loop
+    if not _open_in_loop:
+        return await anyio.to_thread.run_sync(_open_for_read, path, inode, min_size)
+    started = time.perf_counter()
+    try:
+        return _open_for_read(path, inode, min_size)
+    finally:
+        if time.perf_counter() - started >= _SLOW_READ:
+            _open_in_loop = False
+
+
 def _open_for_read(path: Path, inode: int | None, min_size: int | None) -> int:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: a FIFO or device swapped in for the file must not block the open (in
+        # the event loop, that would stall the daemon); it changes nothing for regular files.
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise FileChangedError(f"{path.name}: the file vanished before it was uploaded") from None
     except PermissionError:
@@ -272,6 +298,9 @@ def _open_for_read(path: Path, inode: int | None, min_size: int | None) -> int:
     except OSError as exc:
         raise FileProblem(f"{path.name}: cannot open it ({exc.strerror})") from None
     st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FileChangedError(f"{path.name}: is no longer a regular file")
     if (inode is not None and st.st_ino != inode) or (
         min_size is not None and st.st_size < min_size
     ):

@@ -208,6 +208,9 @@ class Job:
     target: str = "marple-db"
     #: the target service's own identifiers (source id, share link, data source link)
     target_refs: dict[str, Any] = field(default_factory=dict)
+    #: how many other jobs (any state) had the same path when ``claim`` took this one; None
+    #: when not counted. 0 spares the worker a look at the path's history.
+    same_path_jobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -459,6 +462,8 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         lease_expires_at=row["lease_expires_at"],
         target=row["target"],
         target_refs=json.loads(row["target_refs"]),
+        # sqlite3.Row: `in row` would search the values, not the column names
+        same_path_jobs=row["same_path_jobs"] if "same_path_jobs" in row.keys() else None,  # noqa: SIM118
     )
 
 
@@ -1000,7 +1005,8 @@ class Queue:
             " WHERE id = (SELECT id FROM jobs INDEXED BY jobs_due WHERE state = 'queued'"
             "             AND next_attempt_at <= :now"
             "             ORDER BY next_attempt_at, id LIMIT 1)"
-            f" RETURNING {_JOB_COLUMNS}",
+            f" RETURNING {_JOB_COLUMNS}, (SELECT count(*) FROM jobs AS other"
+            "   WHERE other.rel = jobs.rel AND other.id != jobs.id) AS same_path_jobs",
             {"owner": owner, "expires": now + lease_seconds, "now": now},
         )
         return _job_from_row(rows[0]) if rows else None

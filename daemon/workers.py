@@ -393,6 +393,8 @@ class Workers:
         the ``target_refs`` of the newest finished one for the same target (a target that
         keeps one remote object per file updates it rather than creating another).
         """
+        if job.same_path_jobs == 0:
+            return frozenset(), None  # the usual case: the first file by this name
         others = [j for j in await self.queue.find_by_rel(job.identity.rel) if j.id != job.id]
         keys = frozenset(j.upload_key for j in others if j.state in _UNFINISHED)
         done = [j for j in others if j.state == JobState.DONE and j.target == job.target]

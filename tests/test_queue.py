@@ -951,3 +951,16 @@ async def test_upgrade_on_a_full_filesystem_asks_for_space_not_a_bug_report(
         assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     finally:
         await anyio.run_process(["umount", "-l", str(state)], check=False)
+
+
+async def test_claim_counts_other_jobs_of_the_same_path(q: Queue) -> None:
+    first, other = await q.enqueue_many([new("a.csv"), new("b.csv")])
+    claimed = await q.claim("w", 60)
+    assert claimed is not None and claimed.id == first
+    assert claimed.same_path_jobs == 0  # the worker skips the history lookup
+    await q.mark_uploaded(first, parts_recorded=False)
+    (changed,) = await q.enqueue_many([new("a.csv", size=20, mtime_ns=2)])  # a new version
+    seen = [await q.claim("w", 60), await q.claim("w", 60)]
+    counts = {job.id: job.same_path_jobs for job in seen if job is not None}
+    assert counts == {other: 0, changed: 1}
+    assert (await get(q, changed)).same_path_jobs is None  # only claim counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -326,6 +327,19 @@ async def test_size_mismatch_at_complete_is_reported(client_factory, tmp_path: P
         with pytest.raises(RejectedError) as err:
             await client.complete(ing.ingestion_id)
     assert "size" in str(err.value)
+
+
+async def test_fifo_swapped_in_for_the_file_fails_at_once(tmp_path: Path) -> None:
+    # Opened in the event loop: a blocking open of a FIFO (no writer ever comes) would stall
+    # the whole daemon, not just this upload.
+    from daemon.client import FileSlice
+    from daemon.errors import FileChangedError
+
+    path = tmp_path / "run.csv"
+    os.mkfifo(path)
+    with anyio.fail_after(5), pytest.raises(FileChangedError, match="no longer a regular file"):
+        async for _chunk in FileSlice(path, 0, 1000).chunks():
+            pass
 
 
 @pytest.mark.parametrize("policy", ["rename", "fail"])
