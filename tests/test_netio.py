@@ -269,3 +269,30 @@ def test_marple_client_sends_through_the_asyncio_backend() -> None:
     client = MarpleClient("http://127.0.0.1:9/api/v1", SecretStr("t"))
     assert uses_asyncio_backend(client._api)
     assert uses_asyncio_backend(client._storage)
+
+
+async def test_marple_client_keeps_and_sends_no_cookies() -> None:
+    from pydantic import SecretStr
+
+    from daemon.client import MarpleClient
+
+    heads: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            heads.append(head.lower())
+            body = b'{"status": "ok"}'
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Set-Cookie: session=abc123; Path=/\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            await writer.drain()
+
+    async with serve(handler) as srv:
+        async with MarpleClient(f"{srv.url}/api/v1", SecretStr("t")) as client:
+            await client.health()
+            await client.health()
+    assert len(heads) == 2
+    assert all(b"cookie:" not in head for head in heads), heads

@@ -71,7 +71,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from daemon import __version__, netio, retry
 from daemon.bandwidth import RateLimiter
-from daemon.client import FileSlice, Progress, multipart_file_body, send_request, tls_verify
+from daemon.client import (
+    FileSlice,
+    Progress,
+    forget_cookies,
+    multipart_file_body,
+    send_request,
+    tls_verify,
+)
 from daemon.config import ApiSettings, DataServiceGrant, DataServiceSettings
 from daemon.errors import (
     AuthError,
@@ -331,6 +338,7 @@ class DataServiceClient:
         )
         if transport is None:
             netio.adopt(self._http)
+        forget_cookies(self._http)
 
     @classmethod
     def from_settings(cls, api: ApiSettings, ds: DataServiceSettings) -> DataServiceClient:
