@@ -6,7 +6,7 @@ Five measurements, each against the target from the issue:
 * **throughput**: 5,000 files of 4 KiB are written to a staging folder, then ``os.rename``-d into
   the inbox of an idle daemon (``settle_seconds = 0.1``). Measured from the last rename to the
   5,000th successful ``POST /ingestion/{id}/upload/complete`` in the *sandbox's* request log, for
-  ``[upload] workers`` = 1, 2, 4. The baseline is a tight loop in its own process making the same
+  ``[upload] workers`` = 1, 2, 4, 8. The baseline is a tight loop in its own process making the same
   three calls per file directly with httpx (POST /ingestion, POST .../upload/server multipart,
   POST .../upload/complete): sequentially with ``httpx.Client`` (the target's baseline), and with
   4 concurrent tasks on ``httpx.AsyncClient`` (the sandbox's ceiling, for context). Rounds are
@@ -585,6 +585,13 @@ class Ctx:
 
 
 CTX = Ctx()
+
+
+def _default_workers() -> int:
+    """``[upload] workers`` when the config does not set it (read from the settings model)."""
+    from daemon.config import UploadSettings
+
+    return int(UploadSettings.model_fields["workers"].default)
 
 
 def loadavg() -> str:
@@ -1421,7 +1428,7 @@ def report(results: dict[str, Any], facts: dict[str, str], command: str) -> str:
                 if same:
                     ratios.append(r["rate"] / same[0]["rate"])
             ratio = _med(ratios)
-            dflt = " (default)" if w == 2 else ""
+            dflt = " (default)" if w == _default_workers() else ""
             first = _med([r["first_create_after_in_s"] for r in rs])
             rows.append(
                 (
@@ -1530,7 +1537,7 @@ def report(results: dict[str, Any], facts: dict[str, str], command: str) -> str:
             'request log (the loop: from its first request); "minus settle" subtracts '
             f"{tp['settle']:g} s. Median of {tp['rounds']} interleaved round(s); the ratio "
             "is taken per round against the sequential loop of the same round. Default "
-            "`[upload] workers` is 2."
+            f"`[upload] workers` is {_default_workers()}."
         )
     if st:
         L.append(
@@ -1610,7 +1617,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--files", type=int, default=5000)
     p.add_argument("--file-kib", type=int, default=4)
     p.add_argument("--tp-settle", type=float, default=0.1)
-    p.add_argument("--workers", type=ints, default=[1, 2, 4])
+    p.add_argument("--workers", type=ints, default=[1, 2, 4, 8])
     p.add_argument(
         "--loop-concurrency",
         type=ints,
@@ -1649,7 +1656,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
     p.add_argument("--json-out", type=Path, default=None, help="also dump raw results here")
     p.add_argument("--py-spy", default=None, help="py-spy binary: profile one throughput run")
-    p.add_argument("--profile-workers", type=int, default=2)
+    p.add_argument("--profile-workers", type=int, default=_default_workers())
     p.add_argument(
         "--daemon-path",
         default=None,
