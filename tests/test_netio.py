@@ -290,9 +290,8 @@ async def test_marple_client_keeps_and_sends_no_cookies() -> None:
             )
             await writer.drain()
 
-    async with serve(handler) as srv:
-        async with MarpleClient(f"{srv.url}/api/v1", SecretStr("t")) as client:
-            await client.health()
-            await client.health()
+    async with serve(handler) as srv, MarpleClient(f"{srv.url}/api/v1", SecretStr("t")) as client:
+        await client.health()
+        await client.health()
     assert len(heads) == 2
     assert all(b"cookie:" not in head for head in heads), heads
