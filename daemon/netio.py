@@ -162,8 +162,10 @@ class _Stream(httpcore.AsyncNetworkStream):
         await self._p.wait_writable(timeout)
 
     async def aclose(self) -> None:
+        # abort, not close: close() would still flush what is buffered, so a request cut off
+        # by a cancellation or a timeout could reach the server whole after all.
         if self._p.transport is not None:
-            self._p.transport.close()
+            self._p.transport.abort()
 
     async def start_tls(
         self,

@@ -295,3 +295,35 @@ async def test_marple_client_keeps_and_sends_no_cookies() -> None:
         await client.health()
     assert len(heads) == 2
     assert all(b"cookie:" not in head for head in heads), heads
+
+
+async def test_cancelled_upload_does_not_reach_the_server_whole() -> None:
+    # A cancelled request must be cut off, not flushed: storage would otherwise store a part
+    # the client gave up on (and count it twice in the journal's eyes).
+    total = 32 * MiB  # one write: all of it sits in the transport's buffer when cancelled
+    received = 0
+    finished = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            await asyncio.sleep(0.5)  # not reading: the client's buffers fill up
+            while received < total:
+                chunk = await reader.read(64 * 1024)
+                if not chunk:
+                    break
+                received += len(chunk)
+        finally:
+            finished.set()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield bytes(total)
+
+    async with serve(handler) as srv, client() as http:
+        with anyio.move_on_after(0.2) as scope:
+            await http.post(srv.url, content=body(), headers={"Content-Length": str(total)})
+        assert scope.cancelled_caught
+        with anyio.fail_after(10):
+            await finished.wait()
+    assert received < total
