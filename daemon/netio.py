@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -235,18 +235,12 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         other = self._other()
         if other is not None:
             return await other.connect_tcp(host, port, timeout, local_address, socket_options)
-        loop = asyncio.get_running_loop()
-        protocol = _Protocol(loop)
         local = (local_address, 0) if local_address else None
-        try:
-            with anyio.fail_after(timeout):
-                await loop.create_connection(lambda: protocol, host, port, local_addr=local)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
-        _apply_options(protocol, socket_options)
-        return _Stream(protocol)
+        return await _connect(
+            lambda loop, make: loop.create_connection(make, host, port, local_addr=local),
+            timeout,
+            socket_options,
+        )
 
     async def connect_unix_socket(
         self,
@@ -257,20 +251,35 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         other = self._other()
         if other is not None:
             return await other.connect_unix_socket(path, timeout, socket_options)
-        loop = asyncio.get_running_loop()
-        protocol = _Protocol(loop)
-        try:
-            with anyio.fail_after(timeout):
-                await loop.create_unix_connection(lambda: protocol, path)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
-        _apply_options(protocol, socket_options)
-        return _Stream(protocol)
+        return await _connect(
+            lambda loop, make: loop.create_unix_connection(make, path), timeout, socket_options
+        )
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds)
+
+
+_Opener = Callable[
+    [asyncio.AbstractEventLoop, Callable[[], _Protocol]],
+    Awaitable[tuple[asyncio.BaseTransport, _Protocol]],
+]
+
+
+async def _connect(
+    open_: _Opener, timeout: float | None, options: Iterable[httpcore.SOCKET_OPTION] | None
+) -> _Stream:
+    """One connection through ``open_`` (TCP or Unix), with httpcore's errors for failures."""
+    loop = asyncio.get_running_loop()
+    protocol = _Protocol(loop)
+    try:
+        with anyio.fail_after(timeout):
+            await open_(loop, lambda: protocol)
+    except TimeoutError as exc:
+        raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from exc
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+    _apply_options(protocol, options)
+    return _Stream(protocol)
 
 
 def _apply_options(protocol: _Protocol, options: Iterable[httpcore.SOCKET_OPTION] | None) -> None:

@@ -9,6 +9,7 @@ every later upload IMPORTING for good (and end the daemon's task group with it).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
@@ -114,11 +115,7 @@ class Poller:
             )
             if unchanged and not update.terminal:
                 continue
-            records.append(
-                ImportRecord(
-                    job.id, update.status, progress, update.message, update.terminal, update.failed
-                )
-            )
+            records.append(dataclasses.replace(update, progress=progress))
             if update.terminal:
                 finished.append((job, update))
         # One transaction for the whole answer: a batch of small files finishes together.

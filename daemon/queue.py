@@ -225,7 +225,10 @@ class DaemonInfo:
 
 @dataclass(frozen=True)
 class ImportRecord:
-    """One import status from the server, for ``record_import(s)``."""
+    """A delivered file's import status as the service reports it, for ``record_import(s)``.
+
+    Targets return these from ``poll`` (as ``daemon.targets.ImportUpdate``).
+    """
 
     job_id: int
     status: str

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from daemon.client import Progress
-from daemon.queue import Job
+from daemon.queue import ImportRecord, Job
 from daemon.upload import FileRef, Journal, Resume
 
 KINDS = ("marple-db", "marple", "data-service")
@@ -59,16 +59,9 @@ class Delivered:
     recovered: bool = False
 
 
-@dataclass(frozen=True)
-class ImportUpdate:
-    """A delivered file's import progress as the service reports it."""
-
-    job_id: int
-    status: str
-    progress: float | None
-    message: str | None
-    terminal: bool
-    failed: bool
+#: A delivered file's import progress as the service reports it: the very record the queue
+#: stores (``Queue.record_imports``), so the poller passes a target's answer straight through.
+ImportUpdate = ImportRecord
 
 
 @dataclass(frozen=True)
