@@ -89,7 +89,8 @@ def job_json(job: Job, now: float) -> dict[str, Any]:
         "path": _show(ident.rel),
         "state": state,
         "size": ident.size,
-        "stream_id": job.stream_id,
+        # 0 in the queue: a route names its stream, looked up at the first upload attempt
+        "stream_id": job.stream_id or None,
         "dataset_name": job.dataset_name,
         "dataset_id": job.dataset_id,
         "ingestion_id": job.ingestion_id,

@@ -964,3 +964,13 @@ async def test_claim_counts_other_jobs_of_the_same_path(q: Queue) -> None:
     counts = {job.id: job.same_path_jobs for job in seen if job is not None}
     assert counts == {other: 0, changed: 1}
     assert (await get(q, changed)).same_path_jobs is None  # only claim counts
+
+
+async def test_status_shows_no_stream_id_before_a_stream_name_is_looked_up(q: Queue) -> None:
+    from daemon import status
+
+    named = NewJob(identity=ident("named.csv"), stream_id=0, dataset_name="named.csv", metadata={})
+    await q.enqueue_many([named, new("plain.csv")])
+    rows = {job.identity.rel: status.job_json(job, time.time()) for job in await q.list_jobs()}
+    assert rows["named.csv"]["stream_id"] is None
+    assert rows["plain.csv"]["stream_id"] == 7
