@@ -63,7 +63,7 @@ def route(rel: str, inbox: Path, settings: Settings) -> Route:
     rule = matching_route(rel, settings)
     if rule is not None:
         metadata.update(rule.metadata)
-    stream = stream_for(rel, settings)
+    stream = _stream_of(rule, settings)
     parts = PurePosixPath(_printable(rel)).parts[:-1]
     for key, value in zip(up.path_metadata, parts, strict=False):
         metadata[key] = value
@@ -84,10 +84,11 @@ def matching_route(rel: str, settings: Settings) -> RouteSettings | None:
 
 def stream_for(rel: str, settings: Settings) -> int | str:
     """The stream reference (id or name, as configured) for ``rel``; reads no file."""
-    rule = matching_route(rel, settings)
-    if rule is not None and rule.stream is not None:
-        return rule.stream
-    return settings.upload.stream
+    return _stream_of(matching_route(rel, settings), settings)
+
+
+def _stream_of(rule: RouteSettings | None, settings: Settings) -> int | str:
+    return rule.stream if rule is not None and rule.stream is not None else settings.upload.stream
 
 
 def stream_source(rel: str, settings: Settings) -> str:
