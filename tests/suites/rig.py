@@ -214,6 +214,18 @@ def all_done(config: Path, n: int) -> Callable[[], bool]:
     return check
 
 
+def wait_all_done(
+    config: Path, n: int, timeout: float, *, when: str = "", step: float = 0.25
+) -> float:
+    """Wait until ``n`` jobs are done; on timeout the message lists the unfinished ones."""
+    return wait_for(
+        all_done(config, n),
+        timeout,
+        lambda: f"all {n} files done{when}:\n{describe_unfinished(config)}",
+        step=step,
+    )
+
+
 def describe_unfinished(config: Path) -> str:
     """The jobs that are not done, with their errors (for assertion messages)."""
     lines = [

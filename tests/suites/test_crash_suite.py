@@ -29,13 +29,13 @@ from tests.suites.rig import (
     SEED,
     Expected,
     UploadBytes,
-    all_done,
     check_delivery,
     describe_unfinished,
     drop,
     job_states,
     scale,
     summary,
+    wait_all_done,
     wait_for,
 )
 from tests.test_crash import _kill, _stop
@@ -105,12 +105,7 @@ def test_random_sigkills_every_file_exactly_once(sandbox: Sandbox, tmp_path: Pat
     sandbox.faults.storage_delay_per_mib = 0.0
     proc = start_daemon(config, log)
     try:
-        wait_for(
-            all_done(config, len(expected)),
-            scale(90, 600),
-            lambda: f"all {len(expected)} files done:\n{describe_unfinished(config)}",
-            step=0.25,
-        )
+        wait_all_done(config, len(expected), scale(90, 600))
     finally:
         assert _stop(proc) == 0
 

@@ -48,6 +48,7 @@ from tests.suites.rig import (
     log_records,
     scale,
     summary,
+    wait_all_done,
     wait_for,
 )
 from tests.test_crash import _stop
@@ -124,12 +125,7 @@ def test_chaos_on_the_wire_and_the_server_delivers_exactly_once(
         while len(expected) < CHAOS_FILES:
             time.sleep(rng.uniform(0.2, 1.5))
             drop(inbox, expected, rng, 1, "later")
-        wait_for(
-            all_done(config, len(expected)),
-            scale(100, 1800),
-            lambda: f"all {len(expected)} files done:\n{describe_unfinished(config)}",
-            step=0.25,
-        )
+        wait_all_done(config, len(expected), scale(100, 1800))
     finally:
         assert _stop(proc) == 0
 

@@ -41,6 +41,7 @@ from tests.suites.rig import (
     log_events,
     scale,
     summary,
+    wait_all_done,
     wait_for,
 )
 from tests.test_crash import _stop
@@ -135,12 +136,7 @@ def test_outage_loses_nothing_and_resumes_within_the_backoff_cap(
         reached = [r for r in list(sandbox.requests) if t_down + 0.5 <= r.time]
         t_back = time.time()
         come_back()
-        drained = wait_for(
-            all_done(config, len(expected)),
-            scale(60, 300),
-            lambda: f"all {len(expected)} files done after it:\n{describe_unfinished(config)}",
-            step=0.1,
-        )
+        drained = wait_all_done(config, len(expected), scale(60, 300), when=" after it", step=0.1)
     finally:
         come_back()
         assert _stop(proc) == 0
