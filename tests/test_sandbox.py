@@ -762,13 +762,36 @@ def test_request_log(sb: Sandbox, api: httpx.Client) -> None:
 # ------------------------------------------------------------------------------- CLI glue
 
 
+def test_cli_retry_after_is_whole_seconds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HTTP's Retry-After has no fractions (urllib3, under the official SDK, refuses them)."""
+    from urllib3.util.retry import Retry
+
+    parser = argparse.ArgumentParser()
+    add_sandbox_arguments(parser)
+    for bad in ("0.5", "1e3", "-1", "soon"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--retry-after", bad])
+        assert "whole seconds" in capsys.readouterr().err
+    args = ["--port", "0", "--data-dir", str(tmp_path), "--token", TOKEN]
+    config = config_from_args(
+        parser.parse_args([*args, "--retry-after", "1", "--api-429-rate", "1"])
+    )
+    with running_sandbox(config) as sandbox:
+        answer = httpx.get(f"{sandbox.url}/streams", headers=AUTH)
+    assert answer.status_code == 429
+    assert answer.headers["retry-after"] == "1"
+    assert Retry().parse_retry_after(answer.headers["retry-after"]) == 1
+
+
 def test_cli_arguments_and_ready_message(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_sandbox_arguments(parser)
     ns = parser.parse_args(
         [
             "--port", "0", "--data-dir", str(tmp_path), "--token", "T", "--part-size", "2048",
-            "--url-ttl", "60", "--api-503-rate", "0.1", "--retry-after", "1.5",
+            "--url-ttl", "60", "--api-503-rate", "0.1", "--retry-after", "2",
             "--fail-import-glob", "*.x", "--stream-mode", "2=single", "--seed", "7",
         ]
     )  # fmt: skip
@@ -777,7 +800,7 @@ def test_cli_arguments_and_ready_message(tmp_path: Path) -> None:
     assert config.part_size == 2048
     assert config.url_ttl == 60
     assert config.faults.api_503_rate == 0.1
-    assert config.faults.retry_after == 1.5
+    assert config.faults.retry_after == 2
     assert config.faults.fail_import_glob == "*.x"
     assert [s.mode for s in config.streams] == [None, "single"]
     with pytest.raises(SystemExit):
