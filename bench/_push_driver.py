@@ -14,7 +14,6 @@ The caller wraps this process in ``/usr/bin/time`` for its peak RSS and CPU time
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import sys
@@ -54,13 +53,11 @@ def _sdk(result: Path, url: str, token: str, stream: str, file: str, name: str, 
 
     t1 = time.perf_counter()
     error = None
-    compat: list[str] = []
     try:
         db = DB(token, url)  # checks the connection: GET /health, GET /streams
-        target = _sdk_stream(db, int(stream), compat)
-        _sdk_tolerate_dataset_fetch(compat)
-        ds = target.push_file(file, file_name=name, concurrency=int(conc))
-        dataset_id = getattr(ds, "id", None)
+        # The SDK as it is: the sandbox serves the shapes its models want (issue #13).
+        ds = db.get_stream(int(stream)).push_file(file, file_name=name, concurrency=int(conc))
+        dataset_id = ds.id
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         dataset_id = None
@@ -74,62 +71,10 @@ def _sdk(result: Path, url: str, token: str, stream: str, file: str, name: str, 
                 "error": error,
                 "dataset_id": dataset_id,
                 "sdk_version": __version__,
-                "compat": compat,
             }
         )
     )
     return 0 if error is None else 1
-
-
-def _sdk_stream(db, stream_id: int, compat: list[str]):
-    """``db.get_stream(stream_id)``, or the same stream built from the sandbox's JSON.
-
-    marpledata 3.7.0 types a stream's ``created_at``/``last_updated`` as epoch floats; the
-    sandbox sends ISO 8601 strings, so the SDK drops every stream (with a warning). Convert the
-    two fields and build the SDK's own ``DataStream``: the upload path stays the SDK's code.
-    """
-    import warnings
-    from datetime import datetime
-
-    from marple.db.datastream import DataStream
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with contextlib.suppress(Exception):  # the fallback below says why
-            return db.get_stream(stream_id)
-    body = db.client.get("/streams").json()
-    for raw in body["streams"]:
-        if raw["id"] != stream_id:
-            continue
-        fixed = dict(raw)
-        for key in ("created_at", "last_updated"):
-            if isinstance(fixed.get(key), str):
-                fixed[key] = datetime.fromisoformat(fixed[key].replace("Z", "+00:00")).timestamp()
-        compat.append("stream JSON: ISO 8601 timestamps converted to epoch floats")
-        return DataStream(client=db.client, **fixed)
-    raise LookupError(f"no stream {stream_id} on the server")
-
-
-def _sdk_tolerate_dataset_fetch(compat: list[str]) -> None:
-    """``push_file`` ends with ``get_dataset`` (one GET) whose answer the SDK validates against
-    its full Dataset model (cold_path, parquet_version, ...), which the sandbox does not send.
-    The upload is done by then: keep the GET, tolerate the model mismatch."""
-    from types import SimpleNamespace
-
-    from marple.db.datastream import DataStream
-    from pydantic import ValidationError
-
-    original = DataStream.get_dataset
-
-    def get_dataset(self, id=None, path=None):
-        try:
-            return original(self, id, path)
-        except ValidationError:
-            if "dataset JSON: SDK model mismatch tolerated" not in compat:
-                compat.append("dataset JSON: SDK model mismatch tolerated")
-            return SimpleNamespace(id=id)
-
-    DataStream.get_dataset = get_dataset  # type: ignore[method-assign]
 
 
 def main(argv: list[str]) -> int:

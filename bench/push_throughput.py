@@ -655,9 +655,7 @@ def _driver_run(
         err,
         user_s=t["user"],
         extra={
-            k: v
-            for k, v in data.items()
-            if k in ("import_s", "mode", "sdk_version", "compat", "daemon_from")
+            k: v for k, v in data.items() if k in ("import_s", "mode", "sdk_version", "daemon_from")
         },
     )
 
@@ -958,13 +956,6 @@ def render(
             else "busier of the two cores."
         )
     )
-    for r in runs:
-        if r.extra.get("compat"):
-            L.append(
-                f"- SDK against the sandbox: {'; '.join(map(str, r.extra['compat']))} (see "
-                "`bench/_push_driver.py`; the SDK's upload path itself is unchanged)."
-            )
-            break
     if any(":" in t for t in summary):
         L.append(
             "- Rows 'inboxd + ...' run a copy of the `daemon` package with a candidate change "

@@ -52,6 +52,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
@@ -62,6 +63,7 @@ import httpx
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     SecretStr,
     TypeAdapter,
@@ -116,11 +118,37 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+def _epoch_seconds(value: object) -> float | None:
+    """A time as unix seconds, or None when it is missing or unreadable.
+
+    The service sends epoch seconds (the official SDKs type them as floats); an ISO 8601 string
+    (what older inboxd sandboxes sent) is read too. A time is shown, never acted on, so a
+    strange one is dropped rather than failing the whole answer.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return when.timestamp()
+    return None
+
+
+_Timestamp = Annotated[float | None, BeforeValidator(_epoch_seconds)]
+
+
 class Stream(_Model):
     id: int
     name: str
     type: str | None = None
     datapool: str | None = None
+    created_at: _Timestamp = None
 
 
 class Ingestion(_Model):
@@ -166,6 +194,7 @@ class Dataset(_Model):
     import_status: str | None = None
     import_progress: _Progress = None
     import_message: str | None = None
+    created_at: _Timestamp = None
 
 
 _T = TypeVar("_T")

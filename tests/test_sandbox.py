@@ -121,7 +121,12 @@ def test_health_is_open_and_everything_else_needs_the_token(sb: Sandbox) -> None
     assert answer.status_code == 403
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def test_streams_listing(api: httpx.Client) -> None:
+    before = time.time()
     streams = api.get("/streams").json()["streams"]
     assert [(s["id"], s["name"]) for s in streams] == [(1, "inbox"), (2, "Vehicle Logs")]
     first = streams[0]
@@ -129,6 +134,93 @@ def test_streams_listing(api: httpx.Client) -> None:
     assert first["layer_shifts"] == []
     assert first["version_id"] == 1
     assert {"description", "datapool", "created_at", "last_updated"} <= first.keys()
+    # Epoch seconds, as the official SDK's DataStream model wants them (not ISO strings).
+    for key in ("created_at", "last_updated"):
+        assert _is_number(first[key]) and before - 60 < first[key] <= time.time(), key
+    assert first["last_ingested"] is None and first["n_datasets"] == 0
+    assert first["scripts"] == [] and first["hot_bytes"] == 0
+    # One stream by id: the same object as in the listing.
+    assert api.get("/stream/2").json() == streams[1]
+    assert api.get("/stream/9").status_code == 404
+    assert "error" in api.get("/stream/9").json()
+
+
+def test_dataset_objects_have_the_real_fields_and_types(sb: Sandbox, api: httpx.Client) -> None:
+    """Every field the official SDK's Dataset model requires, in its type, through the import."""
+    data = payload(3000)  # single mode
+    ing = create(api, "runs/r1.CSV", len(data), metadata={"rig": "r1"}, plugin_args="--x")
+    by_id = {"id": ing["dataset_id"]}
+    uploading = api.get("/datapool/default/dataset", params=by_id).json()
+    assert uploading == {
+        "id": ing["dataset_id"],
+        "stream_id": 1,
+        "datastream_id": 1,
+        "datastream_version": 1,
+        "datapool": "default",
+        "path": "runs/r1.CSV",
+        "metadata": {"rig": "r1"},
+        "created_at": uploading["created_at"],
+        "created_by": None,
+        "import_status": "UPLOADING",
+        "import_progress": None,
+        "import_message": None,
+        "import_time": None,
+        "import_speed": None,
+        "file_size": 3000,
+        "cold_path": "",
+        "cold_bytes": 0,
+        "hot_bytes": 0,
+        "backup_path": None,
+        "backup_size": None,
+        "plugin": "csv",
+        "plugin_args": "--x",
+        "n_signals": None,
+        "n_datapoints": None,
+        "timestamp_start": None,
+        "timestamp_stop": None,
+        "parquet_version": 1,
+    }
+    assert _is_number(uploading["created_at"])
+    assert abs(uploading["created_at"] - time.time()) < 60
+    assert put(ing["presigned_url"], data).status_code == 200
+    assert complete(api, ing["ingestion_id"]).status_code == 200
+    deadline = time.monotonic() + 30
+    while status_of(api, ing["dataset_id"])["import_status"] != "FINISHED":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    done = api.get("/datapool/default/dataset", params=by_id).json()
+    assert done["created_at"] == uploading["created_at"]
+    assert done["import_status"] == "FINISHED" and done["import_progress"] == 100.0
+    assert done["import_time"] == pytest.approx(0.2)  # small_config's import_seconds
+    assert done["import_speed"] == pytest.approx(3000 / 0.2)
+    assert done["backup_path"] == f"datasets/{ing['dataset_id']}" and done["backup_size"] == 3000
+    assert done["cold_path"] == f"datapool=default/dataset={ing['dataset_id']}"
+    assert done["cold_bytes"] == 3000
+    assert (done["n_signals"], done["n_datapoints"]) == (0, 0)  # nothing is parsed
+    stream = api.get("/stream/1").json()
+    assert stream["n_datasets"] == 1 and stream["cold_bytes"] == 3000
+    assert _is_number(stream["last_ingested"])
+    assert stream["created_at"] <= stream["last_ingested"] <= time.time()
+    # A failed upload never imported: no import time, no backup; no plugin_args → "".
+    bad = create(api, "runs/none", 3000)
+    api.post(f"/ingestion/{bad['ingestion_id']}/abort", json={"reason": "gave up"})
+    failed = api.get("/datapool/default/dataset", params={"path": "runs/none"}).json()
+    assert (failed["import_status"], failed["import_message"]) == ("FAILED", "gave up")
+    assert failed["import_time"] is None and failed["backup_path"] is None
+    assert (failed["plugin"], failed["plugin_args"]) == ("unknown", "")
+
+
+def test_datapool_datasets_lists_every_stream_of_the_datapool(api: httpx.Client) -> None:
+    assert api.get("/datapool/default/datasets").json() == []
+    one = create(api, "a.csv", 10)
+    two = api.post("/ingestion", json={"stream_id": 2, "dataset_name": "b.csv", "file_size": 5})
+    listing = api.get("/datapool/default/datasets").json()
+    assert [(d["id"], d["stream_id"]) for d in listing] == [
+        (one["dataset_id"], 1),
+        (two.json()["dataset_id"], 2),
+    ]
+    assert listing[0] == api.get("/stream/1/datasets").json()[0]
+    assert api.get("/datapool/other/datasets").status_code == 404
 
 
 def test_unknown_route_is_404_json_and_wrong_method_405(api: httpx.Client) -> None:
@@ -670,13 +762,36 @@ def test_request_log(sb: Sandbox, api: httpx.Client) -> None:
 # ------------------------------------------------------------------------------- CLI glue
 
 
+def test_cli_retry_after_is_whole_seconds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HTTP's Retry-After has no fractions (urllib3, under the official SDK, refuses them)."""
+    from urllib3.util.retry import Retry
+
+    parser = argparse.ArgumentParser()
+    add_sandbox_arguments(parser)
+    for bad in ("0.5", "1e3", "-1", "soon"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--retry-after", bad])
+        assert "whole seconds" in capsys.readouterr().err
+    args = ["--port", "0", "--data-dir", str(tmp_path), "--token", TOKEN]
+    config = config_from_args(
+        parser.parse_args([*args, "--retry-after", "1", "--api-429-rate", "1"])
+    )
+    with running_sandbox(config) as sandbox:
+        answer = httpx.get(f"{sandbox.url}/streams", headers=AUTH)
+    assert answer.status_code == 429
+    assert answer.headers["retry-after"] == "1"
+    assert Retry().parse_retry_after(answer.headers["retry-after"]) == 1
+
+
 def test_cli_arguments_and_ready_message(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_sandbox_arguments(parser)
     ns = parser.parse_args(
         [
             "--port", "0", "--data-dir", str(tmp_path), "--token", "T", "--part-size", "2048",
-            "--url-ttl", "60", "--api-503-rate", "0.1", "--retry-after", "1.5",
+            "--url-ttl", "60", "--api-503-rate", "0.1", "--retry-after", "2",
             "--fail-import-glob", "*.x", "--stream-mode", "2=single", "--seed", "7",
         ]
     )  # fmt: skip
@@ -685,7 +800,7 @@ def test_cli_arguments_and_ready_message(tmp_path: Path) -> None:
     assert config.part_size == 2048
     assert config.url_ttl == 60
     assert config.faults.api_503_rate == 0.1
-    assert config.faults.retry_after == 1.5
+    assert config.faults.retry_after == 2
     assert config.faults.fail_import_glob == "*.x"
     assert [s.mode for s in config.streams] == [None, "single"]
     with pytest.raises(SystemExit):

@@ -94,13 +94,23 @@ def _one_source_per_file(sb: Sandbox, files: dict[str, bytes]) -> None:
 def test_sandbox_wants_the_token_and_answers_in_the_envelope(sandbox: Sandbox) -> None:
     for token in (None, "wrong"):
         with _api(sandbox, token) as c:
-            r = c.get("/version")
+            # /version is open, as the official clients expect (they call it before the
+            # token check); GET / is that token check.
+            assert "sandbox" in _envelope(c.get("/version"))
+            r = c.get("/")
             assert r.status_code == 403
             assert _envelope(r) == "Invalid or missing token"
             assert _upload(c, "/x", "a.csv", b"1").status_code == 403
+            assert c.post("/sources/search", json={"library_filter": {}}).status_code == 403
     assert not sandbox.legacy.files
     with _api(sandbox) as c:
-        assert "sandbox" in _envelope(c.get("/version"))
+        r = c.get("/")
+        assert r.status_code == 200 and "token accepted" in _envelope(r)
+    # Open to anyone, yet still under the sandbox's faults.
+    sandbox.faults.fail_next = {"GET /version": [503]}
+    with _api(sandbox, None) as c:
+        assert c.get("/version").status_code == 503
+        assert c.get("/version").status_code == 200
     # The Marple DB API on the same server keeps its own format.
     with _api(sandbox, "wrong") as c:
         assert c.get("/streams").json() == {"detail": "Invalid or missing token"}
@@ -151,6 +161,52 @@ def test_sandbox_upload_import_status_metadata_and_share(sandbox: Sandbox) -> No
     assert source.import_count == 2 and source.status < 100
     assert len(sandbox.legacy.sources) == 2
     assert sandbox.legacy.files["/lab/day-1/run.csv"].uploads == 2
+
+
+def test_sandbox_sources_search_lists_sources_under_a_folder(sandbox: Sandbox) -> None:
+    sandbox.config.import_seconds = 0.0
+    with _api(sandbox) as c:
+
+        def search(library_filter: object) -> httpx.Response:
+            return c.post("/sources/search", json={"library_filter": library_filter})
+
+        assert _envelope(search({})) == []
+        for folder, name in (("/lab/day-1", "run.csv"), ("/lab", "b.csv"), ("/other", "c.csv")):
+            _upload(c, folder, name, b"t,x\n0,1\n")
+            path = f"{folder}/{name}"
+            c.post("/library/file/import", json={"path": path, "plugin": "csv_plugin"})
+        first = sandbox.legacy.source_for("/lab/day-1/run.csv")
+        assert first is not None
+        meta = [{"name": "rig", "value": "r1"}]
+        c.post("/library/metadata", json={"source_id": first.id, "metadata": meta})
+
+        everything = _envelope(search({}))
+        assert [s["path"] for s in everything] == [
+            "/lab/day-1/run.csv",
+            "/lab/b.csv",
+            "/other/c.csv",
+        ]
+        assert everything[0] == {
+            "source_id": first.id,
+            "path": "/lab/day-1/run.csv",
+            "name": "run.csv",
+            "plugin": "csv_plugin",
+            "status": 100,
+            "metadata": meta,
+            "dataset_filter": {"source_id": first.id},
+            "timestamp_start": None,
+            "timestamp_stop": None,
+        }
+        # The body may leave the filter out; a folder lists what lies under it, at any depth.
+        assert _envelope(c.post("/sources/search", json={})) == everything
+        lab = [s["path"] for s in _envelope(search({"path": "/lab/"}))]
+        assert lab == ["/lab/day-1/run.csv", "/lab/b.csv"]
+        assert _envelope(search({"path": "/la"})) == []  # a folder, not a name prefix
+        for bad in ({"name": "x"}, {"path": "relative"}, [], "everything"):
+            r = search(bad)
+            assert r.status_code == 400, bad
+            assert isinstance(_envelope(r), str)
+        assert c.post("/sources/search", json={"filter": {}}).status_code == 400
 
 
 def test_sandbox_refuses_bad_requests_with_the_right_codes(sandbox: Sandbox) -> None:
@@ -214,8 +270,9 @@ def test_sandbox_faults_apply_to_the_older_api_in_its_envelope(sandbox: Sandbox)
 
 async def test_client_maps_answers_to_our_errors(sandbox: Sandbox) -> None:
     async with MarpleClient(sandbox.url, SecretStr("wrong"), timeout=5) as bad:
+        assert "sandbox" in await MarpleLegacyApi(bad).version()  # no token needed
         with pytest.raises(AuthError):
-            await MarpleLegacyApi(bad).version()
+            await MarpleLegacyApi(bad).token_check()
     async with MarpleClient(sandbox.url, SecretStr(TOKEN), timeout=5) as client:
         api = MarpleLegacyApi(client)
         assert await api.lookup("/nothing/here.csv") is None
@@ -468,4 +525,5 @@ def test_check_reports_the_older_api(sandbox: Sandbox, tmp_path: Path) -> None:
     assert "ok    token accepted" in ok.stdout and "files go to /inboxd" in ok.stdout
     bad = inboxd("check", "--config", str(config), env={"INBOXD_API__TOKEN": "nope-nope"})
     assert bad.returncode == 1
-    assert "FAIL  token accepted by GET /version" in bad.stdout and "nope-nope" not in bad.stdout
+    assert "ok    reach" in bad.stdout  # /version answers without a token
+    assert "FAIL  token accepted by GET /:" in bad.stdout and "nope-nope" not in bad.stdout

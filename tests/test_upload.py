@@ -316,6 +316,32 @@ async def test_unknown_stream_lists_the_known_ones(client_factory) -> None:
     assert by_name.id == 2
 
 
+async def test_client_reads_times_as_epoch_seconds_or_iso_text(
+    client_factory, tmp_path: Path
+) -> None:
+    """The service sends epoch seconds (what the sandbox sends now); ISO 8601 text is read too."""
+    from datetime import UTC, datetime
+
+    from daemon.client import Dataset
+
+    write_file(tmp_path / "t.bin", 100)
+    async with client_factory() as client:
+        (first, _) = await client.streams()
+        result = await upload_file(client, request_for(tmp_path / "t.bin"), options=opts())
+        found = await client.dataset("default", dataset_id=result.dataset_id)
+    now = datetime.now(UTC).timestamp()
+    assert first.created_at is not None and now - 600 < first.created_at <= now
+    assert found is not None and found.created_at is not None
+    assert first.created_at <= found.created_at <= now
+    iso = Stream.model_validate({"id": 1, "name": "s", "created_at": "2026-01-02T03:04:05.5Z"})
+    assert iso.created_at == datetime(2026, 1, 2, 3, 4, 5, 500000, tzinfo=UTC).timestamp()
+    naive = Dataset.model_validate({"id": 1, "created_at": "2026-01-02T03:04:05"})
+    assert naive.created_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()
+    # A time is only shown: a strange one is dropped, the answer still parses.
+    for odd in ("yesterday", True, float("inf"), {"t": 1}, None):
+        assert Dataset.model_validate({"id": 1, "created_at": odd}).created_at is None
+
+
 async def test_size_mismatch_at_complete_is_reported(client_factory, tmp_path: Path) -> None:
     from daemon.client import FileSlice
 

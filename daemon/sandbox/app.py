@@ -78,6 +78,8 @@ MAX_JSON_BODY = 1 * MiB
 MAX_PARTS = 10_000
 DEFAULT_PART_URL_COUNT = 32
 TOKEN_ERROR = "Invalid or missing token"  # noqa: S105 - an error message, not a secret
+#: The sandbox's streams never change: every one is at its first version.
+STREAM_VERSION = 1
 _CTL = "inboxd.sandbox"
 
 
@@ -244,7 +246,7 @@ class Sandbox:
     def _api_gate(
         self, method: str, path: str, route: str, headers: Headers, ctl: Control
     ) -> Response | None:
-        """Faults, then the token check; returns the early answer, if any."""
+        """Faults, then the token check (not on public routes); returns the early answer."""
         faults = self.faults
         forced = self._next_forced((f"{method} {path.removeprefix(API_PREFIX)}", route))
         status = forced
@@ -261,6 +263,8 @@ class Sandbox:
             return JSONResponse({"error": message}, status_code=status, headers=extra)
         if forced == 0 or self._roll(faults.drop_response_rate):
             ctl.drop = True
+        if route in self.legacy.public_routes:
+            return None  # answered without a token, as on the real server
         if headers.get("authorization") != f"Bearer {self.config.token}":
             return JSONResponse({"detail": TOKEN_ERROR}, status_code=403)
         return None
@@ -329,6 +333,7 @@ class Sandbox:
         return [
             api("/health", self._health, "GET"),
             api("/streams", self._list_streams, "GET"),
+            api("/stream/{stream_id:int}", self._get_stream, "GET"),
             api("/ingestion", self._create_ingestion, "POST"),
             api("/ingestion/{id:int}/upload/server", self._upload_server, "POST"),
             api("/ingestion/{id:int}/upload/part-urls", self._part_urls, "GET"),
@@ -337,6 +342,7 @@ class Sandbox:
             api("/stream/{stream_id:int}/datasets/status", self._datasets_status, "POST"),
             api("/stream/{stream_id:int}/datasets", self._list_datasets, "GET"),
             api("/datapool/{datapool}/dataset", self._get_dataset, "GET"),
+            api("/datapool/{datapool}/datasets", self._list_datapool_datasets, "GET"),
             *self.legacy.routes(API_PREFIX),
             Route("/storage/{id:int}/object", self._storage_put, methods=["PUT"]),
             Route("/storage/{id:int}/part/{part:int}", self._storage_put, methods=["PUT"]),
@@ -421,18 +427,38 @@ class Sandbox:
 
     def _dataset_json(self, dataset: Dataset) -> dict[str, Any]:
         stream = self._streams[dataset.stream_id]
+        return dataset.as_json(datapool=stream.datapool, stream_version=STREAM_VERSION)
+
+    def _stream_json(self, stream: StreamDef) -> dict[str, Any]:
+        """A stream as ``GET /streams`` and ``GET /stream/{id}`` answer it.
+
+        Times are epoch seconds, as the official SDK's ``DataStream`` model wants them; the
+        statistics add up the stream's datasets as ``Dataset.as_json`` shows them.
+        """
+        mine = [d for d in self.datasets.values() if d.stream_id == stream.id]
+        ingested = [d.completed_at for d in mine if d.completed_at is not None]
+        imported = [d.size for d in mine if d.import_status == "FINISHED"]
         return {
-            "id": dataset.id,
-            "stream_id": dataset.stream_id,
-            "datastream_id": dataset.stream_id,
+            "id": stream.id,
+            "name": stream.name,
+            "type": stream.type,
+            "description": f"sandbox stream {stream.name}",
             "datapool": stream.datapool,
-            "path": dataset.path,
-            "metadata": dataset.metadata,
-            "import_status": dataset.import_status,
-            "import_progress": dataset.import_progress,
-            "import_message": dataset.import_message,
-            "created_at": iso8601(dataset.created_at),
-            "file_size": dataset.size,
+            "layer_shifts": [],
+            "version_id": STREAM_VERSION,
+            "insight_workspace": None,
+            "insight_project": None,
+            "created_at": self._started_at,
+            "last_updated": self._started_at,  # the sandbox's streams never change
+            "last_ingested": max(ingested, default=None),
+            "n_datasets": len(mine),
+            "n_datapoints": 0,  # the sandbox parses no file: no datapoints anywhere
+            "cold_bytes": sum(imported),
+            "hot_bytes": 0,
+            "plugin": None,
+            "plugin_args": None,
+            "signal_reduction": None,
+            "scripts": [],
         }
 
     async def _cleanup(self, ingestion: Ingestion) -> None:
@@ -449,22 +475,10 @@ class Sandbox:
         return JSONResponse({"status": "healthy"})
 
     async def _list_streams(self, request: Request) -> Response:
-        started = iso8601(self._started_at)
-        streams = [
-            {
-                "id": s.id,
-                "name": s.name,
-                "type": s.type,
-                "description": f"sandbox stream {s.name}",
-                "datapool": s.datapool,
-                "layer_shifts": [],
-                "version_id": 1,
-                "created_at": started,
-                "last_updated": started,
-            }
-            for s in self._streams.values()
-        ]
-        return JSONResponse({"streams": streams})
+        return JSONResponse({"streams": [self._stream_json(s) for s in self._streams.values()]})
+
+    async def _get_stream(self, request: Request) -> Response:
+        return JSONResponse(self._stream_json(self._stream(request.path_params["stream_id"])))
 
     async def _create_ingestion(self, request: Request) -> Response:
         body = await self._read_json(request)
@@ -546,7 +560,7 @@ class Sandbox:
                 if other.dataset_id == existing.id and other.state == UPLOADING:
                     other.state = SUPERSEDED
                     superseded.append(other)
-            existing.reset_for_overwrite(metadata, file_size)
+            existing.reset_for_overwrite(metadata, file_size, plugin_args)
             dataset = existing
         else:
             dataset = Dataset(
@@ -555,6 +569,7 @@ class Sandbox:
                 path=name,
                 metadata=metadata,
                 size=file_size,
+                plugin_args=plugin_args,
             )
             self.datasets[dataset.id] = dataset
         ingestion.dataset_id = dataset.id
@@ -813,11 +828,21 @@ class Sandbox:
             [self._dataset_json(d) for d in self.datasets.values() if d.stream_id == stream_id]
         )
 
-    async def _get_dataset(self, request: Request) -> Response:
+    def _datapool_streams(self, request: Request) -> set[int]:
         datapool: str = request.path_params["datapool"]
         streams = {s.id for s in self._streams.values() if s.datapool == datapool}
         if not streams:
             raise ApiError(404, f"datapool {datapool!r} not found")
+        return streams
+
+    async def _list_datapool_datasets(self, request: Request) -> Response:
+        streams = self._datapool_streams(request)
+        return JSONResponse(
+            [self._dataset_json(d) for d in self.datasets.values() if d.stream_id in streams]
+        )
+
+    async def _get_dataset(self, request: Request) -> Response:
+        streams = self._datapool_streams(request)
         raw_id = request.query_params.get("id")
         path = request.query_params.get("path")
         if raw_id is None and path is None:

@@ -59,6 +59,9 @@ class Faults:
 
     api_503_rate: float = 0.0
     api_429_rate: float = 0.0
+    #: Retry-After on faulted 429/503. HTTP allows whole seconds only, and `--retry-after`
+    #: takes nothing else; a fraction set from Python is sent as written ("0.05": inboxd reads
+    #: it, urllib3 refuses it) so tests of the waiting stay fast.
     retry_after: float | None = None
     storage_503_rate: float = 0.0
     storage_fail_always: bool = False
@@ -144,6 +147,21 @@ def _stream_mode(text: str) -> tuple[int, str]:
     return int(sid), mode
 
 
+def _whole_seconds(text: str) -> int:
+    """Parse ``--retry-after``: HTTP's Retry-After is a whole number of seconds (RFC 9110
+    10.2.3), and clients such as urllib3 reject anything else, so a fraction is refused."""
+    try:
+        seconds = int(text)
+    except ValueError:
+        seconds = -1
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected whole seconds (0, 1, 2, ...), got {text!r}: HTTP's Retry-After has no "
+            "fractions"
+        )
+    return seconds
+
+
 def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `inboxd sandbox` options to `parser` (read back with `config_from_args`)."""
     d = SandboxConfig(data_dir=Path())
@@ -161,7 +179,14 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     add("--import-seconds", type=float, default=d.import_seconds, help="simulated import time")
     add("--api-503-rate", type=float, default=f.api_503_rate, help="share of API calls -> 503")
     add("--api-429-rate", type=float, default=f.api_429_rate, help="share of API calls -> 429")
-    add("--retry-after", type=float, default=None, help="Retry-After seconds on 429/503")
+    add(
+        "--retry-after",
+        type=_whole_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="Retry-After on faulted 429/503, in whole seconds (HTTP allows no fractions: "
+        "0.5 is refused, not rounded)",
+    )
     add("--storage-503-rate", type=float, default=f.storage_503_rate, help="storage PUTs -> 503")
     add("--storage-fail-always", action="store_true", help="every storage PUT answers 500")
     add(

@@ -24,7 +24,10 @@ The model, as strict as the guide allows:
   those keys (repeating it changes nothing).
 * ``POST /library/share/new {"workbook_name", "source_ids"}`` answers a new share id;
   ``GET``/``POST /library/share/{id}/link`` (the guide shows both verbs) answers the link.
-* ``GET /version`` answers the version string.
+* ``GET /version`` answers the version string, without a token (the official clients call it
+  before they send one); ``GET /`` is their token check: 200 with the token, 403 without.
+* ``POST /sources/search {"library_filter": {}}`` lists the sources (as the SDK's ``Insight``
+  client asks); ``library_filter`` may hold ``path``, a folder to list the sources under.
 
 Tests inspect ``files``, ``sources``, ``shares`` and the sandbox's shared request log.
 """
@@ -173,6 +176,8 @@ class LegacyApi:
         self._next_source = 1
         self._prefix = ""
         self.route_keys: set[str] = set()
+        #: route keys answered without a token (the sandbox's gate still injects faults)
+        self.public_routes = frozenset({"GET /version"})
 
     # ------------------------------------------------------------------------ registration
 
@@ -180,7 +185,9 @@ class LegacyApi:
         """The Starlette routes, under ``prefix`` (the sandbox's ``/api/v1``)."""
         self._prefix = prefix
         table: list[tuple[str, Handler, list[str]]] = [
+            ("/", self._token_check, ["GET"]),
             ("/version", self._version, ["GET"]),
+            ("/sources/search", self._search, ["POST"]),
             ("/library/file/upload", self._upload, ["POST"]),
             ("/library/file/import", self._import, ["POST"]),
             ("/sources/lookup", self._lookup, ["GET"]),
@@ -309,6 +316,48 @@ class LegacyApi:
 
     async def _version(self, request: Request) -> Any:
         return VERSION
+
+    async def _token_check(self, request: Request) -> Any:
+        # The gate has checked the token by now; the clients only look at the status code.
+        return f"Marple API {VERSION}: token accepted"
+
+    async def _search(self, request: Request) -> Any:
+        body = await self._read_json(request)
+        unknown = set(body) - {"library_filter"}
+        if unknown:
+            raise LegacyError(
+                400, f"unknown fields {sorted(unknown)}; this server reads library_filter"
+            )
+        library_filter = body.get("library_filter", {})
+        if not isinstance(library_filter, dict):
+            raise LegacyError(400, "library_filter must be an object")
+        unknown = set(library_filter) - {"path"}
+        if unknown:
+            raise LegacyError(
+                400, f"library_filter: unknown keys {sorted(unknown)}; the sandbox filters on path"
+            )
+        folder = None
+        if "path" in library_filter:
+            folder = self._clean_path(library_filter["path"], "library_filter.path").rstrip("/")
+        found = []
+        for source in self.sources.values():
+            if folder is not None and not source.path.startswith(f"{folder}/"):
+                continue
+            found.append(
+                {
+                    "source_id": source.id,
+                    "path": source.path,
+                    "name": PurePosixPath(source.path).name,
+                    "plugin": source.plugin,
+                    "status": source.status,
+                    "metadata": [{"name": k, "value": v} for k, v in source.metadata.items()],
+                    "dataset_filter": {"source_id": source.id},
+                    # The data's time range: the sandbox parses nothing, so it has none.
+                    "timestamp_start": None,
+                    "timestamp_stop": None,
+                }
+            )
+        return found
 
     async def _upload(self, request: Request) -> Any:
         folder = self._clean_path(request.query_params.get("path"), "path")

@@ -3,6 +3,11 @@
 The import status of a dataset is not stored but derived from the time since its upload was
 completed, so tests reading `sandbox.datasets[i].import_status` see the same value a client
 polling `/datasets/status` would.
+
+`Dataset.as_json` is the dataset object of the real service, with every field the official SDK's
+`Dataset` model requires, in its types (times in epoch seconds). Fields about the imported data
+itself cannot be known, because the sandbox parses nothing: docs/sandbox.md lists what it sends
+for those.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import PurePosixPath
 from typing import Any
 
 import anyio
@@ -23,6 +29,9 @@ SUPERSEDED = "SUPERSEDED"
 
 #: Share of the import time spent in WAITING before IMPORTING starts.
 WAITING_SHARE = 0.1
+#: The lake layout version a dataset's parquet files were written with (the SDK requires the
+#: field; the sandbox writes no parquet and says what a current server would).
+PARQUET_VERSION = 1
 
 
 def iso8601(unix: float) -> str:
@@ -52,6 +61,10 @@ class Dataset:
     import_seconds: float = 0.0
     #: The message the import ends with when it is set to fail (fail_import_glob).
     import_failure: str | None = None
+    #: `plugin_args` given to POST /ingestion (None: the stream's default).
+    plugin_args: str | None = None
+    #: time.time() of the successful complete (the stream's `last_ingested`).
+    completed_at: float | None = None
 
     @property
     def name(self) -> str:
@@ -107,19 +120,81 @@ class Dataset:
         """Start the simulated import now (after a successful complete)."""
         self.fixed_status = None
         self.fixed_message = None
+        self.completed_at = time.time()
         self.import_started = time.monotonic()
         self.import_seconds = seconds
         self.import_failure = failure
 
-    def reset_for_overwrite(self, metadata: dict[str, Any], size: int) -> None:
+    def reset_for_overwrite(
+        self, metadata: dict[str, Any], size: int, plugin_args: str | None
+    ) -> None:
         """Start over as a fresh upload of the same name, keeping the id."""
         self.metadata = metadata
         self.size = size
+        self.plugin_args = plugin_args
         self.location = None
+        self.completed_at = None
         self.fixed_status = "UPLOADING"
         self.fixed_message = None
         self.import_started = None
         self.import_failure = None
+
+    @property
+    def plugin(self) -> str:
+        """The import plugin: the sandbox names it after the file's extension."""
+        suffix = PurePosixPath(self.path).suffix.lower().lstrip(".")
+        return suffix or "unknown"
+
+    @property
+    def backup_path(self) -> str | None:
+        """Where the original file is kept once complete; None before, or when discarded."""
+        if self.location is None or self.location[0] == "discard":
+            return None
+        kind, where = self.location
+        if kind == "local":
+            return f"datasets/{self.id}"  # relative to the sandbox's data directory
+        return f"{kind}:{where}"  # the S3 key or the Azure blob name
+
+    def as_json(self, *, datapool: str, stream_version: int) -> dict[str, Any]:
+        """The dataset as the service's dataset endpoints answer it (see the module docstring)."""
+        status = self.import_status
+        imported = status == "FINISHED"
+        # The import ran to its end (finished, or failed while importing; not an abort).
+        import_time = (
+            self.import_seconds
+            if status in ("FINISHED", "FAILED") and self.import_started is not None
+            else None
+        )
+        backup_path = self.backup_path
+        return {
+            "id": self.id,
+            "stream_id": self.stream_id,
+            "datastream_id": self.stream_id,
+            "datastream_version": stream_version,
+            "datapool": datapool,
+            "path": self.path,
+            "metadata": self.metadata,
+            "created_at": self.created_at,
+            "created_by": None,
+            "import_status": status,
+            "import_progress": self.import_progress,
+            "import_message": self.import_message,
+            "import_time": import_time,
+            "import_speed": self.size / import_time if imported and import_time else None,
+            "file_size": self.size,
+            "cold_path": f"datapool={datapool}/dataset={self.id}" if imported else "",
+            "cold_bytes": self.size if imported else 0,
+            "hot_bytes": 0,
+            "backup_path": backup_path,
+            "backup_size": self.size if backup_path is not None else None,
+            "plugin": self.plugin,
+            "plugin_args": self.plugin_args if self.plugin_args is not None else "",
+            "n_signals": 0 if imported else None,
+            "n_datapoints": 0 if imported else None,
+            "timestamp_start": None,
+            "timestamp_stop": None,
+            "parquet_version": PARQUET_VERSION,
+        }
 
 
 @dataclass

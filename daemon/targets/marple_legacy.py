@@ -148,6 +148,10 @@ class MarpleLegacyApi:
             raise ProtocolError("version is not a string", endpoint="GET /version")
         return str(message)
 
+    async def token_check(self) -> None:
+        """``GET /``: the official clients' token check (200 with a valid token, else 403)."""
+        await self._request("GET", "/")
+
     async def upload(
         self, folder: str, source: FileSlice, *, filename: str, progress: Progress | None = None
     ) -> None:
@@ -340,22 +344,21 @@ class MarpleLegacyTarget:
     # ---- check ------------------------------------------------------------------------
 
     async def check(self, destinations: Sequence[int | str] = ()) -> list[CheckLine]:
-        """``/version``, the token (an authenticated lookup), and where files will go."""
+        """``/version`` (no token needed), the token (``GET /``), and where files will go."""
         base = self.api.base_url
         try:
             version = await self.api.version()
-        except AuthError as exc:
+        except AuthError as exc:  # a server that wants the token even here
             return [CheckLine(False, f"token accepted by GET /version: {exc}")]
         except InboxdError as exc:
             return [CheckLine(False, f"reach {base}/version: {exc}")]
         lines = [CheckLine(True, f"reach {base}/version (Marple {version})")]
         try:
-            # Any answer but 403 proves the token: the probe path need not exist.
-            await self.api.lookup(f"{self.settings.folder.rstrip('/')}/.inboxd-check")
+            await self.api.token_check()
         except AuthError as exc:
-            return [*lines, CheckLine(False, f"token accepted by GET /sources/lookup: {exc}")]
+            return [*lines, CheckLine(False, f"token accepted by GET /: {exc}")]
         except InboxdError as exc:
-            return [*lines, CheckLine(False, f"GET /sources/lookup: {exc}")]
+            return [*lines, CheckLine(False, f"GET /: {exc}")]
         lines.append(CheckLine(True, "token accepted"))
         plugins = ", ".join(f"{e} → {p}" for e, p in sorted(self.settings.plugins.items()))
         lines.append(
