@@ -8,6 +8,7 @@ import json
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,8 @@ from authlib.oauth1 import ClientAuth  # type: ignore[import-untyped]
 from authlib.oauth1.rfc5849 import client_auth  # type: ignore[import-untyped]
 
 from daemon.config import load_settings
-from daemon.errors import ConfigError
-from daemon.queue import JobState, Queue
+from daemon.errors import ConfigError, FileChangedError, NotYetError
+from daemon.queue import FileIdentity, JobState, NewJob, Queue
 from daemon.sandbox import Sandbox
 from daemon.sandbox.dataservice import (
     DataServiceConfig,
@@ -27,7 +28,9 @@ from daemon.sandbox.dataservice import (
     signature_base_string,
     url_of,
 )
-from daemon.targets.data_service import RateLimits, marker, source_name
+from daemon.targets import Work
+from daemon.targets.data_service import RateLimits, _check_still_newest, marker, source_name
+from daemon.upload import FileRef, MemoryJournal, Resume
 from tests.daemon_helpers import (
     counts,
     inboxd,
@@ -920,3 +923,28 @@ async def test_call_rate_limiter_keeps_under_the_account_rate_too(
     times = sorted(r.time for r in records)
     busiest = max(sum(1 for t in times if end - 1.0 < t <= end) for end in times)
     assert busiest <= 2, times
+
+
+async def test_a_waiting_version_found_overtaken_is_superseded_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """When a version that waited for the refresh interval is taken up and the file has
+    changed (the newer version not yet queued), the reason says why it is not sent."""
+    path = tmp_path / "live.csv"
+    path.write_bytes(b"v\n1\n")
+    ref = FileRef.stat(path)
+    ident = FileIdentity("live.csv", ref.size, ref.mtime_ns, ref.inode)
+    async with await Queue.open(tmp_path / "state.db") as queue:
+        await queue.enqueue_many([NewJob(ident, 0, "live.csv", {}, "data-service")])
+        job = await queue.claim("t", 30)
+        assert job is not None
+        work = Work(job, ref, Resume(), MemoryJournal(), progress=lambda n: None)
+        _check_still_newest(work)  # unchanged: nothing to say
+        await queue.retry_later(job.id, error="waits", kind=NotYetError.kind, delay=0)
+        waited = await queue.claim("t", 30)
+        assert waited is not None and waited.error_kind == "not_yet"
+    path.write_bytes(b"v\n2\n22\n")
+    with pytest.raises(FileChangedError, match="waited for the data service's refresh interval"):
+        _check_still_newest(replace(work, job=waited))
+    with pytest.raises(FileChangedError, match="was 4 bytes"):
+        _check_still_newest(work)  # a version that did not wait: the usual reason
