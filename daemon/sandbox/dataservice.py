@@ -63,7 +63,7 @@ import zipfile
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import anyio
@@ -88,6 +88,7 @@ from daemon.sandbox.injection import DROPPING, Control, Sender, retry_after_head
 from daemon.sandbox.models import RequestRecord, iso8601
 
 log = logging.getLogger("inboxd.sandbox.dataservice")
+_T = TypeVar("_T")
 
 #: Where the main sandbox serves the data service.
 PREFIX = "/data-service"
@@ -803,6 +804,26 @@ class DataService:
             raise ServiceError(404, f"Not Found: no data set {set_id}")
         return data_set
 
+    def _listing(
+        self,
+        request: Request,
+        kind: str,
+        items: list[_T],
+        to_json: Callable[[str, _T], dict[str, Any]],
+        extra: dict[str, str] | None = None,
+    ) -> JSONResponse:
+        """A paginated list answer: ``{kind: [...], "total", "prev", "next"}``."""
+        page, total, prev, nxt = self._page(request, items, f"/{kind}", extra or {})
+        base = self._base(request)
+        return JSONResponse(
+            {
+                kind: [to_json(base, item) for item in page],
+                "total": total,
+                "prev": prev,
+                "next": nxt,
+            }
+        )
+
     def _page(
         self, request: Request, items: list[Any], path: str, extra: dict[str, str]
     ) -> tuple[list[Any], int, str | None, str | None]:
@@ -1039,16 +1060,7 @@ class DataService:
             extra["dataSet"] = set_link
         if request.method == "HEAD":
             return Response(headers={"Marq-DataSources-Total": str(len(sources))})
-        page, total, prev, nxt = self._page(request, sources, "/dataSources", extra)
-        base = self._base(request)
-        return JSONResponse(
-            {
-                "dataSources": [self._source_json(base, s) for s in page],
-                "total": total,
-                "prev": prev,
-                "next": nxt,
-            }
-        )
+        return self._listing(request, "dataSources", sources, self._source_json, extra)
 
     async def _get_source(self, request: Request) -> Response:
         source = self._source(request.path_params["id"])
@@ -1109,17 +1121,9 @@ class DataService:
         total = {"Marq-Collections-Total": str(len(collections))}
         if request.method == "HEAD":
             return Response(headers=total)
-        page, count, prev, nxt = self._page(request, collections, "/collections", {})
-        base = self._base(request)
-        return JSONResponse(
-            {
-                "collections": [self._collection_json(base, c) for c in page],
-                "total": count,
-                "prev": prev,
-                "next": nxt,
-            },
-            headers=total,
-        )
+        listing = self._listing(request, "collections", collections, self._collection_json)
+        listing.headers.update(total)
+        return listing
 
     def _unlocked(self, collection: Collection) -> Collection:
         if collection.locked:
@@ -1241,16 +1245,7 @@ class DataService:
         return JSONResponse(f"Source grant {grant.id} deleted")
 
     async def _list_sets(self, request: Request) -> Response:
-        page, total, prev, nxt = self._page(request, list(self.data_sets.values()), "/dataSets", {})
-        base = self._base(request)
-        return JSONResponse(
-            {
-                "dataSets": [self._set_json(base, d) for d in page],
-                "total": total,
-                "prev": prev,
-                "next": nxt,
-            }
-        )
+        return self._listing(request, "dataSets", list(self.data_sets.values()), self._set_json)
 
     async def _create_set(self, request: Request) -> Response:
         body = await self._read_json(request)

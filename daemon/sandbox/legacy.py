@@ -483,9 +483,10 @@ class LegacyApi:
         source.metadata.update(updates)
         return {"source_id": source.id, "status": "OK"}
 
-    async def _share_new(self, request: Request) -> Any:
-        body = await self._read_json(request)
-        workbook = body.get("workbook_name")
+    def _share_body(self, body: dict[str, Any], workbook: object) -> tuple[str, list[int]]:
+        """``workbook_name`` (``workbook`` when absent) and ``source_ids`` of a share request,
+        every id an existing source; LegacyError otherwise."""
+        workbook = body.get("workbook_name", workbook)
         if not isinstance(workbook, str) or not workbook.strip():
             raise LegacyError(400, "workbook_name must be a non-empty string")
         ids = body.get("source_ids")
@@ -493,7 +494,11 @@ class LegacyApi:
             raise LegacyError(400, "source_ids must be a non-empty list of integers")
         for source_id in ids:
             self._source(source_id)
-        share = Share(id=secrets.token_hex(8), workbook=workbook, source_ids=list(ids))
+        return workbook, list(ids)
+
+    async def _share_new(self, request: Request) -> Any:
+        workbook, ids = self._share_body(await self._read_json(request), None)
+        share = Share(id=secrets.token_hex(8), workbook=workbook, source_ids=ids)
         self.shares[share.id] = share
         return share.id
 
@@ -522,15 +527,8 @@ class LegacyApi:
         share = self.shares.get(request.path_params["share_id"])
         if share is None:
             raise LegacyError(404, "share not found")
-        body = await self._read_json(request)
-        workbook = body.get("workbook_name", share.workbook)
-        if not isinstance(workbook, str) or not workbook.strip():
-            raise LegacyError(400, "workbook_name must be a non-empty string")
-        ids = body.get("source_ids")
-        if not isinstance(ids, list) or not ids or not all(_is_int(i) for i in ids):
-            raise LegacyError(400, "source_ids must be a non-empty list of integers")
-        for source_id in ids:
-            self._source(source_id)
+        # "change project for this share": the workbook is optional here.
+        workbook, ids = self._share_body(await self._read_json(request), share.workbook)
         merged = list(dict.fromkeys([*share.source_ids, *ids]))
         added = Share(id=secrets.token_hex(8), workbook=workbook, source_ids=merged)
         self.shares[added.id] = added
