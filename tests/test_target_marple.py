@@ -609,8 +609,9 @@ async def test_plain_http_to_another_host_is_warned_about(tmp_path: Path) -> Non
         "http://[::1]:9/api/v1",
     ):
         assert plain_http_warning(quiet) is None, quiet
-    warning = plain_http_warning("http://marple.example:8080/api/v1")
-    assert warning and "https" in warning and "marple.example:8080" in warning
+    warning = plain_http_warning("http://me:s3cret@marple.example:8080/api/v1")
+    assert warning and "https" in warning and "http://marple.example:8080 " in warning
+    assert "s3cret" not in warning
 
     with structlog.testing.capture_logs() as logs:
         async with MarpleClient("http://192.0.2.1:9/api/v1", SecretStr("t"), timeout=1) as c:

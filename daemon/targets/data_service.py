@@ -1016,15 +1016,15 @@ class DataServiceTarget:
                         False, f".{ext} files: the account does not offer the {adapter} adapter"
                     )
                 )
-        specs = [self._data_set_spec("")] if self.settings.data_set else []
-        specs += [
+        specs = [
             _DataSetSpec(r.data_set, {}, f"the [[routes]] entry with glob {r.glob!r}")
             for r in self.routes
             if r.data_set is not None
         ]
+        if self.settings.data_set is not None:
+            specs.insert(0, _DataSetSpec(self.settings.data_set, {}, "[data_service] data_set"))
         for spec in specs:
-            if spec is not None:
-                lines.append(await self._check_data_set(spec))
+            lines.append(await self._check_data_set(spec))
         return lines
 
     async def _check_data_set(self, spec: _DataSetSpec) -> CheckLine:

@@ -476,8 +476,9 @@ def plain_http_warning(url: str) -> str | None:
     parts = urlsplit(url)
     if parts.scheme != "http" or _is_loopback(parts.hostname or ""):
         return None
+    where = parts.netloc.rpartition("@")[2]  # never a user:password written into the URL
     return (
-        f"[api] url {parts.scheme}://{parts.netloc} is plain http to another machine: the "
+        f"[api] url {parts.scheme}://{where} is plain http to another machine: the "
         "token and the files cross the network unencrypted; the API guide says always use "
         "https"
     )
