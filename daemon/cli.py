@@ -206,7 +206,7 @@ async def _check(settings: Settings) -> int:
     refs += [r.stream for r in settings.routes if r.stream is not None and r.stream not in refs]
     async with open_target(settings, UploadOptions()) as target:
         for line in await target.check(refs):
-            print(f"{'ok  ' if line.ok else 'FAIL'}  {line.text}")
+            print(f"{'FAIL' if not line.ok else 'warn' if line.warn else 'ok  '}  {line.text}")
             if not line.ok:
                 return EXIT_FAILED
     return EXIT_OK

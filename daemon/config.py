@@ -169,12 +169,28 @@ StreamRef = Annotated[int | str, BeforeValidator(_stream_ref)]
 Metadata = Annotated[dict[str, str | int | float | bool], BeforeValidator(_plain_metadata)]
 
 
+def _data_set_ref(value: Any) -> Any:
+    # A DataSetLink or the name of a data set; blank means "none" rather than a nameless set.
+    if isinstance(value, str):
+        value = value.strip()
+        return value or None
+    return value
+
+
+#: A data service data set: its link (``https://…/dataSets/435``) or its name.
+DataSetRef = Annotated[str | None, BeforeValidator(_data_set_ref)]
+
+
 class RouteSettings(_Section):
     """Files whose relative path matches ``glob`` go to ``stream`` with extra ``metadata``."""
 
     glob: str
     stream: StreamRef | None = None
     metadata: Metadata = Field(default_factory=dict)
+    # Data service only: the data set of this route's files (a link, or a name: created on
+    # demand with data_set_properties); unset = [data_service] data_set.
+    data_set: DataSetRef = None
+    data_set_properties: Metadata = Field(default_factory=dict)
 
 
 class UploadSettings(_Section):
@@ -282,6 +298,11 @@ class MarpleSettings(_Section):
     # Make a share link for each new source (needs workbook: a project saved in the app).
     share: bool = False
     workbook: str = ""
+    # "file": one share link per source; "folder": one per folder on the file server, each new
+    # source of the folder added to it (POST /library/share/{id}/add), e.g. one per test run.
+    share_scope: Literal["file", "folder"] = "file"
+    # Base URL of the share links (POST /library/share/{id}/link's url); "" = the server's own.
+    share_url: str = ""
     # Metadata keys whose values are dates (ISO 8601; no offset = UTC): sent as UTC seconds.
     date_metadata: list[str] = Field(default_factory=list)
     # Metadata key that carries the file's modification time (UTC seconds); "" = not sent.
@@ -294,6 +315,14 @@ class MarpleSettings(_Section):
         if not value.strip().startswith("/") or any(p in (".", "..") for p in parts):
             raise ValueError('must be an absolute folder without "." or "..", e.g. "/inboxd"')
         return "/" + "/".join(parts)
+
+    @field_validator("share_url")
+    @classmethod
+    def _share_url_is_http_or_empty(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with https:// (or http://), or be empty")
+        return value
 
     @field_validator("plugins", mode="before")
     @classmethod
@@ -349,8 +378,15 @@ class DataServiceSettings(_Section):
     # Grant type of new data sources (the adapters' permissionType); unset = the service's
     # default ("user").
     permission_type: Literal["account", "project", "user"] | None = None
-    # DataSetLink that new data sources are put into; unset = none.
-    data_set: str | None = None
+    # The data set new data sources are put into: a DataSetLink, or a name (a data set of that
+    # name is created on demand, with data_set_properties); unset = none. A route's data_set
+    # wins.
+    data_set: DataSetRef = None
+    # Properties of that data set (created with them; missing or different ones are set).
+    data_set_properties: Metadata = Field(default_factory=dict)
+    # Row of a CSV file that names its columns (the collection property headerRow); 0 = none,
+    # the columns are then called A, B, C, ...
+    csv_header_row: int = Field(default=1, ge=0)
     # Source grants added to every new data source.
     grants: list[DataServiceGrant] = Field(default_factory=list)
     # File extension → adapter; other extensions fail with a reason.

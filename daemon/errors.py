@@ -12,12 +12,14 @@
     │   ├── NotFoundError            404: unknown stream, ingestion or dataset — give up
     │   ├── ConflictError            409: name taken, or ingestion in another state — decide
     │   ├── RejectedError            400/405/413/422…: the request itself is wrong — give up
+    │   ├── LockedError              423: the resource is being refreshed — wait, then retry
     │   ├── RateLimitedError         429: retry after ``retry_after`` seconds
     │   ├── ServerError              5xx: retry with backoff
     │   └── ProtocolError            a 2xx answer we cannot understand — retry a few times
     ├── TransportError               no (complete) answer: connect/read failure, timeout, reset
     ├── StorageError                 a presigned/SAS storage request failed — retry, then fall back
     │   └── UrlExpiredError          the signed URL expired — fetch fresh URLs
+    ├── NotYetError                  the service allows this step only later: the job waits
     ├── FileProblem                  the local file cannot be uploaded as it is
     │   ├── FileChangedError         it changed (or vanished) while being uploaded — restart it
     │   └── EmptyFileError           0 bytes: the API refuses ``file_size`` 0
@@ -131,6 +133,14 @@ class RejectedError(ApiError):
     kind = "rejected"
 
 
+class LockedError(ApiError):
+    """423 Locked: the resource is busy on the service's side (the data service answers it for
+    a collection being refreshed). Nothing was done; the same step may be tried again."""
+
+    retryable = True
+    kind = "locked"
+
+
 class RateLimitedError(ApiError):
     retryable = True
     kind = "rate_limited"
@@ -187,6 +197,19 @@ class StorageError(InboxdError):
 
 class UrlExpiredError(StorageError):
     kind = "url_expired"
+
+
+class NotYetError(InboxdError):
+    """The service allows this step only in ``delay`` seconds (e.g. the data service's refresh
+    interval: a data source may not be overwritten more often). Nothing was sent; the job goes
+    back to the queue until then, so no worker waits idle for it."""
+
+    retryable = True
+    kind = "not_yet"
+
+    def __init__(self, message: str, *, delay: float, advice: str | None = None) -> None:
+        super().__init__(message, advice=advice)
+        self.delay = max(0.0, delay)
 
 
 class FileProblem(InboxdError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -76,7 +77,12 @@ def route(rel: str, inbox: Path, settings: Settings) -> Route:
 
 def matching_route(rel: str, settings: Settings) -> RouteSettings | None:
     """The first ``[[routes]]`` entry whose glob matches ``rel``; None when none does."""
-    for r in settings.routes:
+    return first_route(rel, settings.routes)
+
+
+def first_route(rel: str, routes: Iterable[RouteSettings]) -> RouteSettings | None:
+    """The first of ``routes`` whose glob matches ``rel`` (for a target given only routes)."""
+    for r in routes:
         if _matches(rel, r.glob):
             return r
     return None

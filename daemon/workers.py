@@ -30,6 +30,7 @@ from daemon.errors import (
     FileProblem,
     InboxdError,
     NotFoundError,
+    NotYetError,
     RateLimitedError,
     TransportError,
     UploadFailed,
@@ -338,6 +339,11 @@ class Workers:
                 # start this file afresh; the upload key finds and reuses our dataset.
                 await self.queue.reset_ingestion(job.id)
                 await self._backoff(job, str(exc), exc.kind)
+        except NotYetError as exc:
+            # Not a failure: the service allows this step only later (a refresh interval).
+            # The job waits in the queue until then, holding no worker.
+            log.info("upload.not_yet", reason=exc.message, delay=round(exc.delay, 2))
+            await self.queue.retry_later(job.id, error=str(exc), kind=exc.kind, delay=exc.delay)
         except InboxdError as exc:
             if exc.retryable:
                 await sent.flush()

@@ -8,6 +8,7 @@ import json
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,8 @@ from authlib.oauth1 import ClientAuth  # type: ignore[import-untyped]
 from authlib.oauth1.rfc5849 import client_auth  # type: ignore[import-untyped]
 
 from daemon.config import load_settings
-from daemon.errors import ConfigError
-from daemon.queue import JobState, Queue
+from daemon.errors import ConfigError, FileChangedError, NotYetError
+from daemon.queue import FileIdentity, JobState, NewJob, Queue
 from daemon.sandbox import Sandbox
 from daemon.sandbox.dataservice import (
     DataServiceConfig,
@@ -27,7 +28,9 @@ from daemon.sandbox.dataservice import (
     signature_base_string,
     url_of,
 )
-from daemon.targets.data_service import RateLimits, marker, source_name
+from daemon.targets import Work
+from daemon.targets.data_service import RateLimits, _check_still_newest, marker, source_name
+from daemon.upload import FileRef, MemoryJournal, Resume
 from tests.daemon_helpers import (
     counts,
     inboxd,
@@ -46,8 +49,11 @@ MiB = 1024 * 1024
 
 @pytest.fixture
 def ds(sandbox: Sandbox) -> Sandbox:
-    """The sandbox with a call rate too high to slow the tests that are not about it."""
-    sandbox.data_service.config.user_api_call_rate = 60_000
+    """The sandbox with a call rate too high, and refresh intervals too short, to slow the tests
+    that are not about them."""
+    cfg = sandbox.data_service.config
+    cfg.user_api_call_rate = 60_000
+    cfg.user_hard_refresh_interval = cfg.user_soft_refresh_interval = 0
     return sandbox
 
 
@@ -184,7 +190,9 @@ def test_names_limits_and_signature_base_string() -> None:
     again = "dir/sales [inboxd-0123456789abcdef].csv"  # journaled by an earlier try
     assert source_name(again, key, "csv") == again
     limits = RateLimits.model_validate({"userApiCallRate": 200, "fileSizeLimit": 2})
-    assert limits.max_file_bytes == 2 * MiB and limits.offers("excel")
+    # The table's "2 MB" in decimal units; no refresh interval and no account limit given.
+    assert limits.max_file_bytes == 2_000_000 and limits.offers("excel")
+    assert limits.refresh_interval == 0 and limits.account_rate == 0
     limits = RateLimits.model_validate(
         {"userApiCallRate": 200, "fileSizeLimit": 5_000_000, "adapterTypes": ["CSV"]}
     )
@@ -253,7 +261,7 @@ def test_sandbox_checks_oauth_signatures(ds: Sandbox, monkeypatch: pytest.Monkey
     with httpx.Client(timeout=5) as http:
         ok = http.get(url, headers=signed("GET", url, cfg))
         assert ok.status_code == 200, ok.text
-        assert ok.json()["fileSizeLimit"] == 2 * MiB and ok.json()["userApiCallRate"] == 60_000
+        assert ok.json()["fileSizeLimit"] == 2_000_000 and ok.json()["userApiCallRate"] == 60_000
         assert http.get(url, headers=ACCEPT).status_code == 401
         for bad in (
             {"consumer_secret": "wrong"},
@@ -431,16 +439,21 @@ async def test_file_above_the_size_limit_is_refused_before_it_is_sent(
         await wait_until(states(config, failed=1), timeout=20)
         queue: Queue = svc.queue  # type: ignore[assignment]
         (job,) = await queue.find_by_rel("huge.csv")
-    assert "above the data service's file size limit of 2097152 bytes" in (job.last_error or "")
+    assert "above the data service's file size limit of 2000000 bytes" in (job.last_error or "")
     assert [r.route for r in ds.data_service.requests] == ["GET /rateLimits"]
     assert not ds.data_service.data_sources
 
 
-async def test_call_rate_limiter_keeps_under_user_api_call_rate(
-    sandbox: Sandbox, tmp_path: Path
+@pytest.mark.parametrize("rate", ["user", "account"])
+async def test_call_rate_limiter_keeps_under_the_user_and_the_account_rate(
+    sandbox: Sandbox, tmp_path: Path, rate: str
 ) -> None:
     cfg = sandbox.data_service.config
-    cfg.user_api_call_rate, cfg.rate_window = 120, 1.0  # 2 requests in any second
+    cfg.rate_window = 1.0
+    if rate == "user":
+        cfg.user_api_call_rate = 120  # 2 requests in any second
+    else:
+        cfg.account_api_call_rate = 120  # the same for the whole account, the user's higher
     config = ds_config(tmp_path, sandbox)
     files = {f"f{i}.csv": f"n\n{i}\n".encode() for i in range(5)}
     for rel, data in files.items():
@@ -509,6 +522,7 @@ async def test_rate_limit_answer_waits_and_retries_without_looking(
     assert [(r.route, r.status) for r in records] == [
         ("POST /adapter/csv", 429),
         ("POST /adapter/csv", 201),  # a 429 made nothing: no lookup before the retry
+        ("PATCH /collections/{id}/properties", 200),  # then its properties (headerRow, ...)
     ]
     assert records[1].time - records[0].time >= 0.45
 
@@ -592,3 +606,331 @@ async def test_file_changed_while_its_data_source_was_made_keeps_one_data_source
     assert source.writes == 2  # the new version overwrote the first version's data source
     assert [j.state for j in jobs] == [JobState.SUPERSEDED, JobState.DONE]
     assert jobs[1].target_refs["action"] == "overwritten"
+
+
+# ---- issue 13: the service's other rules, in the sandbox and kept by the target -------------
+
+
+def test_sandbox_properties_header_row_locks_intervals_and_data_sets(ds: Sandbox) -> None:
+    svc = ds.data_service
+    cfg = svc.config
+    base = url_of(ds.origin)
+    with httpx.Client(timeout=5) as http:
+
+        def call(method: str, path: str, **kw: Any) -> httpx.Response:
+            query = kw.pop("query", "")
+            url = (path if path.startswith("http") else f"{base}{path}") + (
+                f"?{query}" if query else ""
+            )
+            return http.request(method, url, headers=signed(method, url, cfg), **kw)
+
+        made = call("POST", "/adapter/csv", files={"file": ("h.csv", b"name,qty\npen,2\ncup,5\n")})
+        assert made.status_code == 201, made.text
+        link, collection = made.json()["uri"], made.json()["collections"]
+        # Without headerRow the columns are A, B and every row is an item.
+        items = call("GET", collection + "/items").json()
+        assert items["items"][0]["fields"] == {"A": "name", "B": "qty"}
+        assert len(items["items"]) == 3
+        # Properties: strings only; headerRow a row number; PATCH answers what it changed.
+        assert call("PATCH", collection + "/properties", json={"n": 1}).status_code == 400
+        bad = call("PATCH", collection + "/properties", json={"headerRow": "first"})
+        assert bad.status_code == 400 and "headerRow" in bad.json()["error"]
+        patched = call("PATCH", collection + "/properties", json={"headerRow": "1", "rig": "r7"})
+        assert patched.json() == {"headerRow": "1", "rig": "r7"}
+        call("PATCH", collection + "/properties", json={"old": "x"})
+        assert call("GET", collection + "/properties").json() == {
+            "headerRow": "1",
+            "rig": "r7",
+            "old": "x",
+        }
+        gone = call("DELETE", collection + "/properties", query="properties=old,missing")
+        assert (
+            gone.status_code == 200 and "old" not in call("GET", collection + "/properties").json()
+        )
+        # With headerRow the first row names the fields and is no item.
+        items = call("GET", collection + "/items").json()
+        assert [i["fields"] for i in items["items"]] == [
+            {"name": "pen", "qty": "2"},
+            {"name": "cup", "qty": "5"},
+        ]
+        schema = call("GET", collection + "/schema").json()
+        assert [(f["name"], f["order"]) for f in schema] == [("name", 1), ("qty", 2)]
+
+        # A refresh in progress: overwrites, property changes and item reads answer 423.
+        cid = int(collection.rsplit("/", 1)[1])
+        svc.refresh(cid, 30.0)
+        assert call("GET", collection).json()["syncStarted"] is not None
+        put = call(
+            "PUT",
+            "/adapter/csv",
+            query=httpx.QueryParams({"dataSource": link}),
+            files={"file": ("h.csv", b"name,qty\n")},
+        )
+        assert put.status_code == 423 and "being refreshed" in put.json()["error"]
+        assert call("PATCH", collection + "/properties", json={"a": "b"}).status_code == 423
+        assert call("GET", collection + "/items").status_code == 423
+        assert svc.refused["locked"] == 3
+        svc._collection(cid).unlock()
+        assert call("GET", collection).json()["syncStarted"] is None
+
+        # The hard refresh interval, counted from the last adapter write (here: the create).
+        cfg.user_hard_refresh_interval = 30
+        early = call(
+            "PUT",
+            "/adapter/csv",
+            query=httpx.QueryParams({"dataSource": link}),
+            files={"file": ("h.csv", b"name,qty\n")},
+        )
+        assert early.status_code == 429 and 1 <= int(early.headers["Retry-After"]) <= 30
+        assert "refresh interval" in early.json()["error"] and svc.refused["refresh"] == 1
+        cfg.user_hard_refresh_interval = 0
+
+        # An import in progress: the new data source is pending — hidden from the list, but
+        # readable by id and listed through its collection — and its collection is locked.
+        cfg.import_seconds = 1.0
+        with httpx.Client(timeout=0.3) as impatient:
+            url = f"{base}/adapter/csv"
+            with pytest.raises(httpx.ReadTimeout):
+                impatient.post(
+                    url, headers=signed("POST", url, cfg), files={"file": ("p.csv", b"a\n1\n")}
+                )
+        cfg.import_seconds = 0.0
+        (pending,) = [s for s in svc.data_sources.values() if s.name == "p.csv"]
+        assert pending.pending
+        listed = [s["name"] for s in call("GET", "/dataSources").json()["dataSources"]]
+        assert listed == ["h.csv"]
+        assert call("GET", f"/dataSources/{pending.id}").json()["pending"] is True
+        owners = [c["dataSource"] for c in call("GET", "/collections").json()["collections"]]
+        assert owners == [link, f"{base}/dataSources/{pending.id}"]
+        assert call("GET", f"/collections/{pending.collections[0].id}/items").status_code == 423
+        deadline = time.monotonic() + 10
+        while pending.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pending.pending and not pending.collections[0].locked
+
+        # Data sets: created with properties, properties patched and deleted, renamed, deleted.
+        made_set = call("POST", "/dataSets", json={"name": "Runs", "properties": {"k": "v"}})
+        set_link = made_set.json()["uri"]
+        assert call("GET", set_link + "/properties").json() == {"k": "v"}
+        assert call("PATCH", set_link + "/properties", json={"k": "w", "z": "1"}).json() == {
+            "k": "w",
+            "z": "1",
+        }
+        call("DELETE", set_link + "/properties", query="properties=z")
+        assert call("GET", set_link + "/properties").json() == {"k": "w"}
+        assert call("PATCH", set_link, json={"name": "Runs 2"}).json()["name"] == "Runs 2"
+        assert call("DELETE", set_link).status_code == 200
+        assert call("GET", set_link).status_code == 404
+
+        # The file size limit in decimal megabytes: 2,000,001 bytes is too big.
+        too_big = b"x,y\n" * 500_000 + b"z"
+        assert call("POST", "/adapter/csv", files={"file": ("b.csv", too_big)}).status_code == 413
+        fits = b"x,y\n" * 500_000
+        assert call("POST", "/adapter/csv", files={"file": ("f.csv", fits)}).status_code == 201
+
+        # The account's call rate counts every token of the account together.
+        cfg.account_api_call_rate, cfg.rate_window = 120, 1.0
+        time.sleep(1.0)
+        assert [call("GET", "/rateLimits").status_code for _ in range(2)] == [200, 200]
+        limited = call("GET", "/rateLimits")
+        assert limited.status_code == 429 and "account" in limited.json()["error"]
+        assert svc.refused["account_rate"] == 1 and "user_rate" not in svc.refused
+
+
+def _collection_of(sb: Sandbox, source_id: int) -> Any:
+    return sb.data_service.data_sources[source_id].collections[0]
+
+
+async def test_metadata_becomes_collection_properties_and_data_sets_are_made_by_name(
+    ds: Sandbox, tmp_path: Path
+) -> None:
+    svc = ds.data_service
+    existing = svc.add_data_set("Existing")
+    existing.properties = {"owner": "old", "keep": "1"}
+    svc.add_data_set("Runs elsewhere")  # a similar name is not the same data set
+    config = ds_config(tmp_path, ds, data_set="Runs", data_set_properties={"team": "test", "n": 2})
+    text = config.read_text().replace(
+        "[upload]\n",
+        '[upload]\nmetadata = { site = "plant-a", batch = 7, ok = true }\n'
+        'path_metadata = ["line"]\n',
+    )
+    text += (
+        '[[routes]]\nglob = "line2/*"\ndata_set = "Existing"\n'
+        'data_set_properties = { owner = "inboxd" }\nmetadata = { shift = "night" }\n'
+    )
+    config.write_text(text)
+    check = inboxd("check", "--config", str(config))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "data set 'Runs': none yet, made with the first file" in check.stdout
+    assert f"data set 'Existing' ({url_of(ds.origin)}/dataSets/{existing.id})" in check.stdout
+    assert sorted(d.name for d in svc.data_sets.values()) == ["Existing", "Runs elsewhere"]
+
+    ds.faults.fail_next = {"POST /dataSets": [0]}  # made, but its answer is lost
+    inbox = tmp_path / "inbox"
+    (inbox / "line1").mkdir()
+    (inbox / "line2").mkdir()
+    (inbox / "line1/a.csv.meta.json").write_text('{"operator": "kim", "empty": null}')
+    files = {
+        "line1/a.csv": b"region,amount\nnorth,1\nsouth,2\n",
+        "line1/b.csv": b"k\n1\n",
+        "line2/c.csv": b"x,y\n1,2\n",
+        "book.xlsx": tiny_xlsx({"Q1": [["a", "b"], ["1", "2"]], "Q2": [["c"]]}),
+    }
+    for rel, data in files.items():
+        (inbox / rel).write_bytes(data)
+    async with running_service(config) as svc_:
+        await wait_until(states(config, done=4), timeout=25)
+        queue: Queue = svc_.queue  # type: ignore[assignment]
+        (job_a,) = await queue.find_by_rel("line1/a.csv")
+        sources = one_per_file(ds, files)
+        runs = [d for d in svc.data_sets.values() if d.name == "Runs"]
+        assert len(runs) == 1, [d.name for d in svc.data_sets.values()]  # lost answer: no twin
+        assert runs[0].properties == {"team": "test", "n": "2"}
+        assert existing.properties == {"owner": "inboxd", "keep": "1"}  # the missing one set
+        posts = [r for r in svc.requests if r.route == "POST /dataSets"]
+        assert [p.dropped for p in posts] == [True]  # one POST, its answer lost, then found
+        for rel, source in sources.items():
+            want = existing.id if rel.startswith("line2/") else runs[0].id
+            assert source.data_set_id == want, rel
+
+        a = _collection_of(ds, sources["line1/a.csv"].id)
+        modified = time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime((inbox / "line1/a.csv").stat().st_mtime)
+        )
+        assert a.properties == {
+            "headerRow": "1",
+            "site": "plant-a",
+            "batch": "7",
+            "ok": "true",
+            "line": "line1",
+            "operator": "kim",
+            "inboxd_upload_id": job_a.upload_key,
+            "inboxd_file_modified": modified,
+        }
+        assert a.fields() == ["region", "amount"] and a.items() == [["north", "1"], ["south", "2"]]
+        c = _collection_of(ds, sources["line2/c.csv"].id)
+        assert (c.properties["shift"], c.properties["line"]) == ("night", "line2")
+        book = sources["book.xlsx"].collections
+        assert "headerRow" not in book[0].properties and book[0].properties["site"] == "plant-a"
+
+        # A new version without the sidecar's operator: the property goes, the rest follows.
+        (inbox / "line1/a.csv.meta.json").write_text('{"shift": "early"}')
+        (inbox / "line1/a.csv").write_bytes(b"region,amount\nwest,9\n")
+        await wait_until(states(config, done=5), timeout=20)
+        jobs = await queue.find_by_rel("line1/a.csv")
+    assert jobs[-1].target_refs["action"] == "overwritten"
+    assert "operator" not in a.properties and a.properties["shift"] == "early"
+    assert a.properties["inboxd_upload_id"] == jobs[-1].upload_key
+    assert a.items() == [["west", "9"]]
+    assert sorted(jobs[-1].target_refs["properties"]) == sorted(a.properties)
+
+
+async def test_lost_create_of_a_pending_data_source_makes_no_duplicate(
+    ds: Sandbox, tmp_path: Path
+) -> None:
+    svc = ds.data_service
+    svc.config.import_seconds = 8.0  # the import outlasts the client's patience
+    config = ds_config(tmp_path, ds)
+    config.write_text(config.read_text().replace("timeout = 5.0", "timeout = 1.0"))
+    data = b"when,what\n1,slow import\n"
+    (tmp_path / "inbox" / "slow.csv").write_bytes(data)
+    async with running_service(config) as service:
+        await wait_until(lambda: svc.data_sources, timeout=20)
+        (source,) = svc.data_sources.values()
+        assert source.pending  # what GET /dataSources hides while the import runs
+        await wait_until(states(config, done=1), timeout=40)
+        queue: Queue = service.queue  # type: ignore[assignment]
+        (job,) = await queue.find_by_rel("slow.csv")
+    one_per_file(ds, {"slow.csv": data})
+    routes = [r.route for r in svc.requests]
+    assert routes.count("POST /adapter/csv") == 1  # not posted again: no duplicate
+    # The POST timed out; the list did not show the pending data source, its collection did.
+    after = routes[routes.index("POST /adapter/csv") + 1 :]
+    looked = after.index("GET /dataSources")
+    assert after[looked + 1 : looked + 3] == ["GET /collections", "GET /dataSources/{id}"]
+    assert job.target_refs["action"] == "created" and job.dataset_id == source.id
+    # Its properties had to wait for the import (423 while it ran), then were set.
+    assert svc.refused.get("locked", 0) >= 1
+    assert source.collections[0].properties["inboxd_upload_id"] == job.upload_key
+
+
+async def test_423_during_an_overwrite_is_waited_out(ds: Sandbox, tmp_path: Path) -> None:
+    svc = ds.data_service
+    config = ds_config(tmp_path, ds)
+    path = tmp_path / "inbox" / "locked.csv"
+    path.write_bytes(b"v\n1\n")
+    async with running_service(config) as service:
+        await wait_until(states(config, done=1), timeout=20)
+        (source,) = svc.data_sources.values()
+        collection = source.collections[0]
+        svc.refresh(collection.id, 60.0)  # someone refreshes it in the app meanwhile
+        path.write_bytes(b"v\n2\n3\n")
+        await wait_until(lambda: svc.refused.get("locked", 0) >= 2, timeout=20)
+        collection.unlock()  # the refresh is over
+        await wait_until(states(config, done=2), timeout=20)
+        queue: Queue = service.queue  # type: ignore[assignment]
+        jobs = await queue.find_by_rel("locked.csv")
+    one_per_file(ds, {"locked.csv": b"v\n2\n3\n"})
+    puts = [r for r in svc.requests if r.route == "PUT /adapter/csv"]
+    assert [p.status for p in puts][-1] == 200 and 423 in [p.status for p in puts]
+    assert source.writes == 2 and collection.rows == [["v"], ["2"], ["3"]]
+    assert [j.state for j in jobs] == [JobState.DONE, JobState.DONE]  # never failed for it
+    assert jobs[1].target_refs["action"] == "overwritten"
+
+
+async def test_changes_faster_than_the_refresh_interval_coalesce(
+    ds: Sandbox, tmp_path: Path
+) -> None:
+    svc = ds.data_service
+    svc.config.user_hard_refresh_interval = 3
+    svc.config.user_soft_refresh_interval = 2
+    config = ds_config(tmp_path, ds)
+    path = tmp_path / "inbox" / "live.csv"
+    path.write_bytes(b"v\n1\n")
+    async with running_service(config) as service:
+        await wait_until(states(config, done=1), timeout=20)
+        queue: Queue = service.queue  # type: ignore[assignment]
+
+        async def waiting(n: int) -> bool:
+            jobs = await queue.find_by_rel("live.csv")
+            return len(jobs) == n and jobs[-1].error_kind == "not_yet"
+
+        path.write_bytes(b"v\n2\n")  # too soon: waits in the queue for the interval
+        await wait_until(lambda: waiting(2), timeout=20)
+        path.write_bytes(b"v\n3\n33\n")  # sooner still: only this newest version is sent
+        await wait_until(states(config, done=2, superseded=1), timeout=20)
+        jobs = await queue.find_by_rel("live.csv")
+    (source,) = one_per_file(ds, {"live.csv": b"v\n3\n33\n"}).values()
+    assert source.writes == 2  # created, then overwritten once: version 2 never went out
+    assert [j.state for j in jobs] == [JobState.DONE, JobState.SUPERSEDED, JobState.DONE]
+    # Superseded by the newer version while it waited (the queue says by which job).
+    assert f"now job {jobs[2].id}" in (jobs[1].last_error or ""), jobs[1].last_error
+    writes = [r for r in svc.requests if r.route in ("POST /adapter/csv", "PUT /adapter/csv")]
+    assert [w.route for w in writes] == ["POST /adapter/csv", "PUT /adapter/csv"]
+    assert writes[1].time - writes[0].time >= 3  # the larger interval (hard) was kept
+    assert "refresh" not in svc.refused  # the service never had to refuse
+
+
+async def test_a_waiting_version_found_overtaken_is_superseded_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """When a version that waited for the refresh interval is taken up and the file has
+    changed (the newer version not yet queued), the reason says why it is not sent."""
+    path = tmp_path / "live.csv"
+    path.write_bytes(b"v\n1\n")
+    ref = FileRef.stat(path)
+    ident = FileIdentity("live.csv", ref.size, ref.mtime_ns, ref.inode)
+    async with await Queue.open(tmp_path / "state.db") as queue:
+        await queue.enqueue_many([NewJob(ident, 0, "live.csv", {}, "data-service")])
+        job = await queue.claim("t", 30)
+        assert job is not None
+        work = Work(job, ref, Resume(), MemoryJournal(), progress=lambda n: None)
+        _check_still_newest(work)  # unchanged: nothing to say
+        await queue.retry_later(job.id, error="waits", kind=NotYetError.kind, delay=0)
+        waited = await queue.claim("t", 30)
+        assert waited is not None and waited.error_kind == "not_yet"
+    path.write_bytes(b"v\n2\n22\n")
+    with pytest.raises(FileChangedError, match="waited for the data service's refresh interval"):
+        _check_still_newest(replace(work, job=waited))
+    with pytest.raises(FileChangedError, match="was 4 bytes"):
+        _check_still_newest(work)  # a version that did not wait: the usual reason

@@ -18,10 +18,11 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+import structlog
 from pydantic import SecretStr
 
 from daemon.client import MarpleClient
-from daemon.config import load_settings
+from daemon.config import MarpleSettings, load_settings
 from daemon.errors import (
     AuthError,
     ConfigError,
@@ -34,7 +35,15 @@ from daemon.errors import (
 )
 from daemon.queue import JobState, Queue
 from daemon.sandbox import Sandbox
-from daemon.targets.marple_legacy import MarpleLegacyApi, SourceStatus, _update, _utc_seconds
+from daemon.targets.marple_legacy import (
+    MarpleLegacyApi,
+    MarpleLegacyTarget,
+    SourceStatus,
+    _update,
+    _utc_seconds,
+    plain_http_warning,
+)
+from daemon.upload import UploadOptions
 from tests.conftest import TOKEN, write_file
 from tests.daemon_helpers import (
     counts,
@@ -55,7 +64,16 @@ def _api(sb: Sandbox, token: str | None = TOKEN) -> httpx.Client:
 
 
 def _upload(c: httpx.Client, folder: str, name: str, data: bytes) -> httpx.Response:
+    """Upload ``name`` into ``folder``, making the folders first as the server requires."""
+    _folders(c, folder)
     return c.post("/library/file/upload", params={"path": folder}, files={"file": (name, data)})
+
+
+def _folders(c: httpx.Client, folder: str) -> None:
+    parent = "/"
+    for name in [p for p in folder.split("/") if p and p not in (".", "..")]:
+        c.post("/library/folder/add", json={"path": parent, "new_folder_name": name})
+        parent = f"{parent.rstrip('/')}/{name}"
 
 
 def _envelope(r: httpx.Response) -> Any:
@@ -527,3 +545,142 @@ def test_check_reports_the_older_api(sandbox: Sandbox, tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert "ok    reach" in bad.stdout  # /version answers without a token
     assert "FAIL  token accepted by GET /:" in bad.stdout and "nope-nope" not in bad.stdout
+
+
+# ---- folders made explicitly, a share link per folder, plain http ----------------------------
+
+
+def test_sandbox_folders_must_exist_and_shares_grow_into_new_ids(sandbox: Sandbox) -> None:
+    legacy = sandbox.legacy
+    with _api(sandbox) as c:
+
+        def add(parent: str, name: str) -> httpx.Response:
+            return c.post("/library/folder/add", json={"path": parent, "new_folder_name": name})
+
+        # No folder, no upload: nothing stored, the answer says what to do.
+        r = c.post("/library/file/upload", params={"path": "/run-1"}, files={"file": ("a", b"1")})
+        assert r.status_code == 404 and "folder/add" in _envelope(r)
+        assert not legacy.files
+        # One level at a time, in an existing parent; an existing folder is a 409.
+        assert add("/run-1", "deep").status_code == 404
+        assert _envelope(add("/", "run-1")) == {"status": "OK", "path": "/run-1"}
+        assert add("/", "run-1").status_code == 409
+        assert add("/run-1", "deep").status_code == 200
+        for bad in ("", "..", "a/b"):
+            assert add("/run-1", bad).status_code == 400, bad
+        assert legacy.folders == {"/", "/run-1", "/run-1/deep"}
+        r = c.post(
+            "/library/file/upload", params={"path": "/run-1/deep"}, files={"file": ("a", b"1")}
+        )
+        assert r.status_code == 200 and legacy.file_bytes("/run-1/deep/a") == b"1"
+
+        # share/add answers a new share id holding both; the old id keeps what it had.
+        ids = []
+        for name in ("x.csv", "y.csv"):
+            _upload(c, "/run-1", name, b"t\n1\n")
+            imp = c.post(
+                "/library/file/import", json={"path": f"/run-1/{name}", "plugin": "csv_plugin"}
+            )
+            ids.append(_envelope(imp)["source_id"])
+        first = _envelope(
+            c.post("/library/share/new", json={"workbook_name": "Bench", "source_ids": ids[:1]})
+        )
+        grown = _envelope(c.post(f"/library/share/{first}/add", json={"source_ids": ids[1:]}))
+        assert grown != first
+        assert legacy.shares[first].source_ids == ids[:1]
+        assert legacy.shares[grown].source_ids == ids and legacy.shares[grown].workbook == "Bench"
+        assert c.post("/library/share/nope/add", json={"source_ids": ids}).status_code == 404
+        assert c.post(f"/library/share/{grown}/add", json={"source_ids": []}).status_code == 400
+        link = c.get(f"/library/share/{grown}/link", params={"url": "https://viewer.example/"})
+        assert _envelope(link) == f"https://viewer.example/?share={grown}"
+
+
+async def test_folders_made_explicitly_and_one_share_link_per_folder(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sandbox.config.import_seconds = 0.0
+    legacy = sandbox.legacy
+    legacy.folders.add("/tests")  # made by someone else already: its 409 is no problem
+    config = write_config(
+        tmp_path,
+        sandbox,
+        api=MARPLE,
+        upload={"workers": 3},
+        marple={
+            "folder": "/tests/inboxd",
+            "share": True,
+            "workbook": "Bench",
+            "share_scope": "folder",
+            "share_url": "https://viewer.example/app",
+        },
+    )
+    inbox = tmp_path / "inbox"
+    files = {
+        f"/tests/inboxd/{rel}": write_file(inbox / rel, 1 * KiB, n)
+        for n, rel in enumerate(
+            ["run-1/a.csv", "run-1/b.csv", "run-1/c.csv", "run-1/deep/d.csv", "run-2/e.csv"]
+        )
+    }
+    async with running_service(config) as service:
+        await wait_until(_done(config, 5))
+        queue: Queue = service.queue  # type: ignore[assignment]
+        jobs = [j for rel in sorted(files) for j in await queue.find_by_rel(rel[14:])]
+    _one_source_per_file(sandbox, files)
+    made = [r.status for r in sandbox.requests if r.route == "POST /library/folder/add"]
+    # Each folder asked for once, whichever of the three workers needed it first: four made
+    # (inboxd, run-1, deep, run-2), and /tests, which existed, answered 409.
+    assert sorted(made) == [200, 200, 200, 200, 409], made
+    assert legacy.folders >= {
+        "/tests",
+        "/tests/inboxd",
+        "/tests/inboxd/run-1",
+        "/tests/inboxd/run-1/deep",
+        "/tests/inboxd/run-2",
+    }
+    source_of = {s.path: s.id for s in legacy.sources.values()}
+    by_folder: dict[str, list[Any]] = {}
+    for job in jobs:
+        refs = job.target_refs
+        by_folder.setdefault(refs["share_folder"], []).append(refs)
+        assert refs["share_link"] == f"https://viewer.example/app/?share={refs['share_id']}"
+    assert sorted(by_folder) == [
+        "/tests/inboxd/run-1",
+        "/tests/inboxd/run-1/deep",
+        "/tests/inboxd/run-2",
+    ]
+    # Each folder's newest share holds all its sources: the adds were made one at a time.
+    for folder, refs_list in by_folder.items():
+        want = {i for p, i in source_of.items() if p.rsplit("/", 1)[0] == folder}
+        held = [set(legacy.shares[r["share_id"]].source_ids) for r in refs_list]
+        assert want in held, (folder, held)
+        assert all(h <= want for h in held)
+    routes = [r.route for r in sandbox.requests]
+    assert routes.count("POST /library/share/new") == 3  # one per folder
+    assert routes.count("POST /library/share/{share_id}/add") == 2  # run-1's later two
+
+
+async def test_plain_http_to_another_host_is_warned_about(tmp_path: Path) -> None:
+    for quiet in (
+        "https://marple.example/api/v1",
+        "http://127.0.0.1:8787/api/v1",
+        "http://localhost/api/v1",
+        "http://[::1]:9/api/v1",
+    ):
+        assert plain_http_warning(quiet) is None, quiet
+    warning = plain_http_warning("http://me:s3cret@marple.example:8080/api/v1")
+    assert warning and "https" in warning and "http://marple.example:8080 " in warning
+    assert "s3cret" not in warning
+
+    with structlog.testing.capture_logs() as logs:
+        async with MarpleClient("http://192.0.2.1:9/api/v1", SecretStr("t"), timeout=1) as c:
+            MarpleLegacyTarget(c, UploadOptions(), MarpleSettings())
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["marple.plain_http"]
+
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[api]\nkind = "marple"\nurl = "http://192.0.2.1:9/api/v1"\ntoken = "t0ken"\n'
+        "timeout = 1.0\n"
+    )
+    out = inboxd("check", "--config", str(config))
+    assert out.returncode == 1  # nothing answers there
+    assert "warn  [api] url http://192.0.2.1:9 is plain http" in out.stdout, out.stdout

@@ -9,21 +9,39 @@ ASGI app of its own with the service's rules:
   failure answers 401. Form-encoded bodies are not part of the signature because no endpoint
   here takes one.
 * **Versioning**: ``Accept: application/json;v=1`` on every request, else 406.
-* **Rate limits**: at most ``user_api_call_rate`` requests per minute per token (counted over a
-  sliding ``rate_window``, which tests shorten) — past it, 429 with ``Retry-After``;
-  ``GET /rateLimits`` reports the limits. Files above ``file_size_limit`` get 413.
+* **Rate limits**: at most ``user_api_call_rate`` requests per minute per token, and (when not
+  0, which the document's table gives for every plan and which is read as "no account limit")
+  ``account_api_call_rate`` per minute for all tokens of the account together, each counted
+  over a sliding ``rate_window`` (which tests shorten) — past either, 429 with
+  ``Retry-After``. ``GET /rateLimits`` reports the limits. A file above ``file_size_limit``
+  gets 413: the table says "2 MB", taken as decimal megabytes (2,000,000 bytes).
+* **Refresh intervals**: an overwrite of a data source less than
+  ``user_hard_refresh_interval`` seconds after its last adapter write (create or overwrite) is
+  refused with 429 and ``Retry-After``. The soft interval is reported, not enforced (it is the
+  pace clients are asked to keep; inboxd keeps the larger of the two).
 * **Adapters**: ``POST /adapter/csv|excel`` (multipart form data with one file; optional
   ``permissionType``) creates a data source named like the attached file, with one collection
   per CSV file or per Excel tab; ``PUT /adapter/csv|excel?dataSource=<link>`` overwrites one,
-  keeping its id and (for matching tabs) its collection ids.
-* ``/dataSources``, ``/sourceGrants``, ``/dataSets``, ``/collections/{id}`` (+ ``/items``) with
-  the JSON objects and pagination (``start``/``end``, ``prev``/``next``) the document describes.
+  keeping its id and (for matching tabs) its collection ids. An import takes
+  ``import_seconds``: meanwhile a new data source is ``pending`` (hidden from
+  ``GET /dataSources``, as the document says, but readable by id and through its collections)
+  and the collections being written are locked.
+* **423 Locked**: a collection being refreshed (an import in progress, or :meth:`refresh`
+  called by a test, as when the web app refreshes it) refuses overwrites, property changes
+  and item reads with 423 until the refresh ends; ``syncStarted`` shows it.
+* **Properties**: ``/collections/{id}/properties`` and ``/dataSets/{id}/properties`` (GET,
+  PATCH, DELETE ``?properties=a,b``), string values only. A collection's ``headerRow`` (a row
+  number) names its columns: ``/schema`` and ``/items`` then use that row's cells as field
+  names and list the rows after it; without it the columns are A, B, C, ….
+* ``/dataSources``, ``/sourceGrants``, ``/dataSets`` (+ ``POST``, ``PATCH``, ``DELETE``),
+  ``/collections`` (all, or one, + ``/items``, ``/schema``) with the JSON objects and pagination
+  (``start``/``end``, ``prev``/``next``) the document describes.
 
 Faults are the main sandbox's :class:`~daemon.sandbox.config.Faults` (503/429 rates,
 ``drop_response_rate``, ``fail_next`` keyed by e.g. ``"POST /adapter/csv"`` or
 ``"GET /dataSources"``); ``adapter_delay`` holds an adapter answer back after the work is done,
 so a test can kill a client while it waits. Tests read ``data_sources``, ``data_sets`` and
-``requests`` directly.
+``requests`` directly, and count the refusals in ``refused`` (e.g. ``refused["refresh"]``).
 """
 
 from __future__ import annotations
@@ -45,7 +63,7 @@ import zipfile
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import anyio
@@ -70,6 +88,7 @@ from daemon.sandbox.injection import DROPPING, Control, Sender, retry_after_head
 from daemon.sandbox.models import RequestRecord, iso8601
 
 log = logging.getLogger("inboxd.sandbox.dataservice")
+_T = TypeVar("_T")
 
 #: Where the main sandbox serves the data service.
 PREFIX = "/data-service"
@@ -103,19 +122,24 @@ class DataServiceConfig:
     #: the sliding window (seconds) the call rate is enforced over; allowed requests in it are
     #: ``user_api_call_rate * rate_window / 60`` (tests use 1 s to see the limit quickly)
     rate_window: float = 60.0
-    #: bytes (GET /rateLimits fileSizeLimit; the document's table says 2 MB)
-    file_size_limit: int = 2 * MiB
+    #: bytes (GET /rateLimits fileSizeLimit; the document's table says 2 MB: decimal units)
+    file_size_limit: int = 2_000_000
     adapter_types: list[str] = field(
         default_factory=lambda: ["CSV", "Excel", "Google Sheets", "BambooHR", "AWS"]
     )
-    user_hard_refresh_interval: int = 60
-    user_soft_refresh_interval: int = 60
+    #: seconds between two adapter writes of one data source (an overwrite sooner is a 429)
+    user_hard_refresh_interval: float = 60
+    #: reported only (the pace clients should keep)
+    user_soft_refresh_interval: float = 60
     #: how far an oauth_timestamp may be from the server's clock (seconds)
     timestamp_skew: float = 300.0
     #: most items a list endpoint returns at once
     page_size: int = 100
     #: seconds an adapter answer is held back after the data source was written
     adapter_delay: float = 0.0
+    #: seconds an adapter import takes: a new data source stays ``pending`` and the collections
+    #: written stay locked (423) that long; the answer comes when it is done
+    import_seconds: float = 0.0
     #: the Marq ids the sandbox user's own grants name
     user_id: str = "1001"
     account_id: str = "2001"
@@ -143,11 +167,61 @@ class Collection:
     rows: list[list[str]]
     created: float = field(default_factory=time.time)
     last_modified: float = field(default_factory=time.time)
+    properties: dict[str, str] = field(default_factory=dict)
+    #: wall-clock start of the refresh in progress (``syncStarted``), None when there is none
+    sync_started: float | None = None
+    #: monotonic time the refresh in progress ends
+    sync_until: float = 0.0
 
     @property
     def column_count(self) -> int:
         """Width of the widest row."""
         return max((len(r) for r in self.rows), default=0)
+
+    @property
+    def locked(self) -> bool:
+        """Whether a refresh is in progress (writes and item reads answer 423)."""
+        if self.sync_started is not None and time.monotonic() >= self.sync_until:
+            self.sync_started = None
+        return self.sync_started is not None
+
+    def lock(self, seconds: float) -> None:
+        """Start (or extend) a refresh that lasts ``seconds``."""
+        if seconds <= 0:
+            return
+        if not self.locked:
+            self.sync_started = time.time()
+        self.sync_until = max(self.sync_until, time.monotonic() + seconds)
+
+    def unlock(self) -> None:
+        """End the refresh in progress now."""
+        self.sync_started = None
+        self.sync_until = 0.0
+
+    @property
+    def header_row(self) -> int:
+        """The ``headerRow`` property as a row number (0: none, the columns are A, B, C…)."""
+        value = self.properties.get("headerRow", "")
+        return int(value) if value.isdigit() else 0
+
+    def fields(self) -> list[str]:
+        """The field names: the header row's cells (blank → letter, repeats numbered), or A, B…"""
+        width = self.column_count
+        header = self.rows[self.header_row - 1] if 0 < self.header_row <= len(self.rows) else []
+        names: list[str] = []
+        for index in range(width):
+            name = header[index].strip() if index < len(header) else ""
+            name = name or column_name(index)
+            base, n = name, 1
+            while name in names:
+                n += 1
+                name = f"{base} ({n})"
+            names.append(name)
+        return names
+
+    def items(self) -> list[list[str]]:
+        """The rows that are items: those after the header row (all rows without one)."""
+        return self.rows[self.header_row :] if self.header_row else self.rows
 
 
 @dataclass
@@ -166,6 +240,8 @@ class DataSource:
     #: how many times an adapter wrote it: 1 when created, +1 per overwrite
     writes: int = 1
     pending: bool = False
+    #: monotonic time of the last adapter write (the refresh intervals count from it)
+    last_write: float = field(default_factory=time.monotonic)
     link_parameters: dict[str, str] = field(default_factory=dict)
 
 
@@ -330,6 +406,9 @@ class DataService:
         self._rng = random.Random(sandbox_config.faults.seed)
         self._nonces: dict[tuple[str, str, str], float] = {}
         self._calls: dict[str, deque[float]] = {}
+        #: refusals that protect the service, by rule: "refresh" (hard refresh interval),
+        #: "locked" (423), "user_rate" and "account_rate" (429)
+        self.refused: dict[str, int] = {}
         self._app = Starlette(
             routes=self._routes(),
             exception_handlers={
@@ -359,6 +438,14 @@ class DataService:
         data_set = DataSet(id=next(self._ids["set"]), name=name)
         self.data_sets[data_set.id] = data_set
         return data_set
+
+    def refresh(self, collection_id: int, seconds: float) -> None:
+        """Lock a collection for ``seconds`` as a refresh would (the web app refreshing it)."""
+        self._collection(collection_id).lock(seconds)
+
+    def _refuse(self, rule: str, error: ServiceError) -> ServiceError:
+        self.refused[rule] = self.refused.get(rule, 0) + 1
+        return error
 
     # --------------------------------------------------------------------------- ASGI
 
@@ -507,23 +594,36 @@ class DataService:
         return params["oauth_token"]
 
     def _count_call(self, token: str) -> None:
-        """Enforce userApiCallRate over the sliding window; 429 with Retry-After past it."""
+        """Enforce userApiCallRate (per token) and accountApiCallRate (all tokens together)
+        over the sliding window; 429 with Retry-After past either. A refused call counts
+        against neither."""
         cfg = self.config
-        if cfg.user_api_call_rate <= 0:
-            return
-        allowed = max(1, math.floor(cfg.user_api_call_rate * cfg.rate_window / 60.0))
         now = time.monotonic()
-        calls = self._calls.setdefault(token, deque())
-        while calls and now - calls[0] >= cfg.rate_window:
-            calls.popleft()
-        if len(calls) >= allowed:
-            wait = max(1, math.ceil(calls[0] + cfg.rate_window - now))
-            raise ServiceError(
-                429,
-                f"Too Many Requests: more than {cfg.user_api_call_rate} requests per minute",
-                {"Retry-After": str(wait)},
-            )
-        calls.append(now)
+        windows = []
+        for key, rate, rule in (
+            (f"user:{token}", cfg.user_api_call_rate, "user_rate"),
+            ("account", cfg.account_api_call_rate, "account_rate"),
+        ):
+            if rate <= 0:
+                continue  # 0: no limit of this kind
+            allowed = max(1, math.floor(rate * cfg.rate_window / 60.0))
+            calls = self._calls.setdefault(key, deque())
+            while calls and now - calls[0] >= cfg.rate_window:
+                calls.popleft()
+            if len(calls) >= allowed:
+                wait = max(1, math.ceil(calls[0] + cfg.rate_window - now))
+                who = "per minute" if rule == "user_rate" else "per minute for the account"
+                raise self._refuse(
+                    rule,
+                    ServiceError(
+                        429,
+                        f"Too Many Requests: more than {rate:g} requests {who}",
+                        {"Retry-After": str(wait)},
+                    ),
+                )
+            windows.append(calls)
+        for calls in windows:
+            calls.append(now)
 
     @staticmethod
     def _key_of(route: BaseRoute) -> str:
@@ -568,8 +668,13 @@ class DataService:
             at("/dataSources/{id:int}", self._get_source, "GET"),
             at("/dataSources/{id:int}", self._patch_source, "PATCH"),
             at("/dataSources/{id:int}", self._delete_source, "DELETE"),
+            at("/collections", self._list_collections, "GET"),
             at("/collections/{id:int}", self._get_collection, "GET"),
             at("/collections/{id:int}/items", self._list_items, "GET"),
+            at("/collections/{id:int}/schema", self._get_schema, "GET"),
+            at("/collections/{id:int}/properties", self._get_properties, "GET"),
+            at("/collections/{id:int}/properties", self._patch_properties, "PATCH"),
+            at("/collections/{id:int}/properties", self._delete_properties, "DELETE"),
             at("/sourceGrants", self._list_grants, "GET"),
             at("/sourceGrants", self._create_grant, "POST"),
             at("/sourceGrants/{id:int}", self._get_grant, "GET"),
@@ -577,6 +682,11 @@ class DataService:
             at("/dataSets", self._list_sets, "GET"),
             at("/dataSets", self._create_set, "POST"),
             at("/dataSets/{id:int}", self._get_set, "GET"),
+            at("/dataSets/{id:int}", self._patch_set, "PATCH"),
+            at("/dataSets/{id:int}", self._delete_set, "DELETE"),
+            at("/dataSets/{id:int}/properties", self._get_set_properties, "GET"),
+            at("/dataSets/{id:int}/properties", self._patch_set_properties, "PATCH"),
+            at("/dataSets/{id:int}/properties", self._delete_set_properties, "DELETE"),
         ]
         for name in ADAPTERS:
             routes.append(at(f"/adapter/{name}", self._adapter_create, "POST"))
@@ -612,6 +722,7 @@ class DataService:
     @staticmethod
     def _collection_json(base: str, collection: Collection) -> dict[str, Any]:
         uri = f"{base}/collections/{collection.id}"
+        started = collection.sync_started if collection.locked else None
         return {
             "uri": uri,
             "dataSource": f"{base}/dataSources/{collection.data_source_id}",
@@ -627,7 +738,7 @@ class DataService:
             "schema": f"{uri}/schema",
             "properties": f"{uri}/properties",
             "metadata": f"{uri}/metadata",
-            "syncStarted": None,
+            "syncStarted": iso8601(started) if started is not None else None,
         }
 
     @staticmethod
@@ -692,6 +803,26 @@ class DataService:
         if data_set is None:
             raise ServiceError(404, f"Not Found: no data set {set_id}")
         return data_set
+
+    def _listing(
+        self,
+        request: Request,
+        kind: str,
+        items: list[_T],
+        to_json: Callable[[str, _T], dict[str, Any]],
+        extra: dict[str, str] | None = None,
+    ) -> JSONResponse:
+        """A paginated list answer: ``{kind: [...], "total", "prev", "next"}``."""
+        page, total, prev, nxt = self._page(request, items, f"/{kind}", extra or {})
+        base = self._base(request)
+        return JSONResponse(
+            {
+                kind: [to_json(base, item) for item in page],
+                "total": total,
+                "prev": prev,
+                "next": nxt,
+            }
+        )
 
     def _page(
         self, request: Request, items: list[Any], path: str, extra: dict[str, str]
@@ -819,7 +950,17 @@ class DataService:
         }[permission]
         grant = SourceGrant(next(self._ids["grant"]), source_id, permission, identifier, "edit")
         source = DataSource(source_id, filename, adapter, content, collections, [grant])
+        seconds = self.config.import_seconds
+        if seconds > 0:
+            # The import runs: the data source exists but is pending, its collections locked.
+            source.pending = True
+            for collection in collections:
+                collection.lock(seconds)
         self.data_sources[source_id] = source
+        try:
+            await self._import_time(collections)
+        finally:
+            source.pending = False  # also when the server stops: the import is not lost
         await self._hold_back()
         return JSONResponse(self._source_json(self._base(request), source), status_code=201)
 
@@ -844,12 +985,36 @@ class DataService:
                 400, "Bad Request: the data source has several collections; name one (collection)"
             )
         filename, content = await self._read_file(request)
+        written = [target] if target is not None else list(source.collections)
+        busy = [c.id for c in written if c.locked]
+        if busy:
+            raise self._refuse(
+                "locked",
+                ServiceError(
+                    423, f"Locked: collection {busy[0]} is being refreshed; try again later"
+                ),
+            )
+        interval = self.config.user_hard_refresh_interval
+        since = time.monotonic() - source.last_write
+        if interval > 0 and since < interval:
+            wait = max(1, math.ceil(interval - since))
+            raise self._refuse(
+                "refresh",
+                ServiceError(
+                    429,
+                    f"Too Many Requests: data source {source.id} was refreshed {since:.1f} s "
+                    f"ago; the hard refresh interval is {interval:g} s",
+                    {"Retry-After": str(wait)},
+                ),
+            )
         now = time.time()
+        source.last_write = time.monotonic()
         fresh = self._collections_for(adapter, source.id, filename, content)
         if adapter == "CSV":
             kept = target or source.collections[0]
             kept.rows = fresh[0].rows
             kept.last_modified = now
+            written = [kept]
         else:
             # Tabs keep the collection of the same name; others are deleted or created.
             old = {c.name: c for c in source.collections}
@@ -862,15 +1027,28 @@ class DataService:
                 else:
                     merged.append(new)
             source.collections = merged
+            written = merged
         source.content = content
         source.last_modified = now
         source.writes += 1
+        for collection in written:
+            collection.lock(self.config.import_seconds)
+        await self._import_time(written)
         await self._hold_back()
         return JSONResponse(self._source_json(self._base(request), source))
 
     async def _hold_back(self) -> None:
         if self.config.adapter_delay > 0:
             await anyio.sleep(self.config.adapter_delay)
+
+    async def _import_time(self, collections: list[Collection]) -> None:
+        """Wait while the import of ``collections`` runs; they are unlocked when it ends."""
+        try:
+            if self.config.import_seconds > 0:
+                await anyio.sleep(self.config.import_seconds)
+        finally:
+            for collection in collections:
+                collection.unlock()
 
     async def _list_sources(self, request: Request) -> Response:
         sources = [s for s in self.data_sources.values() if not s.pending]
@@ -882,16 +1060,7 @@ class DataService:
             extra["dataSet"] = set_link
         if request.method == "HEAD":
             return Response(headers={"Marq-DataSources-Total": str(len(sources))})
-        page, total, prev, nxt = self._page(request, sources, "/dataSources", extra)
-        base = self._base(request)
-        return JSONResponse(
-            {
-                "dataSources": [self._source_json(base, s) for s in page],
-                "total": total,
-                "prev": prev,
-                "next": nxt,
-            }
-        )
+        return self._listing(request, "dataSources", sources, self._source_json, extra)
 
     async def _get_source(self, request: Request) -> Response:
         source = self._source(request.path_params["id"])
@@ -944,25 +1113,89 @@ class DataService:
         collection = self._collection(request.path_params["id"])
         return JSONResponse(self._collection_json(self._base(request), collection))
 
+    async def _list_collections(self, request: Request) -> Response:
+        # Every top-level collection the user can reach: those of pending data sources too
+        # (the document hides pending data sources from GET /dataSources only).
+        collections = [c for s in list(self.data_sources.values()) for c in s.collections]
+        collections.sort(key=lambda c: c.id)
+        total = {"Marq-Collections-Total": str(len(collections))}
+        if request.method == "HEAD":
+            return Response(headers=total)
+        listing = self._listing(request, "collections", collections, self._collection_json)
+        listing.headers.update(total)
+        return listing
+
+    def _unlocked(self, collection: Collection) -> Collection:
+        if collection.locked:
+            raise self._refuse(
+                "locked",
+                ServiceError(
+                    423, f"Locked: collection {collection.id} is being refreshed; try again later"
+                ),
+            )
+        return collection
+
     async def _list_items(self, request: Request) -> Response:
-        collection = self._collection(request.path_params["id"])
-        total = {"Marq-Items-Total": str(len(collection.rows))}
+        collection = self._unlocked(self._collection(request.path_params["id"]))
+        rows = collection.items()
+        total = {"Marq-Items-Total": str(len(rows))}
         if request.method == "HEAD":
             return Response(headers=total)
         path = f"/collections/{collection.id}/items"
-        page, count, prev, nxt = self._page(request, list(enumerate(collection.rows)), path, {})
+        page, count, prev, nxt = self._page(request, list(enumerate(rows)), path, {})
         base = self._base(request)
+        names = collection.fields()
         items = [
             {
                 "uri": f"{base}{path}/{number + 1}",
                 "collection": f"{base}/collections/{collection.id}",
-                "fields": {column_name(i): value for i, value in enumerate(row)},
+                "fields": dict(zip(names, row, strict=False)),
             }
             for number, row in page
         ]
         return JSONResponse(
             {"items": items, "total": count, "prev": prev, "next": nxt}, headers=total
         )
+
+    async def _get_schema(self, request: Request) -> Response:
+        collection = self._collection(request.path_params["id"])
+        uri = f"{self._base(request)}/collections/{collection.id}"
+        return JSONResponse(
+            [
+                {
+                    "uri": f"{uri}/schema/{order}",
+                    "name": name,
+                    "fieldType": "STRING",
+                    "collection": uri,
+                    "isPrimary": False,
+                    "order": order,
+                    "default": None,
+                }
+                for order, name in enumerate(collection.fields(), start=1)
+            ]
+        )
+
+    async def _get_properties(self, request: Request) -> Response:
+        collection = self._collection(request.path_params["id"])
+        return JSONResponse(dict(collection.properties))
+
+    async def _patch_properties(self, request: Request) -> Response:
+        collection = self._unlocked(self._collection(request.path_params["id"]))
+        changes = _property_object(await self._read_json(request), "Collection Property")
+        header = changes.get("headerRow")
+        if header is not None and not (header.isdigit() and int(header) >= 1):
+            raise ServiceError(400, "Bad Request: headerRow must be a row number (1 or more)")
+        collection.properties.update(changes)
+        collection.last_modified = time.time()
+        return JSONResponse(changes)
+
+    async def _delete_properties(self, request: Request) -> Response:
+        collection = self._unlocked(self._collection(request.path_params["id"]))
+        names = _property_names(request)
+        for name in names:
+            collection.properties.pop(name, None)
+        collection.last_modified = time.time()
+        return JSONResponse(f"Deleted {len(names)} properties")
 
     async def _list_grants(self, request: Request) -> Response:
         source = self._source_from_link(request.query_params.get("dataSource"), "dataSource")
@@ -1012,16 +1245,7 @@ class DataService:
         return JSONResponse(f"Source grant {grant.id} deleted")
 
     async def _list_sets(self, request: Request) -> Response:
-        page, total, prev, nxt = self._page(request, list(self.data_sets.values()), "/dataSets", {})
-        base = self._base(request)
-        return JSONResponse(
-            {
-                "dataSets": [self._set_json(base, d) for d in page],
-                "total": total,
-                "prev": prev,
-                "next": nxt,
-            }
-        )
+        return self._listing(request, "dataSets", list(self.data_sets.values()), self._set_json)
 
     async def _create_set(self, request: Request) -> Response:
         body = await self._read_json(request)
@@ -1039,9 +1263,70 @@ class DataService:
         data_set.properties = dict(properties)
         return JSONResponse(self._set_json(self._base(request), data_set), status_code=201)
 
-    async def _get_set(self, request: Request) -> Response:
-        set_id: int = request.path_params["id"]
+    def _data_set(self, set_id: int) -> DataSet:
         data_set = self.data_sets.get(set_id)
         if data_set is None:
             raise ServiceError(404, f"Not Found: no data set {set_id}")
+        return data_set
+
+    async def _get_set(self, request: Request) -> Response:
+        data_set = self._data_set(request.path_params["id"])
         return JSONResponse(self._set_json(self._base(request), data_set))
+
+    async def _patch_set(self, request: Request) -> Response:
+        data_set = self._data_set(request.path_params["id"])
+        body = await self._read_json(request)
+        name = body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise ServiceError(400, "Bad Request: name must be a non-empty string")
+        data_set.name = name
+        data_set.modified = time.time()
+        return JSONResponse(self._set_json(self._base(request), data_set))
+
+    async def _delete_set(self, request: Request) -> Response:
+        data_set = self._data_set(request.path_params["id"])
+        del self.data_sets[data_set.id]
+        # Its data sources leave the set but are otherwise kept, as the document says.
+        for source in self.data_sources.values():
+            if source.data_set_id == data_set.id:
+                source.data_set_id = None
+        return JSONResponse(f"Data set {data_set.id} deleted")
+
+    async def _get_set_properties(self, request: Request) -> Response:
+        data_set = self._data_set(request.path_params["id"])
+        return JSONResponse(dict(data_set.properties))
+
+    async def _patch_set_properties(self, request: Request) -> Response:
+        data_set = self._data_set(request.path_params["id"])
+        changes = _property_object(await self._read_json(request), "Data Set Property")
+        data_set.properties.update(changes)
+        data_set.modified = time.time()
+        return JSONResponse(changes)
+
+    async def _delete_set_properties(self, request: Request) -> Response:
+        data_set = self._data_set(request.path_params["id"])
+        names = _property_names(request)
+        for name in names:
+            data_set.properties.pop(name, None)
+        data_set.modified = time.time()
+        return JSONResponse(f"Deleted {len(names)} properties")
+
+
+def _property_object(body: Any, what: str) -> dict[str, str]:
+    """A property JSON object: names to strings (the document types every value a String)."""
+    if not isinstance(body, dict):
+        raise ServiceError(400, f"Bad Request: body must be a {what} JSON Object")
+    for name, value in body.items():
+        if not name.strip():
+            raise ServiceError(400, "Bad Request: property names must not be empty")
+        if not isinstance(value, str):
+            raise ServiceError(400, f"Bad Request: property {name!r} must be a string")
+    return dict(body)
+
+
+def _property_names(request: Request) -> list[str]:
+    raw = request.query_params.get("properties")
+    names = [n for n in (raw or "").split(",") if n]
+    if not names:
+        raise ServiceError(400, "Bad Request: the properties query parameter is required")
+    return names

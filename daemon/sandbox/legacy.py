@@ -8,10 +8,14 @@ check. What differs is the wire format: every answer, errors included, is the en
 
 The model, as strict as the guide allows:
 
+* ``POST /library/folder/add {"path": <parent>, "new_folder_name": <name>}`` creates one folder
+  in an existing one (404 if the parent does not exist, 409 if the folder does); the root ``/``
+  always exists.
 * ``POST /library/file/upload?path=<folder>`` stores the multipart field ``file`` at
   ``<folder>/<file name>``, streamed to disk and published atomically; a second upload to the
-  same path replaces the file (an upload cut off half-way leaves the old one in place).
-  Folders are created as needed.
+  same path replaces the file (an upload cut off half-way leaves the old one in place). The
+  folder must exist — the guide's ``path`` is "the directory where the file should be
+  uploaded" — else 404: folders are made with ``folder/add``, never by an upload.
 * ``POST /library/file/import {"path", "plugin"}`` turns a stored file into a *source*. Sources
   are keyed by path (``/sources/lookup`` answers one id per path), so importing a path that
   already has a source re-imports it in place: same id, status back to 0 — the app's
@@ -23,13 +27,18 @@ The model, as strict as the guide allows:
 * ``POST /library/metadata {"source_id" | "path", "metadata": [{"name", "value"}]}`` sets
   those keys (repeating it changes nothing).
 * ``POST /library/share/new {"workbook_name", "source_ids"}`` answers a new share id;
-  ``GET``/``POST /library/share/{id}/link`` (the guide shows both verbs) answers the link.
+  ``POST /library/share/{id}/add {"workbook_name"?, "source_ids"}`` answers a *new* share id
+  holding the old one's sources and these (the guide: "Returns new share id with updated
+  content"; the old id keeps its content); ``GET``/``POST /library/share/{id}/link`` (the guide
+  shows both verbs) answers the link, on the base ``url`` given (query or JSON body) or the
+  sandbox's own.
 * ``GET /version`` answers the version string, without a token (the official clients call it
   before they send one); ``GET /`` is their token check: 200 with the token, 403 without.
 * ``POST /sources/search {"library_filter": {}}`` lists the sources (as the SDK's ``Insight``
   client asks); ``library_filter`` may hold ``path``, a folder to list the sources under.
 
-Tests inspect ``files``, ``sources``, ``shares`` and the sandbox's shared request log.
+Tests inspect ``files``, ``folders``, ``sources``, ``shares`` and the sandbox's shared request
+log.
 """
 
 from __future__ import annotations
@@ -165,6 +174,8 @@ class LegacyApi:
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
         self.files: dict[str, LibraryFile] = {}
+        #: folders of the file server ("/" always exists)
+        self.folders: set[str] = {"/"}
         self.sources: dict[int, Source] = {}
         self.shares: dict[str, Share] = {}
         self.plugins: set[str] = set(PLUGINS)
@@ -195,6 +206,8 @@ class LegacyApi:
             ("/library/metadata", self._metadata, ["POST"]),
             ("/library/share/new", self._share_new, ["POST"]),
             ("/library/share/{share_id}/link", self._share_link, ["GET", "POST"]),
+            ("/library/folder/add", self._folder_add, ["POST"]),
+            ("/library/share/{share_id}/add", self._share_add, ["POST"]),
         ]
         out: list[BaseRoute] = []
         for path, handler, methods in table:
@@ -373,16 +386,20 @@ class LegacyApi:
             raise LegacyError(400, str(exc)) from exc
         sink: files.AtomicSink | None = None
         name: str | None = None
-        in_file = file_done = committed = False
+        in_file = file_done = committed = no_folder = False
         owed_sleep = 0.0
         try:
             async for chunk in request.stream():
                 for event in parser.feed(chunk):
                     if isinstance(event, PartStart):
                         # Only the first `file` field counts; other fields are ignored.
-                        in_file = event.name == "file" and sink is None
+                        in_file = event.name == "file" and sink is None and not no_folder
                         if in_file:
                             name = self._clean_name(event.filename)
+                            if folder not in self.folders:
+                                # Read the rest (the client gets our answer), store nothing.
+                                in_file, no_folder = False, True
+                                continue
                             target = self._root() / folder.lstrip("/") / name
                             sink = files.AtomicSink(target)
                             await sink.open()
@@ -402,6 +419,12 @@ class LegacyApi:
                         in_file = False
                         file_done = True
             parser.close()
+            if no_folder:
+                raise LegacyError(
+                    404,
+                    f"no folder {folder!r} on the file server; create it first with "
+                    "POST /library/folder/add",
+                )
             if sink is None or not file_done or name is None:
                 raise LegacyError(400, "missing 'file' field")
             await sink.commit()
@@ -509,9 +532,10 @@ class LegacyApi:
         source.metadata.update(updates)
         return {"source_id": source.id, "status": "OK"}
 
-    async def _share_new(self, request: Request) -> Any:
-        body = await self._read_json(request)
-        workbook = body.get("workbook_name")
+    def _share_body(self, body: dict[str, Any], workbook: object) -> tuple[str, list[int]]:
+        """``workbook_name`` (``workbook`` when absent) and ``source_ids`` of a share request,
+        every id an existing source; LegacyError otherwise."""
+        workbook = body.get("workbook_name", workbook)
         if not isinstance(workbook, str) or not workbook.strip():
             raise LegacyError(400, "workbook_name must be a non-empty string")
         ids = body.get("source_ids")
@@ -519,9 +543,45 @@ class LegacyApi:
             raise LegacyError(400, "source_ids must be a non-empty list of integers")
         for source_id in ids:
             self._source(source_id)
-        share = Share(id=secrets.token_hex(8), workbook=workbook, source_ids=list(ids))
+        return workbook, list(ids)
+
+    async def _share_new(self, request: Request) -> Any:
+        workbook, ids = self._share_body(await self._read_json(request), None)
+        share = Share(id=secrets.token_hex(8), workbook=workbook, source_ids=ids)
         self.shares[share.id] = share
         return share.id
+
+    async def _folder_add(self, request: Request) -> Any:
+        body = await self._read_json(request)
+        parent = self._clean_path(body.get("path"), "path")
+        name = body.get("new_folder_name")
+        if not isinstance(name, str) or not name.strip():
+            raise LegacyError(400, "new_folder_name must be a non-empty string")
+        if name in (".", "..") or any(c in name for c in "/\\\x00"):
+            raise LegacyError(400, f"invalid folder name {name!r}")
+        if len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME:
+            raise LegacyError(400, f"folder name longer than {_MAX_NAME} bytes")
+        if parent not in self.folders:
+            raise LegacyError(404, f"no folder {parent!r} to create {name!r} in")
+        path = f"{parent.rstrip('/')}/{name}"
+        if path in self.folders:
+            raise LegacyError(409, f"folder {path!r} already exists")
+        if path in self.files:
+            raise LegacyError(409, f"{path!r} is a file")
+        self.folders.add(path)  # before the await: a concurrent request sees it exists
+        await anyio.Path(self._root() / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        return {"status": "OK", "path": path}
+
+    async def _share_add(self, request: Request) -> Any:
+        share = self.shares.get(request.path_params["share_id"])
+        if share is None:
+            raise LegacyError(404, "share not found")
+        # "change project for this share": the workbook is optional here.
+        workbook, ids = self._share_body(await self._read_json(request), share.workbook)
+        merged = list(dict.fromkeys([*share.source_ids, *ids]))
+        added = Share(id=secrets.token_hex(8), workbook=workbook, source_ids=merged)
+        self.shares[added.id] = added
+        return added.id
 
     async def _share_link(self, request: Request) -> Any:
         share = self.shares.get(request.path_params["share_id"])

@@ -70,6 +70,8 @@ class CheckLine:
 
     ok: bool
     text: str
+    #: worth a person's attention, but nothing fails for it (``check`` prints ``warn``)
+    warn: bool = False
 
 
 class Target(Protocol):

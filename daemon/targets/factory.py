@@ -41,7 +41,9 @@ async def open_target(settings: Settings, options: UploadOptions) -> AsyncIterat
         from daemon.targets.data_service import DataServiceTarget
 
         # Its own client: OAuth 1.0 signing, the version header and the call-rate limiter.
-        async with DataServiceTarget.open(settings.api, settings.data_service, options) as target:
+        async with DataServiceTarget.open(
+            settings.api, settings.data_service, options, routes=settings.routes
+        ) as target:
             yield target
         return
     raise ConfigError(f"api.kind = {kind!r}: not available in this build of inboxd")

@@ -3,9 +3,12 @@
 One file travels like this (``marple-api-guide.txt``; every answer is the envelope
 ``{"request_time", "message"}``):
 
-1. ``POST /library/file/upload?path=<folder>`` — the file, streamed as multipart ``file``, lands at
-   ``<[marple] folder>/<dataset name>`` (the dataset name is the path relative to the inbox by
-   default, so ``session-1/run.csv`` goes to ``/inboxd/session-1/run.csv``).
+1. ``POST /library/folder/add {"path": <parent>, "new_folder_name": <name>}`` for each level of
+   the file's folder that this process has not made or met yet (an answer that it exists
+   already — 409, or a 400 saying so — counts as made): an upload needs an existing folder.
+   ``POST /library/file/upload?path=<folder>`` — the file, streamed as multipart ``file``, then
+   lands at ``<[marple] folder>/<dataset name>`` (the dataset name is the path relative to the
+   inbox by default, so ``session-1/run.csv`` goes to ``/inboxd/session-1/run.csv``).
 2. ``GET /sources/lookup?path=`` — is there a source for that path already (an earlier version
    of the file)? Then the import below re-imports it in place, keeping its id.
 3. ``POST /library/file/import {"path", "plugin"}`` → ``source_id``. The plugin comes from the
@@ -16,7 +19,12 @@ One file travels like this (``marple-api-guide.txt``; every answer is the envelo
    metadata, with the keys of ``[marple] date_metadata`` turned into UTC seconds and the file's
    modification time under ``[marple] modified_key``.
 5. With ``[marple] share = true``: ``POST /library/share/new`` then
-   ``GET /library/share/{id}/link``; the link is kept in the job's ``target_refs``.
+   ``GET /library/share/{id}/link`` (``?url=`` with ``[marple] share_url``); the link is kept
+   in the job's ``target_refs``. With ``share_scope = "folder"`` the sources of one folder on
+   the file server share one link: the folder's first source makes the share, each later one
+   is added with ``POST /library/share/{id}/add``, which answers a *new* share id holding all of
+   them; its link (every job keeps the link as it stood after its file) opens the whole folder.
+   The adds of one folder are made one at a time, so none is lost to a concurrent one.
 
 The poller then asks ``GET /sources/status?id=1&id=2…`` (one request per ``[poll] batch_size``
 sources) until the status is 100 (imported) or negative (failed).
@@ -41,10 +49,19 @@ completed   share:<id>  ask for the link of that share again (a read)
 A changed file is a new version of the same path: it is uploaded over the old bytes and the
 source is re-imported in place, so the file keeps one source (and its share link); a version
 that changed *during* its upload never reached the import and leaves nothing behind.
+
+The folder shares are known to the running process (and to a changed file through its last
+version's ``target_refs``): after a restart, the next new file of a folder starts a new share
+for it; the earlier link keeps opening the files it had.
+
+The guide says to always use https: a plain ``http://`` URL to a host other than this machine
+is warned about in the log at start and by ``inboxd check`` (the token would cross the network
+in clear).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import defaultdict
@@ -53,7 +70,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any, TypeGuard, TypeVar
+from urllib.parse import urlsplit
 
+import anyio
+import structlog
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from daemon import retry
@@ -61,6 +81,7 @@ from daemon.client import FileSlice, MarpleClient, Progress, _parse, multipart_f
 from daemon.config import MarpleSettings
 from daemon.errors import (
     AuthError,
+    ConflictError,
     EmptyFileError,
     FileProblem,
     InboxdError,
@@ -71,11 +92,13 @@ from daemon.errors import (
     TransportError,
     UploadFailed,
 )
+from daemon.metrics import _is_loopback
 from daemon.queue import Job
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
 from daemon.upload import FileRef, Resume, UploadOptions, _Sent
 
 _T = TypeVar("_T")
+_log = structlog.get_logger(__name__)
 
 #: The status code of an imported source; 0..99 read as percent done, negative as failed.
 IMPORTED = 100
@@ -217,15 +240,51 @@ class MarpleLegacyApi:
             raise ProtocolError("the answer is not a share id", endpoint="POST /library/share/new")
         return str(message)
 
-    async def share_link(self, share_id: str) -> str:
-        """``GET /library/share/{id}/link``: the link that opens the workbook with its sources."""
+    async def add_to_share(self, share_id: str, workbook: str, source_ids: list[int]) -> str:
+        """``POST /library/share/{id}/add``: the *new* share id holding these sources too."""
+        ep = "POST /library/share/{id}/add"
+        _check_share_id(share_id, ep)
+        message = await self._request(
+            "POST",
+            f"/library/share/{share_id}/add",
+            json_body={"workbook_name": workbook, "source_ids": source_ids},
+        )
+        if isinstance(message, dict):
+            message = message.get("share_id", message.get("id"))
+        if not isinstance(message, str | int) or isinstance(message, bool) or message == "":
+            raise ProtocolError("the answer is not a share id", endpoint=ep)
+        return str(message)
+
+    async def share_link(self, share_id: str, url: str = "") -> str:
+        """``GET /library/share/{id}/link[?url=]``: the link that opens the workbook with its
+        sources, on the base ``url`` when one is given."""
         ep = "GET /library/share/{id}/link"
-        if not re.fullmatch(r"[\w-]{1,200}", share_id):
-            raise ProtocolError(f"unusable share id {share_id!r}", endpoint=ep)
-        message = await self._request("GET", f"/library/share/{share_id}/link")
+        _check_share_id(share_id, ep)
+        params = {"url": url} if url else None
+        message = await self._request("GET", f"/library/share/{share_id}/link", params=params)
         if not isinstance(message, str) or not message:
             raise ProtocolError("the answer is not a link", endpoint=ep)
         return message
+
+    async def add_folder(self, parent: str, name: str) -> bool:
+        """``POST /library/folder/add``: make ``parent/name``. False when it exists already
+        (409, or a 400 that says so: the guide does not say which a server answers)."""
+        body = {"path": parent, "new_folder_name": name}
+        try:
+            await self._request("POST", "/library/folder/add", json_body=body)
+        except ConflictError:
+            return False
+        except RejectedError as exc:
+            if "exist" in exc.detail.lower():
+                return False
+            raise
+        return True
+
+
+def _check_share_id(share_id: str, endpoint: str) -> None:
+    # The id goes into a URL path: refuse anything but a plain token.
+    if not re.fullmatch(r"[\w-]{1,200}", share_id):
+        raise ProtocolError(f"unusable share id {share_id!r}", endpoint=endpoint)
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -260,10 +319,47 @@ class MarpleLegacyTarget:
         self.options = options
         self.settings = settings
         self.batch_size = batch_size
+        #: folders on the file server known to exist (made or met by this process)
+        self.folders: set[str] = {"/"}
+        #: folder → the newest share id of its sources (``share_scope = "folder"``)
+        self.folder_shares: dict[str, str] = {}
+        self._share_locks: dict[str, anyio.Lock] = {}
+        self._folder_lock = anyio.Lock()
+        warning = plain_http_warning(self.api.base_url)
+        if warning:
+            _log.warning("marple.plain_http", problem=warning)
 
     async def resolve_destination(self, ref: int | str) -> int:
         """Streams do not exist in this API: every file goes to ``[marple] folder``."""
         return 0
+
+    async def ensure_folder(self, folder: str) -> None:
+        """Make ``folder`` and the folders above it on the file server, level by level
+        (``POST /library/folder/add``), except those known to exist already."""
+        if folder in self.folders:
+            return
+        async with self._folder_lock:  # one request per folder, whichever worker needs it
+            await self._make_folders(folder)
+
+    async def _make_folders(self, folder: str) -> None:
+        parts = [p for p in folder.split("/") if p]
+        parent = "/"
+        for name in parts:
+            path = f"{parent.rstrip('/')}/{name}"
+            if path not in self.folders:
+                made = await retry.call(
+                    functools.partial(self.api.add_folder, parent, name),
+                    self.options.policy,
+                    what="add folder",
+                    on_retry=self.options.on_retry,
+                )
+                _log.info("marple.folder", folder=path, made=made)
+                self.folders.add(path)
+            parent = path
+
+    def share_lock(self, folder: str) -> anyio.Lock:
+        """The lock that makes the share adds of one folder one at a time."""
+        return self._share_locks.setdefault(folder, anyio.Lock())
 
     # ---- deliver ----------------------------------------------------------------------
 
@@ -346,13 +442,15 @@ class MarpleLegacyTarget:
     async def check(self, destinations: Sequence[int | str] = ()) -> list[CheckLine]:
         """``/version`` (no token needed), the token (``GET /``), and where files will go."""
         base = self.api.base_url
+        warning = plain_http_warning(base)
+        warned = [CheckLine(True, warning, warn=True)] if warning else []
         try:
             version = await self.api.version()
         except AuthError as exc:  # a server that wants the token even here
-            return [CheckLine(False, f"token accepted by GET /version: {exc}")]
+            return [*warned, CheckLine(False, f"token accepted by GET /version: {exc}")]
         except InboxdError as exc:
-            return [CheckLine(False, f"reach {base}/version: {exc}")]
-        lines = [CheckLine(True, f"reach {base}/version (Marple {version})")]
+            return [*warned, CheckLine(False, f"reach {base}/version: {exc}")]
+        lines = [*warned, CheckLine(True, f"reach {base}/version (Marple {version})")]
         try:
             await self.api.token_check()
         except AuthError as exc:
@@ -365,8 +463,28 @@ class MarpleLegacyTarget:
             CheckLine(True, f"files go to {self.settings.folder} (plugins: {plugins or 'none'})")
         )
         if self.settings.share:
-            lines.append(CheckLine(True, f"share links open workbook {self.settings.workbook!r}"))
+            scope = "folder" if self.settings.share_scope == "folder" else "source"
+            on = f", links on {self.settings.share_url}" if self.settings.share_url else ""
+            lines.append(
+                CheckLine(
+                    True,
+                    f"one share link per {scope}, opening workbook {self.settings.workbook!r}{on}",
+                )
+            )
         return lines
+
+
+def plain_http_warning(url: str) -> str | None:
+    """A warning when ``url`` is plain http to another machine (the guide: always https)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or _is_loopback(parts.hostname or ""):
+        return None
+    where = parts.netloc.rpartition("@")[2]  # never a user:password written into the URL
+    return (
+        f"[api] url {parts.scheme}://{where} is plain http to another machine: the "
+        "token and the files cross the network unencrypted; the API guide says always use "
+        "https"
+    )
 
 
 def _update(job_id: int, st: SourceStatus) -> ImportUpdate:
@@ -475,6 +593,7 @@ class _Delivery:
 
     async def _upload(self) -> None:
         await self._save(stage="uploading", mode=_UPLOAD, dataset_id=None)
+        await self.target.ensure_folder(self.plan.folder)
         f = self.work.file
         source = FileSlice(
             f.path,
@@ -526,6 +645,9 @@ class _Delivery:
                 )
 
     async def _share(self, source_id: int, share_id: str | None) -> dict[str, Any]:
+        if self.target.settings.share_scope == "folder":
+            async with self.target.share_lock(self.plan.folder):
+                return await self._folder_share(source_id, share_id)
         settings = self.target.settings
         prev = self.work.previous_refs or {}
         if (
@@ -543,9 +665,41 @@ class _Delivery:
                 lambda: self.api.new_share(settings.workbook, [source_id]), "new share"
             )
             await self._save(mode=f"{_SHARE}:{share_id}")
-        sid = share_id
-        link = await self._step(lambda: self.api.share_link(sid), "share link")
-        return {"share_id": sid, "share_link": link, "workbook": settings.workbook}
+        return await self._link(share_id)
+
+    async def _folder_share(self, source_id: int, share_id: str | None) -> dict[str, Any]:
+        """The folder's share, with this source added: made by the folder's first source,
+        each later one added to the newest share id (which ``share/add`` replaces)."""
+        settings = self.target.settings
+        folder = self.plan.folder
+        shares = self.target.folder_shares
+        if share_id is None:
+            prev = self.work.previous_refs or {}
+            base = shares.get(folder)
+            if base is None and prev.get("share_folder") == folder:
+                base = prev.get("share_id") if isinstance(prev.get("share_id"), str) else None
+            await self._save(mode=_SHARE)
+            if base is None:
+                share_id = await self._step(
+                    lambda: self.api.new_share(settings.workbook, [source_id]), "new share"
+                )
+            else:
+                old = base
+                share_id = await self._step(
+                    lambda: self.api.add_to_share(old, settings.workbook, [source_id]),
+                    "add to share",
+                )
+            await self._save(mode=f"{_SHARE}:{share_id}")
+            shares[folder] = share_id
+        else:
+            shares.setdefault(folder, share_id)  # resumed: at least as new as nothing
+        return {**await self._link(share_id), "share_folder": folder}
+
+    async def _link(self, share_id: str) -> dict[str, Any]:
+        settings = self.target.settings
+        url = settings.share_url
+        link = await self._step(lambda: self.api.share_link(share_id, url), "share link")
+        return {"share_id": share_id, "share_link": link, "workbook": settings.workbook}
 
 
 __all__ = ["IMPORTED", "MarpleLegacyApi", "MarpleLegacyTarget", "SourceStatus"]
