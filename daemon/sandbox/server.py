@@ -95,22 +95,41 @@ def running_sandbox(config: SandboxConfig) -> Iterator[Sandbox]:
 
 
 def ready_message(sb: Sandbox) -> str:
-    """A config snippet, ready to paste, pointing inboxd at this sandbox."""
+    """What the sandbox serves, and a config snippet for each of inboxd's three services."""
+    from daemon.sandbox.dataservice import url_of
+
     stream = sb.config.streams[0].id if sb.config.streams else 1
+    ds = sb.data_service.config
     tls = (
-        "# served over HTTPS: set ca_file to the CA that signed --tls-cert\n"
+        "# served over HTTPS: set [api] ca_file to the CA that signed --tls-cert\n"
         if sb.config.tls_certfile is not None
         else ""
     )
     return (
-        f"# inboxd sandbox at {sb.url}; data in {sb.config.data_dir}\n"
+        f"# inboxd sandbox at {sb.origin}; data in {sb.config.data_dir}\n"
+        "# It serves all three services inboxd delivers to. Paste one block into your\n"
+        "# config.toml (or write it to a file and run `inboxd check --config FILE`).\n"
         f"{tls}"
+        '\n# 1. Marple DB (the default, [api] kind = "marple-db")\n'
         "[api]\n"
         f'url = "{sb.url}"\n'
         f'token = "{sb.config.token}"\n'
-        "\n"
         "[upload]\n"
         f"stream = {stream}\n"
+        "\n# 2. the older Marple API (library upload + import)\n"
+        "[api]\n"
+        'kind = "marple"\n'
+        f'url = "{sb.url}"\n'
+        f'token = "{sb.config.token}"\n'
+        "\n# 3. the spreadsheet data service (OAuth 1.0)\n"
+        "[api]\n"
+        'kind = "data-service"\n'
+        f'url = "{url_of(sb.origin)}"\n'
+        "[data_service]\n"
+        f'consumer_key = "{ds.consumer_key}"\n'
+        f'consumer_secret = "{ds.consumer_secret}"\n'
+        f'token = "{ds.token}"\n'
+        f'token_secret = "{ds.token_secret}"\n'
     )
 
 
