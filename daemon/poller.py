@@ -130,6 +130,7 @@ class Poller:
             if update.failed:
                 log.warning(
                     "import.failed",
+                    kind="import",
                     status=update.status,
                     reason=f"import failed: {update.message}",
                     action=what_to_do("import", job.id),

@@ -465,7 +465,7 @@ def test_check_reports_the_older_api(sandbox: Sandbox, tmp_path: Path) -> None:
     config = write_config(tmp_path, sandbox, api=MARPLE)
     ok = inboxd("check", "--config", str(config))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "ok    token accepted" in ok.stdout and "files go to /inboxd" in ok.stdout
+    assert "✓ token accepted" in ok.stdout and "files go to /inboxd" in ok.stdout
     bad = inboxd("check", "--config", str(config), env={"INBOXD_API__TOKEN": "nope-nope"})
     assert bad.returncode == 1
-    assert "FAIL  token accepted by GET /version" in bad.stdout and "nope-nope" not in bad.stdout
+    assert "✗ token accepted by GET /version" in bad.stdout and "nope-nope" not in bad.stdout

@@ -1084,7 +1084,7 @@ async def test_tls_verification_is_on_by_default(
         check = await anyio.to_thread.run_sync(lambda: run_cli("check", "--config", str(cfg)))
         assert check.returncode == 1, check.stdout + check.stderr
         assert "Traceback" not in check.stdout + check.stderr
-        assert "FAIL  reach" in check.stdout and "certificate verify failed" in check.stdout
+        assert "✗ reach" in check.stdout and "certificate verify failed" in check.stdout
         # The daemon treats it as a network problem of the job: retried, with the reason shown.
         config = write_config(tmp_path, sb, api={"token": token})
         write_file(tmp_path / "inbox" / "a.csv", 1000)
