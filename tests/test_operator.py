@@ -484,6 +484,8 @@ def test_install_sequence_from_the_readme(sandbox: Sandbox, tmp_path: Path) -> N
             continue
         if any(word in cmd for word in ("systemctl", "systemd-sysusers", "journalctl")):
             continue  # systemd itself
+        if "usermod" in cmd:
+            continue  # the inboxd group comes from systemd-sysusers (skipped above)
         cmd = cmd.replace("sudo ", "").replace("sudoedit /etc/inboxd/config.toml", ":")
         cmd = re.sub(r"-o inboxd -g inboxd ", "", cmd)
         cmd = re.sub(
@@ -493,25 +495,36 @@ def test_install_sequence_from_the_readme(sandbox: Sandbox, tmp_path: Path) -> N
     assert any("pip install" in s for s in steps) and any("inboxd check" in s for s in steps)
     (root / "etc").mkdir()
     (root / "usr" / "share" / "bash-completion" / "completions").mkdir(parents=True)
+    (root / "usr" / "local" / "bin").mkdir(parents=True)  # as on every Debian system
     env = {**os.environ, "INBOXD_API__URL": sandbox.url}
     env.pop("INBOXD_CONFIG", None)
     for cmd in steps:
         if "inboxd check" in cmd:
             # As the README's sudoedit would: the sandbox's URL and the folders made above.
             cfg = root / "etc" / "inboxd" / "config.toml"
+            # (state.path stays /var/lib/inboxd/state.db: the unit's StateDirectory= makes it)
             cfg.write_text(
-                cfg.read_text()
-                .replace('path = "/srv/inbox"', f'path = "{root}/srv/inbox"')
-                .replace('path = "/var/lib/inboxd/state.db"', f'path = "{root}/var/state.db"')
+                cfg.read_text().replace('path = "/srv/inbox"', f'path = "{root}/srv/inbox"')
             )
             (root / "etc" / "inboxd" / "token").write_text(TOKEN + "\n")
-            cmd = cmd.replace("inboxd check", f"inboxd check --config {cfg}")
+            # The unit as installed, its paths moved like the commands' (and its user root:
+            # the inboxd user would come from systemd-sysusers).
+            unit = root / "etc" / "inboxd.service"
+            unit.write_text(
+                (REPO / "systemd" / "inboxd.service")
+                .read_text()
+                .replace("/etc/inboxd/", f"{root}/etc/inboxd/")
+                .replace("/srv/", f"{root}/srv/")
+                .replace("User=inboxd", "User=root")
+            )
+            cmd = cmd.replace("inboxd check", f"inboxd check --config {cfg} --unit {unit}")
         done = subprocess.run(
             ["bash", "-c", cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
         )
         assert done.returncode == 0, (cmd, done.stdout[-3000:], done.stderr[-3000:])
         if "inboxd check" in cmd:
-            assert "✓ token: read from" in done.stdout and "✓ token accepted" in done.stdout
+            assert f"✓ token: read from {root}/etc/inboxd/token (the unit's" in done.stdout
+            assert "✓ token accepted" in done.stdout and "✗" not in done.stdout
     assert (root / "usr" / "share" / "bash-completion" / "completions" / "inboxd").exists()
 
 
