@@ -289,8 +289,9 @@ def short_reason(job: dict[str, Any]) -> str:
     """A job's error without the advice part and the path it repeats, cut to one line."""
     text = str(job.get("error") or "")
     text = text.split(" — ", 1)[0]
-    prefix = f"{job.get('path')}: "
-    text = text.removeprefix(prefix)
+    path = str(job.get("path") or "")
+    for prefix in (f"{path}: ", f"{path.rsplit('/', 1)[-1]}: "):
+        text = text.removeprefix(prefix)
     text = " ".join(text.split())
     return text if len(text) <= _SHORT else text[: _SHORT - 1] + "…"
 
