@@ -107,29 +107,22 @@ def ready_message(sb: Sandbox) -> str:
     )
     return (
         f"# inboxd sandbox at {sb.origin}; data in {sb.config.data_dir}\n"
-        "# It serves all three services inboxd delivers to. Paste one block into your\n"
-        "# config.toml (or write it to a file and run `inboxd check --config FILE`).\n"
+        "# It serves all three services inboxd delivers to; the config below is for Marple DB.\n"
+        "# For another, use the commented block instead. Check it: inboxd check --config FILE\n"
         f"{tls}"
-        '\n# 1. Marple DB (the default, [api] kind = "marple-db")\n'
         "[api]\n"
         f'url = "{sb.url}"\n'
         f'token = "{sb.config.token}"\n'
+        "\n"
         "[upload]\n"
         f"stream = {stream}\n"
-        "\n# 2. the older Marple API (library upload + import)\n"
-        "[api]\n"
-        'kind = "marple"\n'
-        f'url = "{sb.url}"\n'
-        f'token = "{sb.config.token}"\n'
-        "\n# 3. the spreadsheet data service (OAuth 1.0)\n"
-        "[api]\n"
-        'kind = "data-service"\n'
-        f'url = "{url_of(sb.origin)}"\n'
-        "[data_service]\n"
-        f'consumer_key = "{ds.consumer_key}"\n'
-        f'consumer_secret = "{ds.consumer_secret}"\n'
-        f'token = "{ds.token}"\n'
-        f'token_secret = "{ds.token_secret}"\n'
+        "\n# The older Marple API (library upload + import):\n"
+        f'# [api]\n# kind = "marple"\n# url = "{sb.url}"\n# token = "{sb.config.token}"\n'
+        "\n# The spreadsheet data service (OAuth 1.0):\n"
+        f'# [api]\n# kind = "data-service"\n# url = "{url_of(sb.origin)}"\n'
+        f'# [data_service]\n# consumer_key = "{ds.consumer_key}"\n'
+        f'# consumer_secret = "{ds.consumer_secret}"\n# token = "{ds.token}"\n'
+        f'# token_secret = "{ds.token_secret}"\n'
     )
 
 
