@@ -615,7 +615,7 @@ def _cmd_retry(args: argparse.Namespace) -> int:
             if args.all_failed:
                 n = await queue.requeue(None)
                 if n:
-                    return EXIT_OK, f"requeued {n} failed job(s)"
+                    return EXIT_OK, f"requeued {n} job(s)"
                 fixed = await queue.count_superseded_failures()
                 extra = (
                     f" ({fixed} earlier failure(s) were fixed by newer versions)" if fixed else ""

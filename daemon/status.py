@@ -33,6 +33,8 @@ class Snapshot:
     #: failed jobs whose file was taken again since (each with ``superseded_by``)
     superseded: list[dict[str, Any]] = field(default_factory=list)
     filters: Filters | None = None
+    #: how many failed jobs are superseded in all (``superseded`` lists the newest)
+    failed_superseded: int = 0
 
     def as_json(self) -> dict[str, Any]:
         """The ``--json`` document."""
@@ -40,6 +42,7 @@ class Snapshot:
             "daemon": self.daemon,
             "counts": self.counts,
             "jobs": self.jobs,
+            "failed_superseded": self.failed_superseded,
             "superseded_failures": self.superseded,
         }
 
@@ -90,7 +93,6 @@ async def snapshot(
     counts = {state: int(raw.get(state, 0)) for state in STATES}
     old_failures = await queue.count_superseded_failures()
     counts["failed"] = max(counts["failed"] - old_failures, 0)
-    counts["failed_superseded"] = old_failures
 
     async def latest(state: JobState, order: Literal["recent", "oldest"]) -> list[Job]:
         return await queue.latest_jobs(
@@ -118,7 +120,7 @@ async def snapshot(
             row = job_json(job, now)
             row["superseded_by"] = newer
             superseded.append(row)
-    return Snapshot(daemon, counts, settling + jobs, now, superseded, f)
+    return Snapshot(daemon, counts, settling + jobs, now, superseded, f, old_failures)
 
 
 def job_json(job: Job, now: float) -> dict[str, Any]:
