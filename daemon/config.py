@@ -1,8 +1,9 @@
 """The one frozen settings model, and how it is loaded.
 
 Precedence, highest first: explicit overrides (command-line flags) → environment variables
-(``INBOXD_`` prefix, ``__`` between levels: ``INBOXD_API__TOKEN``) → the TOML file given with
-``--config`` → defaults. ``config.example.toml`` mirrors this module key by key.
+(``INBOXD_`` prefix, ``__`` between levels: ``INBOXD_API__TOKEN``) → the TOML file (``--config``,
+else ``$INBOXD_CONFIG``, else ``/etc/inboxd/config.toml``) → defaults.
+``config.example.toml`` mirrors this module key by key.
 """
 
 from __future__ import annotations
@@ -480,35 +481,63 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, InitSettingsSource(settings_cls, _toml_data.get()))
 
 
+#: Where ``inboxd`` looks for its config when neither ``--config`` nor ``INBOXD_CONFIG`` names one.
+DEFAULT_CONFIG = Path("/etc/inboxd/config.toml")
+#: ``INBOXD_*`` variables that are not settings.
+_NOT_SETTINGS = frozenset({"INBOXD_CONFIG"})
+
+
+def config_path(explicit: Path | None) -> tuple[Path | None, str]:
+    """The config file to read and how it was chosen: ``--config``, else ``$INBOXD_CONFIG``,
+    else ``/etc/inboxd/config.toml`` when it exists; None = defaults and environment only."""
+    if explicit is not None:
+        return explicit, "--config"
+    env = os.environ.get("INBOXD_CONFIG", "").strip()
+    if env:
+        return Path(env), "INBOXD_CONFIG"
+    if DEFAULT_CONFIG.exists():
+        return DEFAULT_CONFIG, "default"
+    return None, "none"
+
+
 def load_settings(
     path: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     *,
     require_token: bool = False,
+    source: str = "--config",
 ) -> Settings:
     """Load the settings from ``path`` (TOML), the environment and ``overrides``.
 
+    ``source`` names where ``path`` came from in messages (``--config``, ``INBOXD_CONFIG``).
     Raises ConfigError with one line per problem: the key, the value and what to do.
     """
     data: dict[str, Any] = {}
+    where = f"{source} {str(path)!r}" if source in ("--config", "INBOXD_CONFIG") else str(path)
     if path is not None:
         try:
             with path.open("rb") as fh:
                 data = tomllib.load(fh)
         except FileNotFoundError:
             raise ConfigError(
-                f"--config {str(path)!r}: no such file — pass the path of your config.toml "
+                f"{where}: no such file — pass the path of your config.toml "
                 "(see config.example.toml)"
             ) from None
+        except PermissionError:
+            raise ConfigError(
+                f"{where}: permission denied — make it readable (sudo chmod 0644 {path}; "
+                "keep the token in /etc/inboxd/token, not in this file) or use sudo"
+            ) from None
         except OSError as exc:
-            raise ConfigError(f"--config {str(path)!r}: cannot read it ({exc.strerror})") from None
+            raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"--config {str(path)!r}: not valid TOML ({exc})") from None
+            raise ConfigError(f"{where}: not valid TOML ({exc})") from None
+    env_problems, env_keys = _unknown_environment(os.environ)
     token = _toml_data.set(data)
     try:
         settings = Settings(**dict(overrides or {}))
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(env_problems + _describe(exc, skip=env_keys)) from None
     except SettingsError as exc:
         # e.g. INBOXD_API='not json': an environment variable for a whole section must be JSON
         raise ConfigError(
@@ -516,7 +545,7 @@ def load_settings(
         ) from None
     finally:
         _toml_data.reset(token)
-    problems = _cross_checks(settings)
+    problems = env_problems + _cross_checks(settings)
     if require_token and settings.api.kind == "data-service":
         # The data service signs with OAuth 1.0 credentials instead of an [api] token.
         problems.extend(settings.data_service.check_credentials())
@@ -530,11 +559,57 @@ def load_settings(
     return settings
 
 
-def _describe(exc: ValidationError) -> list[str]:
+def _unknown_environment(environ: Mapping[str, str]) -> tuple[list[str], set[tuple[str, ...]]]:
+    """One line per ``INBOXD_<SECTION>__<KEY>`` variable that names no setting, and the keys
+    (section, key) it would give, so they are not blamed on the TOML file as well.
+
+    Variables without ``__`` are left alone unless they look like a setting with one
+    underscore too few (``INBOXD_UPLOAD_WORKERS``): tools may use other ``INBOXD_*`` names.
+    """
+    problems: list[str] = []
+    keys: set[tuple[str, ...]] = set()
+    sections = Settings.model_fields
+    names = ", ".join(sections)
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("INBOXD_") or upper in _NOT_SETTINGS:
+            continue
+        rest = name[len("INBOXD_") :].lower()
+        parts = rest.split("__")
+        if len(parts) == 1:
+            section = next((s for s in sections if rest.startswith(s + "_")), None)
+            if section is not None:
+                key = rest[len(section) + 1 :]
+                problems.append(
+                    f"environment variable {name}: not a setting — write two underscores "
+                    f"between section and key: INBOXD_{section.upper()}__{key.upper()}"
+                )
+            continue
+        section, key = parts[0], parts[1]
+        if section not in sections:
+            problems.append(
+                f"environment variable {name}: there is no section [{section}] — check its "
+                f"spelling (sections: {names})"
+            )
+            continue
+        model = sections[section].annotation
+        is_section = isinstance(model, type) and issubclass(model, BaseModel)
+        if is_section and key not in model.model_fields:  # type: ignore[union-attr]
+            keys.add((section, key))
+            problems.append(
+                f"environment variable {name}: [{section}] has no key {key!r} — check its "
+                "spelling in config.example.toml"
+            )
+    return problems, keys
+
+
+def _describe(exc: ValidationError, skip: set[tuple[str, ...]] | None = None) -> list[str]:
     lines = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
         value = err.get("input")
+        if err["type"] == "extra_forbidden" and tuple(map(str, err["loc"])) in (skip or set()):
+            continue  # reported as the environment variable that set it
         if err["type"] == "extra_forbidden":
             lines.append(
                 f"{key}: unknown key — remove it or check its spelling in config.example.toml"

@@ -4,6 +4,9 @@
 
     InboxdError                      every error inboxd raises on purpose
     ├── ConfigError                  fix the configuration (exit status 78)
+    ├── UsageError                   a bad flag or value on the command line (64)
+    ├── NotThereError                a file or job named on the command line is not there (66)
+    ├── NoPermissionError            this user may not (77): join the group, or use sudo
     ├── StateError                   the state database is unusable; fix or move it
     │   ├── StateDataError           not a usable inboxd database: restore or move it (exit 65)
     │   └── StateFullError           its filesystem is full: free space (exit 74)
@@ -70,6 +73,27 @@ class ConfigError(InboxdError):
 
     def __str__(self) -> str:
         return "\n".join(self.problems)
+
+
+class UsageError(InboxdError):
+    """A command was given a bad flag, value or combination (exit status 64, EX_USAGE)."""
+
+    kind = "usage"
+    exit_status: ClassVar[int] = 64
+
+
+class NotThereError(InboxdError):
+    """A file, folder or job a command was pointed at does not exist (66, EX_NOINPUT)."""
+
+    kind = "not_there"
+    exit_status: ClassVar[int] = 66
+
+
+class NoPermissionError(InboxdError):
+    """This user may not do it (77, EX_NOPERM): the message says whom to ask or what to join."""
+
+    kind = "permission"
+    exit_status: ClassVar[int] = 77
 
 
 class StateError(InboxdError):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import bisect
 import email.utils
+import errno
 import http
 import ipaddress
 import itertools
@@ -754,17 +755,23 @@ class MetricsServer:
     ) -> None:
         """Serve until cancelled; ``task_status.started()`` once listening (``port`` is set).
 
-        Raises :class:`OSError` before starting if the address cannot be bound. Cancelling
-        closes the listener and every open connection at once.
+        Raises :class:`~daemon.errors.ConfigError` before starting if the address cannot be
+        bound (a port in use is a setting to change, not a reason to restart: exit 78, which
+        the unit does not restart on). Cancelling closes the listener and every connection.
         """
         try:
             listener = await anyio.create_tcp_listener(
                 local_host=self.host or None, local_port=self.port
             )
         except OSError as exc:
-            raise OSError(
-                exc.errno, f"cannot listen for metrics on {self.listen}: {exc.strerror or exc}"
-            ) from exc
+            from daemon.errors import ConfigError
+
+            why = "in use by another program" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ConfigError(
+                f"metrics.listen = {self.listen!r}: cannot listen for metrics on {self.listen}"
+                f" ({why or exc}) — stop the program using that port (`ss -ltnp | grep"
+                f" :{self.port}`), or set [metrics] listen to a free port"
+            ) from None
         async with listener:
             # (S610 is about Django's QuerySet.extra, not anyio's typed attributes.)
             self.port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610

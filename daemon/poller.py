@@ -20,6 +20,7 @@ import structlog
 from daemon.errors import AuthError, InboxdError
 from daemon.metrics import Metrics
 from daemon.queue import ImportRecord, Job, Queue, QueueError
+from daemon.status import what_to_do
 from daemon.targets import ImportUpdate, Target
 
 _log = structlog.get_logger(__name__)
@@ -127,7 +128,13 @@ class Poller:
                     self.metrics.failed("import")  # the job ends failed, like upload failures
             log = _log.bind(job_id=job.id, path=job.identity.rel, dataset_id=job.dataset_id)
             if update.failed:
-                log.warning("import.failed", status=update.status, message=update.message)
+                log.warning(
+                    "import.failed",
+                    kind="import",
+                    status=update.status,
+                    reason=f"import failed: {update.message}",
+                    action=what_to_do("import", job.id),
+                )
             else:
                 log.info("import.done", status=update.status)
         return len(jobs)

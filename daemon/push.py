@@ -1,59 +1,135 @@
-"""``inboxd push``: upload files once, without the daemon, and wait for their import."""
+"""``inboxd push``: upload files once, without the daemon, and wait for their import.
+
+Files go through the configured target (``[api] kind``: Marple DB, the older Marple API or
+the data service), exactly as the daemon delivers them, with ``[upload] on_name_clash``
+(``--overwrite`` forces ``overwrite``). Nothing is queued: a file that cannot be delivered
+now is reported, with what to do, and the command exits 1.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
 
-from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient, Stream
 from daemon.config import Settings
-from daemon.errors import InboxdError
+from daemon.errors import (
+    AuthError,
+    FileChangedError,
+    FileProblem,
+    InboxdError,
+    NotFoundError,
+    UploadFailed,
+)
+from daemon.queue import FileIdentity, Job, JobState, Stage
 from daemon.retry import RetryPolicy
-from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file
+from daemon.targets import Delivered, ImportUpdate, Target, Work
+from daemon.targets.factory import open_target
+from daemon.upload import FileRef, MemoryJournal, Resume, UploadOptions
 
 
-def push(
-    settings: Settings, args: argparse.Namespace, extra: dict[str, str]
-) -> list[dict[str, Any]]:
-    """Upload ``args.files``; one result row per file (``error`` set when it failed)."""
-    return anyio.run(_push, settings, args, extra)
+@dataclass(frozen=True)
+class PushRequest:
+    """What ``inboxd push`` was asked to do."""
+
+    files: list[Path]
+    #: dataset (or source) name; one file only
+    name: str | None = None
+    #: where ``--stream`` came from, for messages ("--stream" or "[upload] stream")
+    stream_from: str = "[upload] stream"
+    metadata: dict[str, str] | None = None
+    wait: bool = True
+    wait_timeout: float = 3600.0
+    quiet: bool = False
 
 
-async def _push(
-    settings: Settings, args: argparse.Namespace, extra: dict[str, str]
-) -> list[dict[str, Any]]:
+def push(settings: Settings, request: PushRequest) -> list[dict[str, Any]]:
+    """Deliver ``request.files``; one result row per file (``error`` set when it failed)."""
+    return anyio.run(_push, settings, request)
+
+
+async def _push(settings: Settings, request: PushRequest) -> list[dict[str, Any]]:
+    options = UploadOptions(
+        policy=RetryPolicy.from_settings(settings.retry),
+        part_concurrency=settings.upload.part_concurrency,
+        abort_on_give_up=True,
+        abort_on_cancel=True,
+    )
     results: list[dict[str, Any]] = []
-    async with MarpleClient.from_settings(settings.api) as client:
-        stream = await client.resolve_stream(settings.upload.stream)
-        options = UploadOptions(
-            policy=RetryPolicy.from_settings(settings.retry),
-            part_concurrency=settings.upload.part_concurrency,
-            abort_on_give_up=True,
-            abort_on_cancel=True,
-        )
-        for path in args.files:
-            results.append(await _push_one(client, stream, settings, args, path, extra, options))
-        if not args.no_wait:
-            await _wait_imports(client, stream, results, args.wait_timeout, args.json)
+    async with open_target(settings, options) as target:
+        try:
+            stream_id = await target.resolve_destination(settings.upload.stream)
+        except NotFoundError as exc:
+            # The message names the streams this token sees; the fix is where the stream came
+            # from (a flag or the config), not always the config.
+            raise NotFoundError(
+                exc.detail,
+                endpoint=exc.endpoint,
+                advice=f"give an existing stream id or name with {request.stream_from}",
+            ) from None
+        jobs: list[Job] = []
+        for n, path in enumerate(request.files, start=1):
+            row, job = await _push_one(target, settings, request, n, path, stream_id)
+            results.append(row)
+            if job is not None:
+                jobs.append(job)
+        if request.wait and jobs:
+            await _wait_imports(target, jobs, results, request)
     return results
 
 
+def _job(n: int, ref: FileRef, name: str, stream_id: int, kind: str, meta: dict[str, Any]) -> Job:
+    """An in-memory job: the targets deliver jobs, and push has no queue."""
+    now = time.time()
+    return Job(
+        id=n,
+        identity=FileIdentity(name, ref.size, ref.mtime_ns, ref.inode),
+        state=JobState.UPLOADING,
+        stage=Stage.NEW,
+        stream_id=stream_id,
+        dataset_name=name,
+        metadata=meta,
+        upload_key=uuid.uuid4().hex,
+        ingestion_id=None,
+        dataset_id=None,
+        mode=None,
+        part_size=None,
+        bytes_sent=0,
+        attempts=0,
+        next_attempt_at=now,
+        last_error=None,
+        error_kind=None,
+        import_status=None,
+        import_progress=None,
+        import_message=None,
+        fell_back=False,
+        after_upload=None,
+        created_at=now,
+        updated_at=now,
+        started_at=now,
+        uploaded_at=None,
+        finished_at=None,
+        lease_owner=None,
+        lease_expires_at=None,
+        target=kind,
+        same_path_jobs=0,
+    )
+
+
 async def _push_one(
-    client: MarpleClient,
-    stream: Stream,
+    target: Target,
     settings: Settings,
-    args: argparse.Namespace,
+    request: PushRequest,
+    n: int,
     path: Path,
-    extra: dict[str, str],
-    options: UploadOptions,
-) -> dict[str, Any]:
-    name = args.name or path.name
+    stream_id: int,
+) -> tuple[dict[str, Any], Job | None]:
+    name = request.name or path.name
     row: dict[str, Any] = {
         "file": str(path),
         "dataset_name": name,
@@ -65,54 +141,90 @@ async def _push_one(
     }
     try:
         ref = FileRef.stat(path)
-        bar = ProgressBar(name, ref.size, sys.stderr, enabled=not args.json)
-        request = UploadRequest(
+        meta = {**settings.upload.metadata, **(request.metadata or {})}
+        job = _job(n, ref, name, stream_id, target.kind, meta)
+        bar = ProgressBar(name, ref.size, sys.stderr, enabled=not request.quiet)
+        work = Work(
+            job=job,
             file=ref,
-            dataset_name=name,
-            stream=stream,
-            metadata={**settings.upload.metadata, **extra},
-            upload_key=uuid.uuid4().hex,
-            on_name_clash="overwrite" if args.overwrite else "fail",
-            plugin_args=settings.upload.plugin_args,
+            resume=Resume(),
+            journal=MemoryJournal(),
+            progress=bar.add,
         )
         try:
-            result = await upload_file(client, request, options=options, progress=bar.add)
+            delivered: Delivered = await target.deliver(work)
         finally:
             bar.close()
-        row.update(dataset_id=result.dataset_id, mode=result.mode, dataset_name=result.dataset_name)
-    except InboxdError as exc:
+    except FileChangedError:
+        row["error"] = (
+            f"{path}: the file changed or disappeared while it was being uploaded; nothing "
+            "was kept on the server — push it again once it is complete"
+        )
+        return row, None
+    except NotFoundError as exc:
+        if exc.endpoint != "GET /streams":
+            row["error"] = str(exc)
+            return row, None
+        row["error"] = (
+            f"{exc.endpoint}: {exc.detail} — give an existing stream id or name with "
+            f"{request.stream_from} (`inboxd check` lists them)"
+        )
+        return row, None
+    except (FileProblem, UploadFailed, AuthError) as exc:
         row["error"] = str(exc)
-    return row
+        return row, None
+    except InboxdError as exc:
+        row["error"] = f"{exc} (nothing was kept on the server; push it again later)"
+        return row, None
+    row.update(
+        dataset_id=delivered.dataset_id,
+        mode=delivered.mode,
+        dataset_name=delivered.dataset_name,
+    )
+    if delivered.refs:
+        row["target_refs"] = delivered.refs
+    if not delivered.needs_poll:
+        row["import_status"] = "DELIVERED"
+        return row, None
+    done = replace(
+        job,
+        state=JobState.IMPORTING,
+        dataset_id=delivered.dataset_id,
+        dataset_name=delivered.dataset_name,
+        target_refs=dict(delivered.refs),
+    )
+    return row, done
 
 
 async def _wait_imports(
-    client: MarpleClient,
-    stream: Stream,
-    rows: list[dict[str, Any]],
-    timeout: float,
-    quiet: bool,
+    target: Target, jobs: list[Job], rows: list[dict[str, Any]], request: PushRequest
 ) -> None:
-    pending = {r["dataset_id"]: r for r in rows if r["dataset_id"] is not None}
-    deadline = time.monotonic() + timeout
+    by_id = {job.id: rows[job.id - 1] for job in jobs}
+    pending = {job.id: job for job in jobs}
+    deadline = time.monotonic() + request.wait_timeout
     while pending and time.monotonic() < deadline:
+        updates: list[ImportUpdate] = []
         try:
-            statuses = await client.datasets_status(stream.id, list(pending))
+            updates = await target.poll(list(pending.values()))
         except InboxdError as exc:
             if not exc.retryable:
                 raise
-            statuses = []
-        for st in statuses:
-            row = pending.get(st.dataset_id)
+        for update in updates:
+            row = by_id.get(update.job_id)
             if row is None:
                 continue
-            row.update(import_status=st.import_status, import_message=st.import_message)
-            if st.import_status in OK_STATUSES | FAILED_STATUSES:
-                del pending[st.dataset_id]
+            row.update(import_status=update.status, import_message=update.message)
+            if update.terminal:
+                pending.pop(update.job_id, None)
+                if update.failed:
+                    row["error"] = f"import failed: {update.message or update.status}"
         if pending:
             await anyio.sleep(0.5)
-    if pending and not quiet:
+    if pending and not request.quiet:
         print(
-            f"inboxd: {len(pending)} import(s) still running after {timeout:.0f} s", file=sys.stderr
+            f"inboxd: {len(pending)} import(s) still running after {request.wait_timeout:.0f} s"
+            " (the upload itself is complete)",
+            file=sys.stderr,
         )
 
 

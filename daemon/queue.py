@@ -489,6 +489,12 @@ _RESET_INGESTION_SQL: Final = (
 
 _BUSY_TIMEOUT_MS: Final = 10_000
 
+#: True for a row of ``jobs`` when a later job exists for the same file (path): the row is
+#: then history, not the file's current outcome. Uses the jobs_identity index (rel prefix).
+_HAS_NEWER: Final = (
+    "EXISTS (SELECT 1 FROM jobs AS newer WHERE newer.rel = jobs.rel AND newer.id > jobs.id)"
+)
+
 
 def make_private_dirs(directory: Path, mode: int = 0o700) -> None:
     """Create ``directory`` and its missing parents, every level with ``mode``.
@@ -663,7 +669,10 @@ class Queue:
         try:
             return await cls._connect(path, uri + "?mode=ro", readonly=True)
         except QueueError as exc:
-            if exc.reason != "full" or _wal_has_frames(path):
+            # A reader that may not create -shm (a group member, the folder is 0750) while no
+            # daemon has the database open (no -shm to share) is the same case as below.
+            cannot_make_shm = not os.access(path.parent, os.W_OK)
+            if (exc.reason != "full" and not cannot_make_shm) or _wal_has_frames(path):
                 raise
         # A reader of a WAL database must create -shm, which a full filesystem refuses, and
         # `status` is most needed exactly then. With no WAL frames the file alone is the whole
@@ -1294,7 +1303,11 @@ class Queue:
         aborted), import and after-upload fields cleared. Returns how many jobs were requeued.
         """
         now = time.time()
-        where = "state = 'failed'" + ("" if job_id is None else " AND id = :job_id")
+        # A failure whose file has a newer job (the file was fixed and taken again) is history:
+        # retrying it would upload the old version over the fixed one.
+        where = f"state = 'failed' AND NOT {_HAS_NEWER}" + (
+            "" if job_id is None else " AND id = :job_id"
+        )
         async with self._write() as db:
             rows = await db.execute_fetchall(
                 f"UPDATE jobs SET state = 'queued', {_RESET_INGESTION_SQL}, attempts = 0,"
@@ -1481,6 +1494,62 @@ class Queue:
     async def recent_failures(self, limit: int = 20) -> list[Job]:
         """The most recently failed jobs first."""
         return await self.list_jobs([JobState.FAILED], limit=limit, order="recent")
+
+    async def latest_jobs(
+        self,
+        state: JobState,
+        *,
+        limit: int = 50,
+        order: Literal["recent", "oldest"] = "recent",
+        since: float | None = None,
+        rel_glob: str | None = None,
+    ) -> list[Job]:
+        """Up to ``limit`` jobs in ``state`` that are the newest job of their file.
+
+        One line per file for ``status``: a job with a later job of the same path is left
+        out. ``since`` keeps jobs updated at or after that time; ``rel_glob`` is a glob
+        (``*``, ``?``, ``[…]``) on the inbox-relative path, ASCII letters matched in any case.
+        """
+        direction = "DESC" if order == "recent" else "ASC"
+        where = ["state = :state", f"NOT {_HAS_NEWER}"]
+        if since is not None:
+            where.append("updated_at >= :since")
+        if rel_glob is not None:
+            where.append("lower(CAST(rel AS TEXT)) GLOB lower(:glob)")
+        return await self._fetch_jobs(
+            f"WHERE {' AND '.join(where)}"
+            f" ORDER BY updated_at {direction}, id {direction} LIMIT :limit",
+            {"state": str(state), "since": since, "glob": rel_glob, "limit": limit},
+        )
+
+    async def superseded_failures(self, limit: int = 20) -> list[tuple[Job, int]]:
+        """FAILED jobs whose file has a newer job since (most recent first), with that
+        newer job's id: failures that a fixed file made history."""
+        rows = await self._fetch(
+            f"SELECT {_JOB_COLUMNS}, (SELECT max(newer.id) FROM jobs AS newer"
+            "   WHERE newer.rel = jobs.rel AND newer.id > jobs.id) AS newer_id"
+            f" FROM jobs WHERE state = 'failed' AND {_HAS_NEWER}"
+            " ORDER BY updated_at DESC, id DESC LIMIT ?",
+            (limit,),
+        )
+        return [(_job_from_row(row), int(row["newer_id"])) for row in rows]
+
+    async def count_superseded_failures(self) -> int:
+        """How many FAILED jobs have a newer job of the same file (see ``superseded_failures``)."""
+        rows = await self._fetch(
+            f"SELECT count(*) FROM jobs WHERE state = 'failed' AND {_HAS_NEWER}"
+        )
+        return int(rows[0][0])
+
+    async def newest_job_of(self, job_id: int) -> int | None:
+        """The id of the newest job of the same file as ``job_id``, if newer than it."""
+        rows = await self._fetch(
+            "SELECT max(newer.id) FROM jobs AS j JOIN jobs AS newer"
+            " ON newer.rel = j.rel AND newer.id > j.id WHERE j.id = ?",
+            (job_id,),
+        )
+        value = rows[0][0] if rows else None
+        return None if value is None else int(value)
 
     async def oldest_queued_at(self) -> float | None:
         """When the oldest job still QUEUED was enqueued (how far behind the daemon is)."""

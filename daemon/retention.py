@@ -342,6 +342,8 @@ class Retention:
                 total_bytes=total,
                 free_percent=round(percent, 2),
                 warn_below_percent=self.warn_free_percent,
+                action="free space on that disk (uploaded files are kept in the archive until"
+                " [retention] removes them); uploads go on meanwhile",
             )
         elif self._disk_low and not low:
             _log.info(

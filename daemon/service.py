@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ from daemon.queue import (
 from daemon.retention import Retention, disk_free
 from daemon.retry import RetryPolicy
 from daemon.routing import SIDECAR_SUFFIX, Route, route, stream_for, stream_source
-from daemon.status import HEARTBEAT_SECONDS
+from daemon.status import HEARTBEAT_SECONDS, what_to_do
 from daemon.targets import Target
 from daemon.targets.factory import open_target
 from daemon.upload import UploadOptions
@@ -106,6 +107,7 @@ class Service:
             )
         lock = _lock_state(s.state.path)
         try:
+            _share_state_with_group(s.state.path)
             try:
                 queue = await Queue.open(s.state.path)
             except QueueError as exc:
@@ -387,7 +389,13 @@ class Service:
         low = pct < warn
         if low != self._disk_low and self.retention is None:  # Retention logs it itself
             if low:
-                _log.warning("disk.low", free_bytes=free, free_percent=round(pct, 1))
+                _log.warning(
+                    "disk.low",
+                    path=str(self.inbox),
+                    free_bytes=free,
+                    free_percent=round(pct, 1),
+                    action=what_to_do("disk_low", None),
+                )
             else:
                 _log.info("disk.ok", free_bytes=free, free_percent=round(pct, 1))
         self._disk_low = low
@@ -440,7 +448,11 @@ class Service:
             except InboxdError as exc:
                 failed = [str(exc)]
             if failed:
-                _log.warning("daemon.still_paused", error="; ".join(failed))
+                _log.warning(
+                    "daemon.still_paused",
+                    reason="; ".join(failed),
+                    action=what_to_do("auth", None),
+                )
                 continue
             _log.info("daemon.resumed", reason="the token is accepted again")
             self.pause.resume()
@@ -471,6 +483,34 @@ def _chunk_size(rate: float) -> int:
     if rate <= 0:
         return CHUNK_SIZE
     return int(min(CHUNK_SIZE, max(64 * 1024, rate / 4)))
+
+
+def _share_state_with_group(db: Path) -> None:
+    """Let the state folder's group read the database when the folder lets it in.
+
+    ``inboxd status`` is for the people at the PC: with ``StateDirectoryMode=0750`` (the
+    unit) members of the ``inboxd`` group may enter the folder, and the database and its
+    ``-wal``/``-shm`` are then made 0640 (SQLite gives ``-wal``/``-shm`` the database's mode).
+    A reader that may not write ``-shm`` still reads a live WAL database read-only (SQLite ≥
+    3.22; README "Inspect"). A private folder (0700, what inboxd creates itself) keeps 0600.
+    """
+    try:
+        folder_mode = db.parent.stat().st_mode
+    except OSError:
+        return
+    if not folder_mode & stat.S_IXGRP:
+        return
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        try:
+            if path is db and not path.exists():
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640))
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o040 == 0:
+                path.chmod((mode | 0o040) & 0o7750)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            _log.warning("state.not_shared", path=str(path), reason=exc.strerror)
 
 
 def _lock_state(db: Path) -> int:

@@ -9,8 +9,8 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from daemon.queue import Job, JobState, Queue
 
@@ -30,15 +30,50 @@ class Snapshot:
     counts: dict[str, int]
     jobs: list[dict[str, Any]]
     taken_at: float
+    #: failed jobs whose file was taken again since (each with ``superseded_by``)
+    superseded: list[dict[str, Any]] = field(default_factory=list)
+    filters: Filters | None = None
+    #: how many failed jobs are superseded in all (``superseded`` lists the newest)
+    failed_superseded: int = 0
 
     def as_json(self) -> dict[str, Any]:
         """The ``--json`` document."""
-        return {"daemon": self.daemon, "counts": self.counts, "jobs": self.jobs}
+        return {
+            "daemon": self.daemon,
+            "counts": self.counts,
+            "jobs": self.jobs,
+            "failed_superseded": self.failed_superseded,
+            "superseded_failures": self.superseded,
+        }
 
 
-async def snapshot(queue: Queue, *, limit: int = 50, now: float | None = None) -> Snapshot:
-    """Read the daemon's liveness, the counts per state and the jobs worth showing."""
+@dataclass(frozen=True)
+class Filters:
+    """What ``status`` narrows its job list to (counts always cover everything)."""
+
+    failed_only: bool = False
+    #: a glob on the inbox-relative path
+    path_glob: str | None = None
+    #: Unix time: only jobs updated since
+    since: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether any filter is set."""
+        return self.failed_only or self.path_glob is not None or self.since is not None
+
+
+async def snapshot(
+    queue: Queue, *, limit: int = 50, now: float | None = None, filters: Filters | None = None
+) -> Snapshot:
+    """Read the daemon's liveness, the counts per state and the jobs worth showing.
+
+    Jobs are listed one per file: the newest job of each path. A failure whose file was
+    taken again since (fixed, replaced) is not among the failures; it is listed under
+    ``superseded`` with the job that replaced it, and ``counts.failed`` leaves it out.
+    """
     now = time.time() if now is None else now
+    f = filters or Filters()
     info = await queue.daemon_info()
     daemon: dict[str, Any] = {"alive": False, "pid": None}
     if info is not None:
@@ -56,18 +91,36 @@ async def snapshot(queue: Queue, *, limit: int = 50, now: float | None = None) -
         }
     raw = await queue.counts()
     counts = {state: int(raw.get(state, 0)) for state in STATES}
-    active = await queue.list_jobs([JobState.UPLOADING], limit=limit, order="oldest")
-    importing = await queue.list_jobs([JobState.IMPORTING], limit=limit, order="oldest")
-    queued = await queue.list_jobs([JobState.QUEUED], limit=limit, order="oldest")
-    failed = await queue.recent_failures(limit)
-    done = await queue.list_jobs([JobState.DONE], limit=limit, order="recent")
-    jobs = [job_json(j, now) for j in (*active, *importing, *queued, *failed, *done)]
-    settling = [
-        {"path": _show(f.rel), "state": "settling", "size": f.size, "since": f.since}
-        for f in await queue.list_settling(limit)
-    ]
-    jobs = settling + jobs
-    return Snapshot(daemon, counts, jobs, now)
+    old_failures = await queue.count_superseded_failures()
+    counts["failed"] = max(counts["failed"] - old_failures, 0)
+
+    async def latest(state: JobState, order: Literal["recent", "oldest"]) -> list[Job]:
+        return await queue.latest_jobs(
+            state, limit=limit, order=order, since=f.since, rel_glob=f.path_glob
+        )
+
+    listed: list[Job] = []
+    if not f.failed_only:
+        listed += await latest(JobState.UPLOADING, "oldest")
+        listed += await latest(JobState.IMPORTING, "oldest")
+        listed += await latest(JobState.QUEUED, "oldest")
+    listed += await latest(JobState.FAILED, "recent")
+    if not f.failed_only:
+        listed += await latest(JobState.DONE, "recent")
+    jobs = [job_json(j, now) for j in listed]
+    settling: list[dict[str, Any]] = []
+    if not f.active:
+        settling = [
+            {"path": _show(s.rel), "state": "settling", "size": s.size, "since": s.since}
+            for s in await queue.list_settling(limit)
+        ]
+    superseded = []
+    if not f.active or f.failed_only:
+        for job, newer in await queue.superseded_failures(min(limit, 20)):
+            row = job_json(job, now)
+            row["superseded_by"] = newer
+            superseded.append(row)
+    return Snapshot(daemon, counts, settling + jobs, now, superseded, f, old_failures)
 
 
 def job_json(job: Job, now: float) -> dict[str, Any]:
@@ -113,11 +166,59 @@ def job_json(job: Job, now: float) -> dict[str, Any]:
         "created_at": job.created_at,
         "updated_at": job.updated_at,
         "finished_at": job.finished_at,
+        # added in 0.2: what a person should do about a failure, and the newer job of this
+        # file that made the failure history (see Snapshot.superseded)
+        "what_to_do": what_to_do(job.error_kind or "", job.id) if state == "failed" else None,
+        "superseded_by": None,
     }
 
 
 def render(snap: Snapshot) -> str:
-    """The human view: one screen, most urgent first."""
+    """The human view: one screen, most urgent first; every job with its id."""
+    lines = _header(snap)
+    if snap.filters is not None and snap.filters.active:
+        return "\n".join(lines + _table(snap))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for job in snap.jobs:
+        groups.setdefault(job["state"], []).append(job)
+    for job in groups.get("uploading", []):
+        extra = ""
+        if job["rate_bytes_per_s"]:
+            extra = f"  {_human(job['rate_bytes_per_s'])}/s  ETA {_duration(job['eta_seconds'])}"
+        pct = job["percent"] if job["percent"] is not None else 0.0
+        lines.append(
+            f"  ↑ {_id(job)} {job['path']}  {pct:.0f}% of {_human(job['size'])}"
+            f"  [{job['mode']}]{extra}"
+        )
+    for job in groups.get("importing", []):
+        prog = job["import_progress"]
+        p = f" {prog:.0f}%" if isinstance(prog, int | float) else ""
+        lines.append(f"  ⋯ {_id(job)} {job['path']}  import {job['import_status'] or 'pending'}{p}")
+    for job in groups.get("settling", [])[:10]:
+        lines.append(f"  ~ {'':>5} {job['path']}  settling ({_human(job['size'])})")
+    waiting = [j for j in groups.get("queued", []) if j["error"]]
+    for job in waiting[:10]:
+        when = max(0.0, (job["next_attempt_at"] or snap.taken_at) - snap.taken_at)
+        lines.append(
+            f"  ↻ {_id(job)} {job['path']}  retry in {_duration(when)}: {short_reason(job)}"
+        )
+    for job in groups.get("done", [])[:5]:
+        lines.append(f"  ✓ {_id(job)} {job['path']}  {_where(job)} ({job['import_status']})")
+    failed = groups.get("failed", [])
+    if failed:
+        lines.append("failed — fix the cause, then `inboxd retry ID` (or `--all-failed`):")
+        for job in failed[:10]:
+            lines.append(f"  ✗ {_id(job)} {job['path']}  {short_reason(job)}")
+        if len(failed) > 10 or snap.counts["failed"] > 10:
+            lines.append(f"  … {snap.counts['failed']} in all: `inboxd status --failed`")
+    if snap.superseded:
+        lines.append("fixed since (failed earlier; a newer version of the file took over):")
+        for job in snap.superseded[:5]:
+            lines.append(f"  ⤳ {_id(job)} {job['path']}  superseded by #{job['superseded_by']}")
+    return "\n".join(lines)
+
+
+def _header(snap: Snapshot) -> list[str]:
     lines = []
     d = snap.daemon
     if d.get("alive"):
@@ -143,35 +244,103 @@ def render(snap: Snapshot) -> str:
         )
     c = snap.counts
     lines.append("  ".join(f"{k} {c[k]}" for k in STATES))
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for job in snap.jobs:
-        groups.setdefault(job["state"], []).append(job)
-    for job in groups.get("uploading", []):
-        extra = ""
-        if job["rate_bytes_per_s"]:
-            extra = f"  {_human(job['rate_bytes_per_s'])}/s  ETA {_duration(job['eta_seconds'])}"
-        pct = job["percent"] if job["percent"] is not None else 0.0
-        lines.append(
-            f"  ↑ {job['path']}  {pct:.0f}% of {_human(job['size'])}  [{job['mode']}]{extra}"
-        )
-    for job in groups.get("importing", []):
-        prog = job["import_progress"]
-        p = f" {prog:.0f}%" if isinstance(prog, int | float) else ""
-        lines.append(f"  ⋯ {job['path']}  import {job['import_status'] or 'pending'}{p}")
-    for job in groups.get("settling", [])[:10]:
-        lines.append(f"  ~ {job['path']}  settling ({_human(job['size'])})")
-    waiting = [j for j in groups.get("queued", []) if j["error"]]
-    for job in waiting[:10]:
-        when = max(0.0, (job["next_attempt_at"] or snap.taken_at) - snap.taken_at)
-        lines.append(f"  ↻ {job['path']}  retry in {_duration(when)}: {job['error']}")
-    for job in groups.get("done", [])[:5]:
-        lines.append(f"  ✓ {job['path']}  {_where(job)} ({job['import_status']})")
-    failed = groups.get("failed", [])
-    if failed:
-        lines.append("recent failures:")
-        for job in failed[:10]:
-            lines.append(f"  ✗ {job['path']}  {job['error']}")
-    return "\n".join(lines)
+    return lines
+
+
+def _table(snap: Snapshot) -> list[str]:
+    """The filtered view: one line per file, its newest job and outcome."""
+    rows = [j for j in snap.jobs if j["state"] != "settling"]
+    rows += snap.superseded
+    if not rows:
+        return ["(no file matches)"]
+    width = max(len(j["path"]) for j in rows)
+    width = min(max(width, 4), 60)
+    out = [f"{'ID':>6}  {'STATE':<10} {'PATH':<{width}}  OUTCOME"]
+    for job in rows:
+        state = "superseded" if job.get("superseded_by") else job["state"]
+        out.append(f"{job['id']:>6}  {state:<10} {job['path']:<{width}}  {_outcome(job)}")
+    return out
+
+
+def _outcome(job: dict[str, Any]) -> str:
+    if job.get("superseded_by"):
+        return f"failed earlier, fixed: job {job['superseded_by']} took over"
+    state = job["state"]
+    if state == "done":
+        return f"{_where(job)} ({job['import_status']})"
+    if state == "failed":
+        return short_reason(job)
+    if state == "uploading":
+        return f"{job['percent'] or 0:.0f}% of {_human(job['size'])}"
+    if state == "importing":
+        return f"import {job['import_status'] or 'pending'}"
+    if state == "queued" and job["error"]:
+        return f"waiting to retry: {short_reason(job)}"
+    return "waiting"
+
+
+def _id(job: dict[str, Any]) -> str:
+    return f"#{job['id']:<4}"
+
+
+#: How long a reason may be on the one-screen view (the full text is in --json and the log).
+_SHORT = 110
+
+
+def short_reason(job: dict[str, Any]) -> str:
+    """A job's error without the advice part and the path it repeats, cut to one line."""
+    text = str(job.get("error") or "")
+    text = text.split(" — ", 1)[0]
+    path = str(job.get("path") or "")
+    for prefix in (f"{path}: ", f"{path.rsplit('/', 1)[-1]}: "):
+        text = text.removeprefix(prefix)
+    text = " ".join(text.split())
+    return text if len(text) <= _SHORT else text[: _SHORT - 1] + "…"
+
+
+#: What a person does about a job that failed with this ``error_kind``.
+_TO_DO = {
+    "empty_file": "write data into the file or remove it (a changed file is taken again)",
+    "file_vanished": "nothing if it was deleted on purpose; else put it back (taken as new)",
+    "file": "make the file readable by the inboxd user, then `inboxd retry {id}`",
+    "import": "check the file (format, plugin) on the server, then `inboxd retry {id}`",
+    "name_clash": "rename the file or set [upload] on_name_clash, then `inboxd retry {id}`",
+    "not_found": "fix the stream in the config (`inboxd check` lists them), then "
+    "`inboxd retry {id}`",
+    "rejected": "read the reason: the server refused the request; fix it, then `inboxd retry {id}`",
+    "auth": "put a valid token in place (/etc/inboxd/token, then `sudo systemctl restart "
+    "inboxd`, or [api] token_file); uploads resume by themselves within 30 s",
+    "held": "nothing: uploads resume by themselves when the service answers; if it lasts, "
+    "check the network and the service",
+    "disk_low": "free space on the inbox's disk",
+}
+
+
+def what_to_do(kind: str, job_id: int | None) -> str:
+    """One sentence: what a person should do about an outcome of this kind."""
+    text = _TO_DO.get(kind, "fix the cause named in the reason, then `inboxd retry {id}`")
+    return text.format(id=job_id if job_id is not None else "ID")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``--since``: "90s", "15m", "2h", "3d", "1w" ago, or a local date/time
+    ("2026-11-20", "2026-11-20 14:30"). Returns Unix time; ValueError with an example."""
+    now = time.time() if now is None else now
+    value = text.strip()
+    if value and value[-1].lower() in _UNITS and value[:-1].replace(".", "", 1).isdigit():
+        return now - float(value[:-1]) * _UNITS[value[-1].lower()]
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise ValueError(
+            f"--since {text!r}: give a time ago such as 30m, 2h or 3d, or a date such as "
+            "2026-11-20 or '2026-11-20 14:30'"
+        ) from None
 
 
 def _where(job: dict[str, Any]) -> str:

@@ -37,6 +37,7 @@ from daemon.errors import (
 )
 from daemon.metrics import Metrics
 from daemon.queue import Job, JobState, Queue, QueueError, Stage
+from daemon.status import what_to_do
 from daemon.targets import Target, Work
 from daemon.upload import FileRef, Resume
 
@@ -323,11 +324,10 @@ class Workers:
         except FileProblem as exc:
             await self._fail(job, str(exc), exc.kind)
         except UploadFailed as exc:
-            log.warning("upload.failed", reason=exc.reason, kind=exc.cause_kind)
             await self._fail(job, exc.reason, exc.cause_kind)
         except AuthError as exc:
             self.pause.pause(str(exc))
-            log.error("upload.paused", reason=str(exc))
+            log.error("upload.paused", reason=str(exc), action=what_to_do("auth", job.id))
             await self.queue.retry_later(job.id, error=str(exc), kind=exc.kind, delay=0.0)
         except (ConflictError, NotFoundError) as exc:
             if isinstance(exc, NotFoundError) and exc.endpoint == "GET /streams":
@@ -425,10 +425,24 @@ class Workers:
         until = time.monotonic() + delay
         if until > self._outage_until:
             self._outage_until = until
-            _log.warning("service.unreachable", hold_seconds=round(delay, 2), error=str(exc))
+            _log.warning(
+                "service.unreachable",
+                hold_seconds=round(delay, 2),
+                reason=str(exc),
+                action=what_to_do("held", None),
+            )
 
     async def _fail(self, job: Job, error: str, kind: str) -> None:
         await self.queue.mark_failed(job.id, error=error, kind=kind)
+        # The one journal line per failure (`journalctl -u inboxd -p warning`).
+        _log.warning(
+            "job.failed",
+            job_id=job.id,
+            path=job.identity.rel,
+            kind=kind,
+            reason=error,
+            action=what_to_do(kind, job.id),
+        )
         if self.metrics is not None:
             self.metrics.failed(kind)
 

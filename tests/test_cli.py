@@ -44,7 +44,7 @@ def test_bad_config_exits_78_with_one_line_per_problem(tmp_path: Path) -> None:
 def test_cross_checks_and_missing_token(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[inbox]\nafter_upload = "archive"\n')
-    result = run("check", "--config", str(cfg), env={"CREDENTIALS_DIRECTORY": ""})
+    result = run("run", "--config", str(cfg), env={"CREDENTIALS_DIRECTORY": ""})
     assert result.returncode == 78
     assert "inbox.after_upload" in result.stderr and "archive_path" in result.stderr
     assert "api.token: no API token configured" in result.stderr
@@ -153,11 +153,17 @@ def test_check_reports_each_step(sandbox: Sandbox, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, sandbox, upload={"stream": "Vehicle Logs"})
     ok = run("check", "--config", str(cfg))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "ok    token accepted (2 stream(s) visible)" in ok.stdout
-    assert "ok    stream 2 ('Vehicle Logs'" in ok.stdout
+    assert f"✓ config {cfg} (--config): valid" in ok.stdout
+    assert f"✓ inbox {tmp_path / 'inbox'}: exists, readable by user" in ok.stdout
+    assert "✓ token: from [api] token" in ok.stdout
+    assert "✓ token accepted (2 stream(s) visible)" in ok.stdout
+    assert "✓ stream 2 ('Vehicle Logs'" in ok.stdout
+    assert "- storage round trip: not tried" in ok.stdout
+    assert "✗" not in ok.stdout
     bad = run("check", "--config", str(cfg), env={"INBOXD_API__TOKEN": "nope-nope"})
     assert bad.returncode == 1
-    assert "FAIL  token accepted by GET /streams" in bad.stdout and "nope-nope" not in bad.stdout
+    assert "✓ token: from INBOXD_API__TOKEN" in bad.stdout
+    assert "✗ token accepted by GET /streams" in bad.stdout and "nope-nope" not in bad.stdout
     cfg2 = write_config(tmp_path, sandbox, upload={"stream": "missing"})
     miss = run("check", "--config", str(cfg2))
     assert miss.returncode == 1
@@ -200,8 +206,9 @@ def test_push_uploads_waits_and_reports_json(sandbox: Sandbox, tmp_path: Path) -
     assert TOKEN not in result.stdout + result.stderr
 
 
-def test_push_refuses_a_taken_name_unless_overwrite(sandbox: Sandbox, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, sandbox)
+def test_push_follows_on_name_clash_unless_overwrite(sandbox: Sandbox, tmp_path: Path) -> None:
+    """push honours [upload] on_name_clash (no silent "fail"); --overwrite replaces."""
+    cfg = write_config(tmp_path, sandbox, upload={"on_name_clash": "fail"})
     write_file(tmp_path / "x.csv", 100)
     assert run("push", "--config", str(cfg), "--no-wait", str(tmp_path / "x.csv")).returncode == 0
     again = run("push", "--config", str(cfg), "--no-wait", str(tmp_path / "x.csv"))
@@ -210,6 +217,11 @@ def test_push_refuses_a_taken_name_unless_overwrite(sandbox: Sandbox, tmp_path: 
     forced = run("push", "--config", str(cfg), "--overwrite", str(tmp_path / "x.csv"))
     assert forced.returncode == 0, forced.stdout
     assert len(sandbox.datasets) == 1
+    renaming = write_config(tmp_path, sandbox)  # the default: rename
+    third = run("push", "--config", str(renaming), "--no-wait", str(tmp_path / "x.csv"))
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "(x (2).csv)" in third.stdout
+    assert sorted(d.path for d in sandbox.datasets.values()) == ["x (2).csv", "x.csv"]
 
 
 def test_demo_runs_end_to_end() -> None:
@@ -222,7 +234,7 @@ def test_status_without_a_database_says_so(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[state]\npath = "{tmp_path / "none.db"}"\n')
     result = inboxd("status", "--config", str(cfg))
-    assert result.returncode == 1
+    assert result.returncode == 66
     assert "no state database" in result.stderr
 
 

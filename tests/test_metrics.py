@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import __version__
+from daemon.errors import ConfigError
 from daemon.metrics import (
     CONTENT_TYPE,
     UPLOAD_DURATION_BUCKETS,
@@ -667,7 +668,7 @@ async def test_port_in_use_fails_before_started(queue: Queue) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         server = make_server(queue=queue, listen=f"127.0.0.1:{port}")
-        with pytest.raises(OSError, match=r"cannot listen for metrics on 127\.0\.0\.1"):
+        with pytest.raises(ConfigError, match=r"cannot listen for metrics on 127\.0\.0\.1"):
             with anyio.fail_after(5):
                 await server.run()
 

@@ -540,11 +540,11 @@ def test_check_reports_the_older_api(sandbox: Sandbox, tmp_path: Path) -> None:
     config = write_config(tmp_path, sandbox, api=MARPLE)
     ok = inboxd("check", "--config", str(config))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "ok    token accepted" in ok.stdout and "files go to /inboxd" in ok.stdout
+    assert "✓ token accepted" in ok.stdout and "files go to /inboxd" in ok.stdout
     bad = inboxd("check", "--config", str(config), env={"INBOXD_API__TOKEN": "nope-nope"})
     assert bad.returncode == 1
-    assert "ok    reach" in bad.stdout  # /version answers without a token
-    assert "FAIL  token accepted by GET /:" in bad.stdout and "nope-nope" not in bad.stdout
+    assert "✓ reach" in bad.stdout  # /version answers without a token
+    assert "✗ token accepted by GET /:" in bad.stdout and "nope-nope" not in bad.stdout
 
 
 # ---- folders made explicitly, a share link per folder, plain http ----------------------------
@@ -683,4 +683,4 @@ async def test_plain_http_to_another_host_is_warned_about(tmp_path: Path) -> Non
     )
     out = inboxd("check", "--config", str(config))
     assert out.returncode == 1  # nothing answers there
-    assert "warn  [api] url http://192.0.2.1:9 is plain http" in out.stdout, out.stdout
+    assert "! [api] url http://192.0.2.1:9 is plain http" in out.stdout, out.stdout

@@ -123,6 +123,13 @@ class SandboxConfig:
             raise ValueError("part_size must be > 0 and the size thresholds >= 0")
         if self.url_ttl <= 0:
             raise ValueError("url_ttl must be > 0")
+        f = self.faults
+        for name in ("api_503_rate", "api_429_rate", "storage_503_rate", "drop_response_rate"):
+            rate = getattr(f, name)
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be a share from 0 to 1, not {rate!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0-65535, not {self.port}")
         if self.part_url_batch_max <= 0:
             raise ValueError("part_url_batch_max must be > 0")
         ids = [s.id for s in self.streams]
@@ -135,6 +142,36 @@ class SandboxConfig:
                 raise ValueError(
                     f"stream {stream.id} uses mode 'azure' but azure_account_url is unset"
                 )
+
+
+def _share(text: str) -> float:
+    """A ``--*-rate`` value: a share of requests, 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a share of requests: give a number from 0 to 1 (0.1 = 10 %)"
+        )
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A duration in seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds, a number of 0 or more")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a port from 0 to 65535 (0 = any free)")
+    return int(text)
 
 
 def _stream_mode(text: str) -> tuple[int, str]:
@@ -169,16 +206,16 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--host", default=d.host, help="address to listen on (default %(default)s)")
     # A fixed default port keeps the printed config snippet valid across restarts.
-    add("--port", type=int, default=8787, help="port, 0 = any free port (default %(default)s)")
+    add("--port", type=_port, default=8787, help="port, 0 = any free port (default %(default)s)")
     add("--data-dir", type=Path, default=None, help="where uploads are kept (default: a temp dir)")
     add("--token", default=d.token, help="the bearer token to accept (default %(default)s)")
     add("--server-max-bytes", type=int, default=d.server_max_bytes, help="largest 'server' file")
     add("--single-max-bytes", type=int, default=d.single_max_bytes, help="largest 'single' file")
     add("--part-size", type=int, default=d.part_size, help="multipart part size in bytes")
     add("--url-ttl", type=float, default=d.url_ttl, help="signed URL lifetime in seconds")
-    add("--import-seconds", type=float, default=d.import_seconds, help="simulated import time")
-    add("--api-503-rate", type=float, default=f.api_503_rate, help="share of API calls -> 503")
-    add("--api-429-rate", type=float, default=f.api_429_rate, help="share of API calls -> 429")
+    add("--import-seconds", type=_seconds, default=d.import_seconds, help="simulated import time")
+    add("--api-503-rate", type=_share, default=f.api_503_rate, help="share of API calls -> 503")
+    add("--api-429-rate", type=_share, default=f.api_429_rate, help="share of API calls -> 429")
     add(
         "--retry-after",
         type=_whole_seconds,
@@ -187,17 +224,17 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
         help="Retry-After on faulted 429/503, in whole seconds (HTTP allows no fractions: "
         "0.5 is refused, not rounded)",
     )
-    add("--storage-503-rate", type=float, default=f.storage_503_rate, help="storage PUTs -> 503")
+    add("--storage-503-rate", type=_share, default=f.storage_503_rate, help="storage PUTs -> 503")
     add("--storage-fail-always", action="store_true", help="every storage PUT answers 500")
     add(
         "--drop-response-rate",
-        type=float,
+        type=_share,
         default=f.drop_response_rate,
         help="share of API calls processed but whose response is cut off",
     )
     add(
         "--storage-delay-per-mib",
-        type=float,
+        type=_seconds,
         default=f.storage_delay_per_mib,
         help="seconds slept per MiB received by storage",
     )

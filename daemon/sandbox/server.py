@@ -95,15 +95,20 @@ def running_sandbox(config: SandboxConfig) -> Iterator[Sandbox]:
 
 
 def ready_message(sb: Sandbox) -> str:
-    """A config snippet, ready to paste, pointing inboxd at this sandbox."""
+    """What the sandbox serves, and a config snippet for each of inboxd's three services."""
+    from daemon.sandbox.dataservice import url_of
+
     stream = sb.config.streams[0].id if sb.config.streams else 1
+    ds = sb.data_service.config
     tls = (
-        "# served over HTTPS: set ca_file to the CA that signed --tls-cert\n"
+        "# served over HTTPS: set [api] ca_file to the CA that signed --tls-cert\n"
         if sb.config.tls_certfile is not None
         else ""
     )
     return (
-        f"# inboxd sandbox at {sb.url}; data in {sb.config.data_dir}\n"
+        f"# inboxd sandbox at {sb.origin}; data in {sb.config.data_dir}\n"
+        "# It serves all three services inboxd delivers to; the config below is for Marple DB.\n"
+        "# For another, use the commented block instead. Check it: inboxd check --config FILE\n"
         f"{tls}"
         "[api]\n"
         f'url = "{sb.url}"\n'
@@ -111,6 +116,13 @@ def ready_message(sb: Sandbox) -> str:
         "\n"
         "[upload]\n"
         f"stream = {stream}\n"
+        "\n# The older Marple API (library upload + import):\n"
+        f'# [api]\n# kind = "marple"\n# url = "{sb.url}"\n# token = "{sb.config.token}"\n'
+        "\n# The spreadsheet data service (OAuth 1.0):\n"
+        f'# [api]\n# kind = "data-service"\n# url = "{url_of(sb.origin)}"\n'
+        f'# [data_service]\n# consumer_key = "{ds.consumer_key}"\n'
+        f'# consumer_secret = "{ds.consumer_secret}"\n# token = "{ds.token}"\n'
+        f'# token_secret = "{ds.token_secret}"\n'
     )
 
 

@@ -647,6 +647,9 @@ def test_token_never_leaks_end_to_end(tmp_path: Path) -> None:
             tmp_path / "creds.toml",
             {
                 "api": {"url": sb.url, "timeout": 5.0},
+                # check also checks the folders `run` needs: give it this test's inbox
+                "inbox": {"path": str(tmp_path / "inbox")},
+                "state": {"path": str(tmp_path / "check-state" / "state.db")},
                 "upload": {"stream": 1},
                 "log": {"format": "json", "level": "debug"},
             },
@@ -679,7 +682,8 @@ def test_token_never_leaks_end_to_end(tmp_path: Path) -> None:
         assert results["check"].returncode == 0, outputs["check"]
         assert results["check (wrong token)"].returncode == 1
         assert "403" in results["check (wrong token)"].stdout
-        assert results["push (missing, empty)"].returncode == 1
+        # A missing FILE is refused before anything is sent (66, EX_NOINPUT).
+        assert results["push (missing, empty)"].returncode == 66
         # The first file is refused (400); the second loses answers and gets through anyway.
         sb.faults.fail_next = {
             "POST /ingestion": [400],
@@ -1084,7 +1088,7 @@ async def test_tls_verification_is_on_by_default(
         check = await anyio.to_thread.run_sync(lambda: run_cli("check", "--config", str(cfg)))
         assert check.returncode == 1, check.stdout + check.stderr
         assert "Traceback" not in check.stdout + check.stderr
-        assert "FAIL  reach" in check.stdout and "certificate verify failed" in check.stdout
+        assert "✗ reach" in check.stdout and "certificate verify failed" in check.stdout
         # The daemon treats it as a network problem of the job: retried, with the reason shown.
         config = write_config(tmp_path, sb, api={"token": token})
         write_file(tmp_path / "inbox" / "a.csv", 1000)
