@@ -40,7 +40,6 @@ is capped too: a decompression bomb is refused, not inflated).
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import json
 import math
@@ -85,6 +84,7 @@ from daemon.errors import (
     TransportError,
     UrlExpiredError,
 )
+from daemon.retry import parse_retry_after
 
 # 2 MiB: larger chunks cost fewer event-loop turns per byte; memory stays at
 # part_concurrency x chunk (8 MiB by default) whatever the file or part size.
@@ -310,18 +310,8 @@ def _open_for_read(path: Path, inode: int | None, min_size: int | None) -> int:
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    """The answer's ``Retry-After``, parsed once (see ``daemon.retry.parse_retry_after``)."""
+    return parse_retry_after(headers.get("retry-after"))
 
 
 def redact_url(url: str) -> str:
@@ -535,7 +525,15 @@ class MarpleClient:
             payload["plugin_args"] = plugin_args
         ep = "POST /ingestion"
         body = await self._call("POST", "/ingestion", endpoint=ep, json_body=payload)
-        return _parse(_INGESTION, body, ep)
+        try:
+            return _parse(_INGESTION, body, ep)
+        except ProtocolError as exc:
+            # The server may have created an ingestion all the same: name it, so the caller
+            # can abort it instead of leaving it open.
+            named = body.get("ingestion_id") if isinstance(body, dict) else None
+            if isinstance(named, int) and not isinstance(named, bool):
+                exc.ingestion_id = named
+            raise
 
     async def upload_server(
         self,

@@ -1127,6 +1127,20 @@ class Queue:
         )
         self._expect_job(changed, job_id)
 
+    async def release_backoffs(self, kinds: Sequence[str]) -> int:
+        """Make QUEUED jobs that wait out a backoff for one of these error ``kinds`` due now.
+
+        After an outage: the service answers again, so the jobs it held back need not wait
+        out the rest of their backoff. Returns how many jobs were made due.
+        """
+        now = time.time()
+        marks = ", ".join("?" for _ in kinds)
+        return await self._execute(
+            f"UPDATE jobs SET next_attempt_at = ?, updated_at = ? WHERE state = 'queued'"
+            f" AND next_attempt_at > ? AND error_kind IN ({marks})",
+            (now, now, now, *kinds),
+        )
+
     async def mark_failed(self, job_id: int, *, error: str, kind: str) -> None:
         """FAILED for good (until ``requeue``); its parts are dropped."""
         now = time.time()

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -59,7 +60,8 @@ class Faults:
 
     api_503_rate: float = 0.0
     api_429_rate: float = 0.0
-    retry_after: float | None = None
+    #: seconds, or a string sent verbatim as the header (an HTTP date, "inf", garbage)
+    retry_after: float | str | None = None
     storage_503_rate: float = 0.0
     storage_fail_always: bool = False
     drop_response_rate: float = 0.0
@@ -67,6 +69,10 @@ class Faults:
     fail_import_glob: str | None = None
     seed: int | None = None
     fail_next: dict[str, list[int]] = field(default_factory=dict)
+    #: a route key ("POST /ingestion") → fields changed in every successful JSON answer of
+    #: that route (None removes the field): protocol nonsense such as a create answer
+    #: without ``dataset_id``, an unknown ``mode`` or an absurd ``part_size``
+    mangle: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
