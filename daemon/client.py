@@ -193,6 +193,9 @@ class FileSlice:
     #: awaited with each chunk's size before it is sent (the shared bandwidth limit)
     throttle: Throttle | None = None
     chunk_size: int = CHUNK_SIZE
+    #: the version read must still be this one once its last byte is read (mtime and ctime,
+    #: in ns): a rewrite during the read raises FileChangedError instead of mixing versions
+    pinned: tuple[int, int] | None = None
 
     async def chunks(self, progress: Progress | None = None) -> AsyncIterator[bytes]:
         """Yield the slice chunk by chunk; memory use is one chunk whatever the length."""
@@ -219,6 +222,8 @@ class FileSlice:
                         "it was truncated while being uploaded"
                     )
                 pos += len(data)
+                if pos >= end and self.pinned is not None:
+                    _check_pinned(fd, self.path, self.pinned)
                 if self.throttle is not None:
                     await self.throttle(len(data))
                 if progress is not None:
@@ -226,6 +231,19 @@ class FileSlice:
                 yield data
         finally:
             os.close(fd)
+
+
+def _check_pinned(fd: int, path: Path, pinned: tuple[int, int]) -> None:
+    """Raise FileChangedError unless the open file still has the pinned mtime and ctime.
+
+    Checked after the last byte of a slice is read and before it is sent: every byte read
+    came from one version only if nothing wrote to the file before this moment (a write
+    moves the ctime even when a tool restores the mtime afterwards).
+    """
+    st = os.fstat(fd)
+    mtime_ns, ctime_ns = pinned
+    if st.st_mtime_ns != mtime_ns or (ctime_ns and st.st_ctime_ns != ctime_ns):
+        raise FileChangedError(f"{path.name}: the file was written to while it was being read")
 
 
 def multipart_file_body(

@@ -123,6 +123,8 @@ class FileRef:
     size: int
     mtime_ns: int
     inode: int
+    #: 0 = unknown (a job queued before ctime was recorded): not compared
+    ctime_ns: int = 0
 
     @classmethod
     def stat(cls, path: Path) -> FileRef:
@@ -139,12 +141,22 @@ class FileRef:
             raise FileProblem(
                 f"{path.name}: not a regular file", advice="only plain files are uploaded"
             )
-        return cls(path, st.st_size, st.st_mtime_ns, st.st_ino)
+        return cls(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
     def check_unchanged(self) -> None:
-        """Raise FileChangedError unless the path still names this very file, unmodified."""
+        """Raise FileChangedError unless the path still names this very file, unmodified.
+
+        The ctime is compared too (when known): a rewrite that restores the mtime (``rsync
+        --inplace -t``, ``touch -r``) still moves it.
+        """
         now = FileRef.stat(self.path)
-        if (now.size, now.mtime_ns, now.inode) != (self.size, self.mtime_ns, self.inode):
+        same = (now.size, now.mtime_ns, now.inode) == (self.size, self.mtime_ns, self.inode)
+        if same and self.ctime_ns and now.ctime_ns != self.ctime_ns:
+            raise FileChangedError(
+                f"{self.path.name}: was rewritten in place (its change time moved, the "
+                "modification time was restored)"
+            )
+        if not same:
             raise FileChangedError(
                 f"{self.path.name}: was {self.size} bytes (inode {self.inode}), now "
                 f"{now.size} bytes (inode {now.inode}) with another modification time"
@@ -277,15 +289,30 @@ class _Flow:
                 advice="split the file",
             )
         self.req.file.check_unchanged()
+        # Resumed (not created in this run) on an ingestion that was uploading: the server
+        # may be further along than the journal says.
+        resumed_upload = (
+            self.state.stage == "uploading"
+            and self.state.ingestion_id is not None
+            and self.state.dataset_id is not None
+        )
         if self.state.ingestion_id is None or self.state.stage in ("new", "creating"):
             done = await self._create()
             if done is not None:
                 return done
         try:
-            if self.state.stage == "uploading":
+            if resumed_upload and await self._server_has_it():
+                # Resumed on an ingestion the server already completed: the journal lost
+                # that (a power cut may drop the last commits). Never upload or abort it again.
+                self.log.info("ingestion.found_completed", ingestion_id=self.state.ingestion_id)
+                recovered = True
+            elif self.state.stage == "uploading":
                 await self._upload()
+                # After the last byte was read and before complete: the bytes sent are one
+                # whole version only if the file is still exactly the one pinned.
                 self.req.file.check_unchanged()
-            if self.state.stage in ("uploading", "completing"):
+                recovered = await self._complete()
+            elif self.state.stage == "completing":
                 recovered = await self._complete()
             else:
                 recovered = True
@@ -493,6 +520,7 @@ class _Flow:
             min_size=f.size,
             throttle=self.opts.throttle,
             chunk_size=self.opts.chunk_size,
+            pinned=(f.mtime_ns, f.ctime_ns),
         )
 
     async def _server_upload(self) -> None:

@@ -289,7 +289,7 @@ class Workers:
                 await self._fail(job, f"{ident.rel}: the symlink points outside the inbox", "file")
                 return
             path = real
-        ref = FileRef(path, ident.size, ident.mtime_ns, ident.inode)
+        ref = FileRef(path, ident.size, ident.mtime_ns, ident.inode, ident.ctime_ns)
         resume = Resume(
             stage=job.stage.value if job.stage.value != "completed" else "completing",
             ingestion_id=job.ingestion_id,
