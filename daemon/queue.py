@@ -142,8 +142,10 @@ class FileIdentity:
     mtime_ns: int
     inode: int
     #: the inode's change time: a rewrite that restores the mtime still moves it. 0 = unknown
-    #: (jobs queued before schema v3): then it matches any ctime.
-    ctime_ns: int = 0
+    #: (jobs queued before schema v3): then it matches any ctime. Part of the identity in the
+    #: database (its unique index, the ledger, the upload key), not of ``==``: 0 there means
+    #: "unknown", which must not make two sightings of one file unequal.
+    ctime_ns: int = field(default=0, compare=False)
 
     def upload_key(self) -> str:
         """The key that tags what this version makes on the server (``inboxd_upload_id``).

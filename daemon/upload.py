@@ -714,6 +714,12 @@ class _Flow:
     async def _refused_complete(self, exc: RejectedError) -> None:
         """``complete`` got a 4xx: returns if the upload completed after all, else raises
         UploadFailed, having aborted the ingestion unless the server already ended it."""
+        if exc.status is not None and exc.status < 400:
+            # A 2xx whose body says it failed: the server itself reports the outcome.
+            raise UploadFailed(
+                f"the server refused to complete the upload: {exc.detail}",
+                cause_kind="size_mismatch",
+            ) from exc
         try:
             if await self._server_has_it():
                 return
