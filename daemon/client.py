@@ -40,7 +40,6 @@ is capped too: a decompression bomb is refused, not inflated).
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import json
 import math
@@ -87,6 +86,7 @@ from daemon.errors import (
     TransportError,
     UrlExpiredError,
 )
+from daemon.retry import parse_retry_after
 
 # 2 MiB: larger chunks cost fewer event-loop turns per byte; memory stays at
 # part_concurrency x chunk (8 MiB by default) whatever the file or part size.
@@ -222,6 +222,9 @@ class FileSlice:
     #: awaited with each chunk's size before it is sent (the shared bandwidth limit)
     throttle: Throttle | None = None
     chunk_size: int = CHUNK_SIZE
+    #: the version read must still be this one once its last byte is read (mtime and ctime,
+    #: in ns): a rewrite during the read raises FileChangedError instead of mixing versions
+    pinned: tuple[int, int] | None = None
 
     async def chunks(self, progress: Progress | None = None) -> AsyncIterator[bytes]:
         """Yield the slice chunk by chunk; memory use is one chunk whatever the length."""
@@ -248,6 +251,8 @@ class FileSlice:
                         "it was truncated while being uploaded"
                     )
                 pos += len(data)
+                if pos >= end and self.pinned is not None:
+                    _check_pinned(fd, self.path, self.pinned)
                 if self.throttle is not None:
                     await self.throttle(len(data))
                 if progress is not None:
@@ -255,6 +260,19 @@ class FileSlice:
                 yield data
         finally:
             os.close(fd)
+
+
+def _check_pinned(fd: int, path: Path, pinned: tuple[int, int]) -> None:
+    """Raise FileChangedError unless the open file still has the pinned mtime and ctime.
+
+    Checked after the last byte of a slice is read and before it is sent: every byte read
+    came from one version only if nothing wrote to the file before this moment (a write
+    moves the ctime even when a tool restores the mtime afterwards).
+    """
+    st = os.fstat(fd)
+    mtime_ns, ctime_ns = pinned
+    if st.st_mtime_ns != mtime_ns or (ctime_ns and st.st_ctime_ns != ctime_ns):
+        raise FileChangedError(f"{path.name}: the file was written to while it was being read")
 
 
 def multipart_file_body(
@@ -339,18 +357,8 @@ def _open_for_read(path: Path, inode: int | None, min_size: int | None) -> int:
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    """The answer's ``Retry-After``, parsed once (see ``daemon.retry.parse_retry_after``)."""
+    return parse_retry_after(headers.get("retry-after"))
 
 
 def redact_url(url: str) -> str:
@@ -564,7 +572,15 @@ class MarpleClient:
             payload["plugin_args"] = plugin_args
         ep = "POST /ingestion"
         body = await self._call("POST", "/ingestion", endpoint=ep, json_body=payload)
-        return _parse(_INGESTION, body, ep)
+        try:
+            return _parse(_INGESTION, body, ep)
+        except ProtocolError as exc:
+            # The server may have created an ingestion all the same: name it, so the caller
+            # can abort it instead of leaving it open.
+            named = body.get("ingestion_id") if isinstance(body, dict) else None
+            if isinstance(named, int) and not isinstance(named, bool):
+                exc.ingestion_id = named
+            raise
 
     async def upload_server(
         self,

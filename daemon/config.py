@@ -219,6 +219,11 @@ class RetrySettings(_Section):
     cap_seconds: float = Field(default=60.0, gt=0)
     # How long a job waits before its next try after a step ran out of attempts.
     job_backoff_cap_seconds: float = Field(default=900.0, gt=0)
+    # The longest wait a server's Retry-After can impose (on a request, or on every worker).
+    max_retry_after_seconds: float = Field(default=300.0, gt=0)
+    # While every worker is held back (the service did not answer), ask it this often
+    # whether it is back (the target's cheap check); the first success ends the hold.
+    probe_seconds: float = Field(default=3.0, gt=0)
 
 
 class InboxSettings(_Section):

@@ -74,7 +74,12 @@ class Disposal:
         except FileNotFoundError:
             log.info("after_upload.gone")
             return "gone"
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != (ident.size, ident.mtime_ns, ident.inode):
+        rewritten = bool(ident.ctime_ns) and st.st_ctime_ns != ident.ctime_ns
+        if rewritten or (st.st_size, st.st_mtime_ns, st.st_ino) != (
+            ident.size,
+            ident.mtime_ns,
+            ident.inode,
+        ):
             log.warning(
                 "after_upload.changed", reason="file changed since its upload; left in place"
             )

@@ -192,6 +192,8 @@ class ProtocolError(ApiError):
 
     retryable = True
     kind = "protocol"
+    #: an ingestion the unusable answer still named (``POST /ingestion``): abort it
+    ingestion_id: int | None = None
 
 
 class TransportError(InboxdError):

@@ -20,6 +20,7 @@ import structlog
 from daemon.errors import AuthError, InboxdError
 from daemon.metrics import Metrics
 from daemon.queue import ImportRecord, Job, Queue, QueueError
+from daemon.retry import ServiceHold
 from daemon.status import what_to_do
 from daemon.targets import ImportUpdate, Target
 
@@ -40,8 +41,11 @@ class Poller:
         interval: float = 2.0,
         batch_size: int = 100,
         metrics: Metrics | None = None,
+        hold: ServiceHold | None = None,
     ) -> None:
         self.metrics = metrics
+        #: the workers' outage hold: no polling while the service does not answer
+        self.hold = hold
         self.queue = queue
         self.target = target
         self.interval = interval
@@ -59,6 +63,8 @@ class Poller:
         task_status.started()
         streak = 0  # passes in a row that failed unexpectedly
         while True:
+            if self.hold is not None:
+                await self.hold.wait()
             if await self._pass_failed_unexpectedly():
                 streak += 1
                 pause = min(self.interval * 2 ** min(streak, 20), max(self.interval, MAX_BACKOFF))

@@ -33,14 +33,17 @@ starting over.
 
 Schema (``PRAGMA user_version`` = number of migrations applied, see ``MIGRATIONS``)::
 
-    jobs(id INTEGER PRIMARY KEY AUTOINCREMENT, rel BLOB, size, mtime_ns, inode, state, stage,
+    jobs(id INTEGER PRIMARY KEY AUTOINCREMENT, rel BLOB, size, mtime_ns, inode, ctime_ns,
+         state, stage,
          stream_id, dataset_name, metadata JSON, upload_key, ingestion_id, dataset_id, mode,
          part_size, bytes_sent, attempts, next_attempt_at, last_error, error_kind,
          import_status, import_progress, import_message, fell_back, after_upload,
          created_at, updated_at, started_at, uploaded_at, finished_at,
-         lease_owner, lease_expires_at)                UNIQUE(rel, size, mtime_ns, inode)
-    parts(job_id → jobs ON DELETE CASCADE, part_number)   PRIMARY KEY(job_id, part_number)
-    ledger(rel, size, mtime_ns, inode, dataset_id, finished_at)   files done, jobs pruned
+         lease_owner, lease_expires_at, target, target_refs, content_hash)
+                                              UNIQUE(rel, size, mtime_ns, inode, ctime_ns)
+    parts(job_id → jobs ON DELETE CASCADE, part_number, digest)  PK(job_id, part_number)
+    ledger(rel, size, mtime_ns, inode, ctime_ns, dataset_id, finished_at, content_hash)
+                                              files done, jobs pruned
     daemon(id = 1, pid, started_at, heartbeat_at, info JSON)     liveness for ``status``
     settling(rel BLOB PRIMARY KEY, size, since)                  files the watcher waits on
 
@@ -56,12 +59,12 @@ their two's-complement negative (SQLite integers are signed 64-bit) and converte
 from __future__ import annotations
 
 import errno
+import hashlib
 import heapq
 import json
 import os
 import sqlite3
 import time
-import uuid
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -138,6 +141,26 @@ class FileIdentity:
     size: int
     mtime_ns: int
     inode: int
+    #: the inode's change time: a rewrite that restores the mtime still moves it. 0 = unknown
+    #: (jobs queued before schema v3): then it matches any ctime. Part of the identity in the
+    #: database (its unique index, the ledger, the upload key), not of ``==``: 0 there means
+    #: "unknown", which must not make two sightings of one file unequal.
+    ctime_ns: int = field(default=0, compare=False)
+
+    def upload_key(self) -> str:
+        """The key that tags what this version makes on the server (``inboxd_upload_id``).
+
+        Derived from the identity, not drawn at random: a job re-enqueued after its row was
+        lost (a power cut dropping the WAL's last commits, or all of it) gets the same key, so
+        the dataset its lost attempt made is recognised as its own and taken over or found
+        done, never duplicated as ``name (2)``. Two versions never share a key: each differs
+        in size, mtime, ctime or inode.
+        """
+        text = f"{self.size}:{self.mtime_ns}:{self.ctime_ns}:{self.inode}:"
+        digest = hashlib.blake2b(
+            os.fsencode(self.rel) + b"\0" + text.encode(), digest_size=16, person=b"inboxd-key-v3"
+        )
+        return digest.hexdigest()
 
 
 class JobState(StrEnum):
@@ -183,7 +206,7 @@ class Job:
     stream_id: int
     dataset_name: str
     metadata: dict[str, Any]
-    upload_key: str  # uuid4 hex; tags the dataset so a lost create POST can be recognised
+    upload_key: str  # FileIdentity.upload_key(); tags the dataset (a lost create is recognised)
     ingestion_id: int | None
     dataset_id: int | None
     mode: str | None
@@ -208,6 +231,8 @@ class Job:
     target: str = "marple-db"
     #: the target service's own identifiers (source id, share link, data source link)
     target_refs: dict[str, Any] = field(default_factory=dict)
+    #: hash of the bytes delivered (``daemon.upload.ContentHash`` text), once uploaded
+    content_hash: str | None = None
     #: how many other jobs (any state) had the same path when ``claim`` took this one; None
     #: when not counted. 0 spares the worker a look at the path's history.
     same_path_jobs: int | None = None
@@ -400,7 +425,47 @@ async def _migrate_v2(db: aiosqlite.Connection) -> None:
     await db.execute("ALTER TABLE jobs ADD COLUMN target_refs TEXT NOT NULL DEFAULT '{}'")
 
 
-MIGRATIONS: list[Migration] = [_migrate_v1, _migrate_v2]
+async def _migrate_v3(db: aiosqlite.Connection) -> None:
+    """v2 → v3: ctime joins the file identity; delivered content is remembered.
+
+    ``ctime_ns`` (jobs and ledger; 0 = unknown, for rows from before) makes an in-place
+    rewrite that restores the mtime a new version. ``content_hash`` is the hash of the bytes
+    a job delivered (see ``daemon.upload``), ``parts.digest`` the hash of each stored part
+    while the upload is in flight, so a delivered file that later grows by appending is
+    recognised by its unchanged prefix.
+    """
+    await db.execute("ALTER TABLE jobs ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0")
+    await db.execute("ALTER TABLE jobs ADD COLUMN content_hash TEXT")
+    await db.execute("DROP INDEX jobs_identity")
+    await db.execute(
+        "CREATE UNIQUE INDEX jobs_identity ON jobs(rel, size, mtime_ns, inode, ctime_ns)"
+    )
+    await db.execute("ALTER TABLE parts ADD COLUMN digest BLOB")
+    # The ledger's key is the identity: rebuilt with the ctime in it.
+    await db.execute(
+        """
+        CREATE TABLE ledger_v3 (
+            rel BLOB NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            inode INTEGER NOT NULL,
+            ctime_ns INTEGER NOT NULL,
+            dataset_id INTEGER,
+            finished_at REAL NOT NULL,
+            content_hash TEXT,
+            PRIMARY KEY (rel, size, mtime_ns, inode, ctime_ns)
+        ) WITHOUT ROWID
+        """
+    )
+    await db.execute(
+        "INSERT INTO ledger_v3 (rel, size, mtime_ns, inode, ctime_ns, dataset_id, finished_at)"
+        " SELECT rel, size, mtime_ns, inode, 0, dataset_id, finished_at FROM ledger"
+    )
+    await db.execute("DROP TABLE ledger")
+    await db.execute("ALTER TABLE ledger_v3 RENAME TO ledger")
+
+
+MIGRATIONS: list[Migration] = [_migrate_v1, _migrate_v2, _migrate_v3]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +476,7 @@ _JOB_COLUMNS: Final = (
     " ingestion_id, dataset_id, mode, part_size, bytes_sent, attempts, next_attempt_at,"
     " last_error, error_kind, import_status, import_progress, import_message, fell_back,"
     " after_upload, created_at, updated_at, started_at, uploaded_at, finished_at,"
-    " lease_owner, lease_expires_at, target, target_refs"
+    " lease_owner, lease_expires_at, target, target_refs, ctime_ns, content_hash"
 )
 
 _INODE_WRAP: Final = 1 << 64
@@ -435,6 +500,7 @@ def _job_from_row(row: sqlite3.Row) -> Job:
             size=row["size"],
             mtime_ns=row["mtime_ns"],
             inode=_inode_from_db(row["inode"]),
+            ctime_ns=row["ctime_ns"],
         ),
         state=JobState(row["state"]),
         stage=Stage(row["stage"]),
@@ -465,6 +531,7 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         lease_expires_at=row["lease_expires_at"],
         target=row["target"],
         target_refs=json.loads(row["target_refs"]),
+        content_hash=row["content_hash"],
         # sqlite3.Row: `in row` would search the values, not the column names
         same_path_jobs=row["same_path_jobs"] if "same_path_jobs" in row.keys() else None,  # noqa: SIM118
     )
@@ -778,7 +845,7 @@ class Queue:
             "CREATE TEMP TABLE IF NOT EXISTS enqueue_batch ("
             " seq INTEGER PRIMARY KEY, rel BLOB, size INTEGER, mtime_ns INTEGER,"
             " inode INTEGER, stream_id INTEGER, dataset_name TEXT, metadata TEXT,"
-            " upload_key TEXT, target TEXT)"
+            " upload_key TEXT, target TEXT, ctime_ns INTEGER)"
         )
 
     async def _user_version(self) -> int:
@@ -959,29 +1026,35 @@ class Queue:
                 item.stream_id,
                 item.dataset_name,
                 json.dumps(item.metadata, separators=(",", ":")),
-                uuid.uuid4().hex,
+                item.identity.upload_key(),
                 item.target,
+                item.identity.ctime_ns,
             )
             for seq, item in enumerate(items)
         ]
         async with self._write() as db:
             await db.execute("DELETE FROM temp.enqueue_batch")
             await db.executemany(
-                "INSERT INTO temp.enqueue_batch VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+                "INSERT INTO temp.enqueue_batch VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
             )
             max_before = next(iter(await db.execute_fetchall("SELECT max(id) FROM jobs")))[0]
             # ORDER BY seq: ids follow the batch order, so "newer" below means "later".
             inserted = await db.execute_fetchall(
-                "INSERT INTO jobs (rel, size, mtime_ns, inode, state, stage, stream_id,"
-                " dataset_name, metadata, upload_key, target, next_attempt_at, created_at,"
-                " updated_at)"
-                " SELECT b.rel, b.size, b.mtime_ns, b.inode, 'queued', 'new', b.stream_id,"
-                " b.dataset_name, b.metadata, b.upload_key, b.target, :now, :now, :now"
-                " FROM temp.enqueue_batch AS b"
+                "INSERT INTO jobs (rel, size, mtime_ns, inode, ctime_ns, state, stage,"
+                " stream_id, dataset_name, metadata, upload_key, target, next_attempt_at,"
+                " created_at, updated_at)"
+                " SELECT b.rel, b.size, b.mtime_ns, b.inode, b.ctime_ns, 'queued', 'new',"
+                " b.stream_id, b.dataset_name, b.metadata, b.upload_key, b.target, :now, :now,"
+                " :now FROM temp.enqueue_batch AS b"
+                # A stored ctime of 0 (from before schema v3) matches any ctime.
                 " WHERE NOT EXISTS (SELECT 1 FROM ledger AS l WHERE l.rel = b.rel"
-                "   AND l.size = b.size AND l.mtime_ns = b.mtime_ns AND l.inode = b.inode)"
+                "   AND l.size = b.size AND l.mtime_ns = b.mtime_ns AND l.inode = b.inode"
+                "   AND l.ctime_ns IN (b.ctime_ns, 0))"
+                " AND NOT EXISTS (SELECT 1 FROM jobs AS j WHERE j.rel = b.rel"
+                "   AND j.size = b.size AND j.mtime_ns = b.mtime_ns AND j.inode = b.inode"
+                "   AND j.ctime_ns = 0)"
                 " ORDER BY b.seq"
-                " ON CONFLICT (rel, size, mtime_ns, inode) DO NOTHING"
+                " ON CONFLICT (rel, size, mtime_ns, inode, ctime_ns) DO NOTHING"
                 " RETURNING id",
                 {"now": now},
             )
@@ -1135,6 +1208,20 @@ class Queue:
             (now + delay, error, kind, now, job_id),
         )
         self._expect_job(changed, job_id)
+
+    async def release_backoffs(self, kinds: Sequence[str]) -> int:
+        """Make QUEUED jobs that wait out a backoff for one of these error ``kinds`` due now.
+
+        After an outage: the service answers again, so the jobs it held back need not wait
+        out the rest of their backoff. Returns how many jobs were made due.
+        """
+        now = time.time()
+        marks = ", ".join("?" for _ in kinds)
+        return await self._execute(
+            f"UPDATE jobs SET next_attempt_at = ?, updated_at = ? WHERE state = 'queued'"
+            f" AND next_attempt_at > ? AND error_kind IN ({marks})",
+            (now, now, now, *kinds),
+        )
 
     async def mark_failed(self, job_id: int, *, error: str, kind: str) -> None:
         """FAILED for good (until ``requeue``); its parts are dropped."""
@@ -1337,8 +1424,10 @@ class Queue:
         )
         async with self._write() as db:
             await db.execute(
-                "INSERT INTO ledger (rel, size, mtime_ns, inode, dataset_id, finished_at)"
-                " SELECT rel, size, mtime_ns, inode, dataset_id, finished_at FROM jobs"
+                "INSERT INTO ledger (rel, size, mtime_ns, inode, ctime_ns, dataset_id,"
+                " finished_at, content_hash)"
+                " SELECT rel, size, mtime_ns, inode, ctime_ns, dataset_id, finished_at,"
+                " content_hash FROM jobs"
                 f" WHERE state = 'done' AND {prunable}"
                 " ON CONFLICT DO NOTHING",
                 {"cutoff": cutoff},

@@ -2,23 +2,74 @@
 
 Steps are retried, not whole jobs: each call site wraps exactly one request whose repetition
 is known to be safe (see the table in ``daemon.client``).
+
+Every wait a server can ask for goes through two functions here: :func:`parse_retry_after`
+reads the header once, whatever it holds (seconds, an HTTP date, garbage, ``inf``, a date in
+year 9999), and :meth:`RetryPolicy.server_wait` bounds the result by ``max_retry_after``
+(``[retry] max_retry_after_seconds``, 300 s by default): the one cap for single requests and
+for the hold of every worker alike.
 """
 
 from __future__ import annotations
 
+import email.utils
+import math
 import random
+import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC
 from typing import TypeVar
 
 import anyio
 import structlog
 
 from daemon.config import RetrySettings
-from daemon.errors import InboxdError
+from daemon.errors import InboxdError, RateLimitedError, TransportError
 
 T = TypeVar("T")
 _log = structlog.get_logger(__name__)
+
+#: A parsed ``Retry-After`` never exceeds this (a day); the policy's cap then applies. Keeps
+#: every consumer's arithmetic finite, even one that does not know the policy.
+RETRY_AFTER_CEILING = 86400.0
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for: finite, in [0, RETRY_AFTER_CEILING].
+
+    Delta-seconds (``"120"``, also ``"1.5"``) or an HTTP date (``"Fri, 31 Dec 9999 23:59:59
+    GMT"``); negative values and dates in the past mean 0; ``inf`` and far-future dates mean
+    the ceiling; NaN, empty or unreadable values mean None (no server-requested wait).
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    seconds: float | None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = _http_date_delta(text, time.time() if now is None else now)
+    if seconds is None or math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CEILING)
+
+
+def _http_date_delta(text: str, now: float) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        # RFC 9110: HTTP dates are GMT; a date without a zone is read as such.
+        when = when.replace(tzinfo=UTC)
+    try:
+        return when.timestamp() - now
+    except (OverflowError, OSError, ValueError):
+        return RETRY_AFTER_CEILING
 
 
 @dataclass(frozen=True)
@@ -34,7 +85,16 @@ class RetryPolicy:
     @classmethod
     def from_settings(cls, r: RetrySettings) -> RetryPolicy:
         """The per-step policy of a ``[retry]`` section."""
-        return cls(attempts=r.attempts, base=r.base_seconds, cap=r.cap_seconds)
+        return cls(
+            attempts=r.attempts,
+            base=r.base_seconds,
+            cap=r.cap_seconds,
+            max_retry_after=r.max_retry_after_seconds,
+        )
+
+    def server_wait(self, retry_after: float | None) -> float:
+        """The wait a server asked for, bounded: 0 without one, at most ``max_retry_after``."""
+        return bounded_wait(retry_after, self.max_retry_after)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before try ``attempt + 1`` (``attempt`` counts from 1).
@@ -43,10 +103,14 @@ class RetryPolicy:
         together; a server's ``Retry-After`` is a floor, itself bounded by ``max_retry_after``.
         """
         ceiling = min(self.cap, self.base * (2 ** max(attempt - 1, 0)))
-        wait = random.uniform(0, ceiling)
-        if retry_after is not None and retry_after > 0:
-            wait = max(wait, min(retry_after, self.max_retry_after))
-        return wait
+        return max(random.uniform(0, ceiling), self.server_wait(retry_after))
+
+
+def bounded_wait(retry_after: float | None, cap: float) -> float:
+    """``retry_after`` within [0, ``cap``]; 0 when there is none (or it is NaN)."""
+    if retry_after is None or not retry_after > 0:
+        return 0.0
+    return min(retry_after, cap)
 
 
 def retry_after_of(exc: BaseException) -> float | None:
@@ -59,6 +123,92 @@ def retry_after_of(exc: BaseException) -> float | None:
 OnRetry = Callable[[str], None]
 
 
+def is_service_trouble(exc: BaseException) -> bool:
+    """Whether ``exc`` says the service as a whole is not answering (no answer, 5xx, 429),
+    rather than that this one request or file is wrong."""
+    return isinstance(exc, TransportError | RateLimitedError)
+
+
+class ServiceHold:
+    """The hold of every request to the service while it does not answer.
+
+    ``trouble`` (a request got no answer, a 5xx or a 429) starts or extends it: a jittered
+    wait growing exponentially with the failures in a row up to ``cap``, or what the server
+    asked for (``Retry-After``, at most ``max_retry_after``). While it lasts, workers claim
+    no job and a step's retry waits for it too (``backoff`` finds the hold of the task it
+    runs in through ``CURRENT_HOLD``), so an outage costs the service a few requests, not
+    one per worker, per step and per queued file. ``end`` (a probe found the service back)
+    releases everyone at once; ``succeeded`` resets the growth.
+    """
+
+    def __init__(self, *, base: float, cap: float, max_retry_after: float) -> None:
+        self.base = base
+        self.cap = cap
+        self.max_retry_after = max_retry_after
+        self.failures = 0
+        self.until = 0.0  # time.monotonic()
+        self._over = anyio.Event()
+        self._over.set()
+        self._begun = anyio.Event()
+
+    @property
+    def left(self) -> float:
+        """Seconds the hold still lasts (0 when there is none)."""
+        return max(0.0, self.until - time.monotonic())
+
+    def trouble(self, exc: InboxdError) -> None:
+        """Start or extend the hold after ``exc`` (see the class docstring)."""
+        self.failures += 1
+        ceiling = min(self.cap, self.base * 2 ** min(self.failures - 1, 30))
+        delay = max(
+            random.uniform(ceiling / 2, ceiling),
+            bounded_wait(retry_after_of(exc), self.max_retry_after),
+        )
+        now = time.monotonic()
+        if now + delay <= self.until:
+            return
+        if self.until <= now:
+            self._over = anyio.Event()
+            self._begun.set()
+        self.until = now + delay
+        _log.warning(
+            "service.unreachable",
+            hold_seconds=round(delay, 2),
+            reason=str(exc),
+            action="nothing: uploads resume by themselves when the service answers; if it "
+            "lasts, check the network and the service",
+        )
+
+    def succeeded(self) -> None:
+        """A request went through: the next trouble starts small again."""
+        self.failures = 0
+
+    def end(self) -> None:
+        """The service answers again: release everyone now."""
+        self.until = 0.0
+        self._over.set()
+
+    async def wait(self) -> None:
+        """Return once no hold is in force."""
+        while (left := self.left) > 0:
+            with anyio.move_on_after(left):
+                await self._over.wait()
+
+    async def wait_over_or(self, seconds: float) -> None:
+        """Return when the hold ends, or after ``seconds``, whichever is first."""
+        with anyio.move_on_after(seconds):
+            await self._over.wait()
+
+    async def begun(self) -> None:
+        """Return when a hold begins (at once if one began since the last call)."""
+        await self._begun.wait()
+        self._begun = anyio.Event()
+
+
+#: the hold of the service the current task talks to (set by the upload workers)
+CURRENT_HOLD: ContextVar[ServiceHold | None] = ContextVar("inboxd_service_hold", default=None)
+
+
 async def backoff(
     policy: RetryPolicy,
     attempt: int,
@@ -68,13 +218,22 @@ async def backoff(
     on_retry: OnRetry | None = None,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
 ) -> None:
-    """Wait before try ``attempt + 1`` of ``what`` after ``exc``; log it and report it."""
+    """Wait before try ``attempt + 1`` of ``what`` after ``exc``; log it and report it.
+
+    Inside a worker (``CURRENT_HOLD`` set) service trouble also starts the hold of every
+    worker, and the retry waits until that hold is over.
+    """
+    hold = CURRENT_HOLD.get()
+    if hold is not None and is_service_trouble(exc):
+        hold.trouble(exc)
     wait = policy.delay(attempt, retry_after_of(exc))
     # The message is ours and never holds a URL or token (see daemon.errors).
     _log.info("retry", step=what, attempt=attempt, wait=round(wait, 3), error=str(exc))
     if on_retry is not None:
         on_retry(exc.kind)
     await sleep(wait)
+    if hold is not None:
+        await hold.wait()
 
 
 async def call(

@@ -160,6 +160,8 @@ class Service:
                     backoff_base=max(r.base_seconds, 1.0),
                     backoff_cap=r.job_backoff_cap_seconds,
                     outage_cap=r.cap_seconds,
+                    max_retry_after=r.max_retry_after_seconds,
+                    probe_seconds=r.probe_seconds,
                     follow_symlinks=s.inbox.follow_symlinks,
                 ),
                 pause=self.pause,
@@ -174,6 +176,7 @@ class Service:
                 interval=s.poll.interval_seconds,
                 batch_size=s.poll.batch_size,
                 metrics=self.metrics,
+                hold=self.workers.hold,
             )
             disposal = Disposal(queue, self.inbox, s.inbox.after_upload, s.inbox.archive_path)
             self.watcher = Watcher(

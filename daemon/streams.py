@@ -25,6 +25,11 @@ class StreamDirectory:
         streams = await self._client.streams()
         self._by_id = {s.id: s for s in streams}
 
+    async def refresh(self) -> None:
+        """Read ``GET /streams`` again (raises our errors when the API does not answer)."""
+        async with self._lock:
+            await self._refresh()
+
     async def get(self, stream_id: int) -> Stream:
         """The stream with this id; NotFoundError when the server (for this token) has none."""
         async with self._lock:

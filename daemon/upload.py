@@ -52,6 +52,7 @@ from daemon.errors import (
     FileChangedError,
     FileProblem,
     InboxdError,
+    ProtocolError,
     RejectedError,
     StorageError,
     TransportError,
@@ -64,6 +65,8 @@ _log = structlog.get_logger(__name__)
 #: Metadata key that ties a dataset to the upload that made it (see ``daemon.client``).
 UPLOAD_KEY_FIELD = "inboxd_upload_id"
 _MAX_FILE_SIZE = 256 * 1024**3
+#: S3's limit of parts per multipart upload: a part list beyond it cannot be completed
+_MAX_PARTS = 10_000
 _AZURE_VERSION = "2023-11-03"
 _AZURE_PUT_BLOB_MAX = 32 * 1024 * 1024
 _AZURE_BLOCK_SIZE = 8 * 1024 * 1024
@@ -120,6 +123,8 @@ class FileRef:
     size: int
     mtime_ns: int
     inode: int
+    #: 0 = unknown (a job queued before ctime was recorded): not compared
+    ctime_ns: int = 0
 
     @classmethod
     def stat(cls, path: Path) -> FileRef:
@@ -136,12 +141,22 @@ class FileRef:
             raise FileProblem(
                 f"{path.name}: not a regular file", advice="only plain files are uploaded"
             )
-        return cls(path, st.st_size, st.st_mtime_ns, st.st_ino)
+        return cls(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
     def check_unchanged(self) -> None:
-        """Raise FileChangedError unless the path still names this very file, unmodified."""
+        """Raise FileChangedError unless the path still names this very file, unmodified.
+
+        The ctime is compared too (when known): a rewrite that restores the mtime (``rsync
+        --inplace -t``, ``touch -r``) still moves it.
+        """
         now = FileRef.stat(self.path)
-        if (now.size, now.mtime_ns, now.inode) != (self.size, self.mtime_ns, self.inode):
+        same = (now.size, now.mtime_ns, now.inode) == (self.size, self.mtime_ns, self.inode)
+        if same and self.ctime_ns and now.ctime_ns != self.ctime_ns:
+            raise FileChangedError(
+                f"{self.path.name}: was rewritten in place (its change time moved, the "
+                "modification time was restored)"
+            )
+        if not same:
             raise FileChangedError(
                 f"{self.path.name}: was {self.size} bytes (inode {self.inode}), now "
                 f"{now.size} bytes (inode {now.inode}) with another modification time"
@@ -274,15 +289,30 @@ class _Flow:
                 advice="split the file",
             )
         self.req.file.check_unchanged()
+        # Resumed (not created in this run) on an ingestion that was uploading: the server
+        # may be further along than the journal says.
+        resumed_upload = (
+            self.state.stage == "uploading"
+            and self.state.ingestion_id is not None
+            and self.state.dataset_id is not None
+        )
         if self.state.ingestion_id is None or self.state.stage in ("new", "creating"):
             done = await self._create()
             if done is not None:
                 return done
         try:
-            if self.state.stage == "uploading":
+            if resumed_upload and await self._server_has_it():
+                # Resumed on an ingestion the server already completed: the journal lost
+                # that (a power cut may drop the last commits). Never upload or abort it again.
+                self.log.info("ingestion.found_completed", ingestion_id=self.state.ingestion_id)
+                recovered = True
+            elif self.state.stage == "uploading":
                 await self._upload()
+                # After the last byte was read and before complete: the bytes sent are one
+                # whole version only if the file is still exactly the one pinned.
                 self.req.file.check_unchanged()
-            if self.state.stage in ("uploading", "completing"):
+                recovered = await self._complete()
+            elif self.state.stage == "completing":
                 recovered = await self._complete()
             else:
                 recovered = True
@@ -296,7 +326,10 @@ class _Flow:
         except UploadFailed:
             raise
         except InboxdError as exc:
-            if exc.retryable and not self.opts.abort_on_give_up and not isinstance(exc, AuthError):
+            # An answer we cannot understand that outlasted the step's tries is not an
+            # outage: retrying the job would only repeat it (issue: nonsense in a loop).
+            resumable = exc.retryable and not isinstance(exc, ProtocolError)
+            if resumable and not self.opts.abort_on_give_up and not isinstance(exc, AuthError):
                 raise  # left open: the caller resumes it later
             if isinstance(exc, AuthError) and not self.opts.abort_on_give_up:
                 raise  # a token problem pauses uploads; the ingestion stays resumable
@@ -394,6 +427,21 @@ class _Flow:
                 self.state.dataset_name = _numbered(self.req.dataset_name, suffix)
                 attempt -= 1  # a rename is not a failed try
                 continue
+            except ProtocolError as exc:
+                # A 2xx we cannot use (no dataset_id, say): whatever it created is no use to
+                # us, so abort it now rather than leave it open, and give up after the
+                # step's tries instead of creating ingestions in a loop.
+                if exc.ingestion_id is not None:
+                    await self._abort_other(exc.ingestion_id, f"unusable answer: {exc.detail}")
+                if attempt >= policy.attempts:
+                    raise UploadFailed(
+                        f"the server's answer to POST /ingestion was unusable {attempt} times "
+                        f"in a row: {exc.message}",
+                        cause_kind="protocol",
+                    ) from exc
+                ambiguous = True
+                await self._backoff(policy, attempt, exc, "create ingestion")
+                continue
             except InboxdError as exc:
                 if not exc.retryable or attempt >= policy.attempts:
                     raise
@@ -472,6 +520,7 @@ class _Flow:
             min_size=f.size,
             throttle=self.opts.throttle,
             chunk_size=self.opts.chunk_size,
+            pinned=(f.mtime_ns, f.ctime_ns),
         )
 
     async def _server_upload(self) -> None:
@@ -548,6 +597,12 @@ class _Flow:
             )
         size = self.req.file.size
         total = math.ceil(size / part_size)
+        if total > _MAX_PARTS:
+            raise RejectedError(
+                f"the server's part_size {part_size} would split {size} bytes into {total} "
+                f"parts (storage takes at most {_MAX_PARTS})",
+                endpoint="POST /ingestion",
+            )
         todo = [n for n in range(1, total + 1) if n not in self.state.parts_done]
         if len(todo) < total:
             self.log.info("multipart.resume", parts_done=total - len(todo), parts_total=total)
@@ -643,17 +698,42 @@ class _Flow:
                     return True
                 raise
             except RejectedError as exc:
-                # 400 from complete: the size check failed and the server marked it FAILED.
-                raise UploadFailed(
-                    f"the server refused to complete the upload: {exc.detail}",
-                    cause_kind="size_mismatch",
-                ) from exc
+                # A 4xx: the contract does not say the server failed the ingestion (a size
+                # mismatch does; other refusals need not). Ask: completed after all, failed
+                # by the server (terminal: nothing to abort), or still open — then abort it,
+                # so no ingestion is left UPLOADING.
+                await self._refused_complete(exc)
+                return True
             except InboxdError as exc:
                 if not exc.retryable or attempt >= self.opts.policy.attempts:
                     raise
                 await self._backoff(self.opts.policy, attempt, exc, "complete")
                 if await self._server_has_it():
                     return True
+
+    async def _refused_complete(self, exc: RejectedError) -> None:
+        """``complete`` got a 4xx: returns if the upload completed after all, else raises
+        UploadFailed, having aborted the ingestion unless the server already ended it."""
+        if exc.status is not None and exc.status < 400:
+            # A 2xx whose body says it failed: the server itself reports the outcome.
+            raise UploadFailed(
+                f"the server refused to complete the upload: {exc.detail}",
+                cause_kind="size_mismatch",
+            ) from exc
+        try:
+            if await self._server_has_it():
+                return
+        except UploadFailed as failed:
+            kind = "size_mismatch" if "size" in failed.reason.lower() else failed.cause_kind
+            raise UploadFailed(
+                f"the server refused to complete the upload: {exc.detail}", cause_kind=kind
+            ) from exc
+        reason = f"the server refused to complete the upload: {exc.detail}"
+        await self._abort(reason)
+        raise UploadFailed(
+            f"{reason} (HTTP {exc.status}); the ingestion was aborted",
+            cause_kind="complete_refused",
+        ) from exc
 
     async def _server_has_it(self) -> bool:
         """Has the dataset moved past UPLOADING? Then a complete already succeeded."""
@@ -681,6 +761,10 @@ class _Flow:
         ingestion_id = self.state.ingestion_id
         if ingestion_id is None:
             return
+        await self._abort_other(ingestion_id, reason)
+
+    async def _abort_other(self, ingestion_id: int, reason: str) -> None:
+        """Abort ``ingestion_id`` with ``reason``, shielded from cancellation; never raises."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(30):
             try:
                 await retry.call(

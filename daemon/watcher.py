@@ -387,7 +387,7 @@ class Watcher:
         self._ignored = self._ignored_rels(rules.ignore_dirs)
 
         # Bounded by the number of files in the inbox: rel -> (size, mtime_ns, inode).
-        self._reported: dict[str, tuple[int, int, int]] = {}
+        self._reported: dict[str, tuple[int, int, int, int]] = {}
         self._settling: dict[str, _Pending] = {}
         self._heap: list[tuple[float, str]] = []
         self._skipped: dict[str, str] = {}  # rel -> the last reason reported for it
@@ -642,10 +642,12 @@ class Watcher:
         if p is not None and p.announced:
             self._note(rel, None, None)
 
-    def _ready(self, rel: str, size: int, mtime_ns: int, inode: int) -> None:
+    def _ready(self, rel: str, size: int, mtime_ns: int, inode: int, ctime_ns: int) -> None:
         self._drop_pending(rel)
-        self._reported[rel] = (size, mtime_ns, inode)
-        self._ready_buf.append(FileIdentity(rel=rel, size=size, mtime_ns=mtime_ns, inode=inode))
+        self._reported[rel] = (size, mtime_ns, inode, ctime_ns)
+        self._ready_buf.append(
+            FileIdentity(rel=rel, size=size, mtime_ns=mtime_ns, inode=inode, ctime_ns=ctime_ns)
+        )
         self._wake.set()
 
     def _skip(self, rel: str, reason: str) -> None:
@@ -715,8 +717,9 @@ class Watcher:
     ) -> None:
         self._skipped.pop(rel, None)
         reported = self._reported.get(rel)
-        if reported == (size, mtime_ns, inode):
-            self._drop_pending(rel)  # changed and changed back, or only ctime moved (chmod)
+        # ctime too: an in-place rewrite that restores the mtime is a new version.
+        if reported == (size, mtime_ns, inode, ctime_ns):
+            self._drop_pending(rel)  # changed and changed back
             return
         p = self._settling.get(rel)
         if p is not None and p.same(size, mtime_ns, ctime_ns, inode):
@@ -733,7 +736,7 @@ class Watcher:
         due = self._settle_at(mtime_ns, ctime_ns, now, trust_old=from_scan)
         if p is None:
             if due <= now + _EPSILON:
-                self._ready(rel, size, mtime_ns, inode)  # old file found by a scan
+                self._ready(rel, size, mtime_ns, inode, ctime_ns)  # old file found by a scan
                 return
             p = self._settling[rel] = _Pending(size, mtime_ns, ctime_ns, inode, due)
             self._announce(rel, p)
@@ -809,7 +812,7 @@ class Watcher:
         if p.same(size, mtime_ns, ctime_ns, inode):
             p.recheck = False
             if p.due <= now + _EPSILON:
-                self._ready(rel, size, mtime_ns, inode)
+                self._ready(rel, size, mtime_ns, inode, ctime_ns)
             else:
                 if not p.announced:
                     self._announce(rel, p)

@@ -31,14 +31,13 @@ from daemon.errors import (
     InboxdError,
     NotFoundError,
     NotYetError,
-    RateLimitedError,
-    TransportError,
     UploadFailed,
 )
 from daemon.metrics import Metrics
 from daemon.queue import Job, JobState, Queue, QueueError, Stage
+from daemon.retry import CURRENT_HOLD, ServiceHold, is_service_trouble
 from daemon.status import what_to_do
-from daemon.targets import Target, Work
+from daemon.targets import Target, Work, service_answers
 from daemon.upload import FileRef, Resume
 
 _log = structlog.get_logger(__name__)
@@ -48,6 +47,8 @@ _IDLE_POLL = 1.0  # also picks up `inboxd retry` done by another process
 _PROGRESS_EVERY = 1.0  # seconds between bytes_sent writes (a write per chunk would be waste)
 _MAX_ATTEMPTS_UNEXPECTED = 20
 _UNFINISHED = (JobState.SUPERSEDED, JobState.FAILED, JobState.UPLOADING)
+#: error kinds of jobs backed off because the service did not answer (due again once it does)
+_OUTAGE_KINDS = ("network", "server", "rate_limited")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ class WorkerSettings:
     backoff_cap: float
     #: longest hold of all workers while the service is unreachable ([retry] cap_seconds)
     outage_cap: float = 60.0
+    #: longest wait a server's Retry-After imposes ([retry] max_retry_after_seconds)
+    max_retry_after: float = 300.0
+    #: how often a hold asks the service whether it is back ([retry] probe_seconds)
+    probe_seconds: float = 3.0
     #: [inbox] follow_symlinks: a job's path may be a symlink to a file inside the inbox
     follow_symlinks: bool = False
 
@@ -161,9 +166,13 @@ class Workers:
         self.owner = owner or f"inboxd-{os.getpid()}"
         self.stopping = anyio.Event()
         # A circuit breaker: while the service is unreachable, no worker claims the next job
-        # just to fail it too (an outage must not churn through the whole queue).
-        self._outage_until = 0.0
-        self._outage_failures = 0
+        # just to fail it too (an outage must not churn through the whole queue). A probe
+        # (``_probe_holds``) ends the hold as soon as the service answers again.
+        self.hold = ServiceHold(
+            base=settings.backoff_base,
+            cap=settings.outage_cap,
+            max_retry_after=settings.max_retry_after,
+        )
         self._wake = anyio.Event()
         self.active: dict[int, Job] = {}
         self._sent: dict[int, _ProgressSaver] = {}
@@ -196,6 +205,7 @@ class Workers:
         """Run the workers until cancelled, or until ``stopping`` is set and work is done."""
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._housekeeping)
+            outer.start_soon(self._probe_holds)
             async with anyio.create_task_group() as tg:
                 for i in range(self.settings.count):
                     tg.start_soon(self._loop, i)
@@ -204,6 +214,7 @@ class Workers:
 
     async def _loop(self, index: int) -> None:
         log = _log.bind(worker=index)
+        CURRENT_HOLD.set(self.hold)  # a step's retries inside this task wait for the hold
         while not self.stopping.is_set():
             if self.pause.paused:
                 with anyio.move_on_after(_IDLE_POLL):
@@ -212,9 +223,8 @@ class Workers:
             if self.windows is not None and not self.windows.always_open:
                 await self.windows.wait_open(on_wait=self._window_closed)
                 self._window_open()
-            wait = self._outage_until - time.monotonic()
-            if wait > 0:
-                await anyio.sleep(min(wait, _IDLE_POLL * 5))
+            if self.hold.left > 0:
+                await self.hold.wait()
                 continue
             job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS)
             if job is None:
@@ -281,7 +291,7 @@ class Workers:
                 await self._fail(job, f"{ident.rel}: the symlink points outside the inbox", "file")
                 return
             path = real
-        ref = FileRef(path, ident.size, ident.mtime_ns, ident.inode)
+        ref = FileRef(path, ident.size, ident.mtime_ns, ident.inode, ident.ctime_ns)
         resume = Resume(
             stage=job.stage.value if job.stage.value != "completed" else "completing",
             ingestion_id=job.ingestion_id,
@@ -347,13 +357,13 @@ class Workers:
         except InboxdError as exc:
             if exc.retryable:
                 await sent.flush()
-                if isinstance(exc, TransportError | RateLimitedError):
-                    self._service_trouble(exc)
+                if is_service_trouble(exc):
+                    self.hold.trouble(exc)
                 await self._backoff(job, str(exc), exc.kind)
             else:
                 await self._fail(job, str(exc), exc.kind)
         else:
-            self._outage_failures = 0
+            self.hold.succeeded()
             await self.queue.mark_uploaded(
                 job.id,
                 bytes_sent=ident.size,
@@ -416,21 +426,42 @@ class Workers:
                 job, f"file vanished before its upload finished: {exc.message}", "file_vanished"
             )
 
-    def _service_trouble(self, exc: InboxdError) -> None:
-        """The service did not answer (or asked us to slow down): hold every worker back."""
-        self._outage_failures += 1
-        s = self.settings
-        ceiling = min(s.outage_cap, s.backoff_base * 2 ** min(self._outage_failures - 1, 30))
-        delay = max(random.uniform(ceiling / 2, ceiling), getattr(exc, "retry_after", 0) or 0)
-        until = time.monotonic() + delay
-        if until > self._outage_until:
-            self._outage_until = until
-            _log.warning(
-                "service.unreachable",
-                hold_seconds=round(delay, 2),
-                reason=str(exc),
-                action=what_to_do("held", None),
-            )
+    async def _probe_holds(self) -> None:
+        """While every worker is held back, ask the service every ``probe_seconds`` whether
+        it is back; the first success ends the hold and makes the jobs that were backed off
+        for the outage due at once, so uploads resume within seconds of the recovery.
+
+        One probe at a time, spaced by ``probe_seconds``: an outage costs the service a
+        request every few seconds, not one per worker or per queued file.
+        """
+        every = self.settings.probe_seconds
+        hold = self.hold
+        while True:
+            await hold.begun()
+            while hold.left > 0:
+                if hold.left <= every:
+                    # It ends by itself before another probe would be due.
+                    await hold.wait()
+                    break
+                await hold.wait_over_or(every)
+                if hold.left <= 0:
+                    break
+                if await self._service_answers(every):
+                    _log.info("service.back", hold_left_seconds=round(hold.left, 2))
+                    hold.end()
+                    released = await self.queue.release_backoffs(_OUTAGE_KINDS)
+                    if released:
+                        _log.info("service.back.jobs_due", jobs=released)
+                    self.wake()
+                    break
+
+    async def _service_answers(self, timeout: float) -> bool:
+        """One probe (``daemon.targets.service_answers``), given ``timeout`` (at least 5 s)."""
+        with anyio.move_on_after(max(timeout, 5.0)):
+            answered, why = await service_answers(self.target)
+            _log.debug("service.probe", ok=answered, error=why or None)
+            return answered
+        return False
 
     async def _fail(self, job: Job, error: str, kind: str) -> None:
         await self.queue.mark_failed(job.id, error=error, kind=kind)

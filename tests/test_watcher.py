@@ -299,16 +299,17 @@ async def test_changed_file_reported_again(inbox: Path) -> None:
         first = write(path, b"one")
         await rec.wait_ready("a.csv")
 
-        # ctime-only change (chmod): same identity, not reported again.
+        # ctime-only change: reported again. A chmod looks exactly like an in-place rewrite
+        # that restored the mtime (issue 10, point 2): only the ctime tells, so it is a new
+        # version (docs/reliability.md, the ledger's identity rules).
         path.chmod(0o600)
-        write(inbox / "s1.csv")
-        await rec.wait_ready("s1.csv")
-        assert rec.times("a.csv") == 1
+        await rec.wait_for(lambda: rec.times("a.csv") == 2)
+        assert rec.last("a.csv").ctime_ns == path.stat().st_ctime_ns
 
         # Replaced by a new file (new inode), like an atomic save: reported again.
         write(inbox / "a.csv.tmp", b"two")
         os.replace(inbox / "a.csv.tmp", path)
-        await rec.wait_for(lambda: rec.times("a.csv") == 2)
+        await rec.wait_for(lambda: rec.times("a.csv") == 3)
         second = rec.last("a.csv")
         assert second.inode != first.st_ino
         assert second == identity(inbox, "a.csv")
@@ -316,7 +317,7 @@ async def test_changed_file_reported_again(inbox: Path) -> None:
         # Appended in place: new size, reported again.
         with path.open("ab") as f:
             f.write(b"three")
-        await rec.wait_for(lambda: rec.times("a.csv") == 3)
+        await rec.wait_for(lambda: rec.times("a.csv") == 4)
         assert rec.last("a.csv").size == 8
 
 

@@ -579,16 +579,20 @@ class Sandbox:
 
         if mode in ("single", "azure") and presigned_url is None:
             presigned_url = self._object_url(request, ingestion)
-        return JSONResponse(
-            {
-                "dataset_id": dataset.id,
-                "ingestion_id": ingestion.id,
-                "mode": mode,
-                "presigned_url": presigned_url,
-                "part_size": ingestion.part_size,
-                "expires_in": _json_number(self.config.url_ttl),
-            }
-        )
+        answer: dict[str, Any] = {
+            "dataset_id": dataset.id,
+            "ingestion_id": ingestion.id,
+            "mode": mode,
+            "presigned_url": presigned_url,
+            "part_size": ingestion.part_size,
+            "expires_in": _json_number(self.config.url_ttl),
+        }
+        for key, value in self.faults.mangle.get("POST /ingestion", {}).items():
+            if value is None:
+                answer.pop(key, None)
+            else:
+                answer[key] = value
+        return JSONResponse(answer)
 
     async def _upload_server(self, request: Request) -> Response:
         ingestion = self._ingestion(request)

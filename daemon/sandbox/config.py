@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -59,10 +60,11 @@ class Faults:
 
     api_503_rate: float = 0.0
     api_429_rate: float = 0.0
-    #: Retry-After on faulted 429/503. HTTP allows whole seconds only, and `--retry-after`
-    #: takes nothing else; a fraction set from Python is sent as written ("0.05": inboxd reads
-    #: it, urllib3 refuses it) so tests of the waiting stay fast.
-    retry_after: float | None = None
+    #: Retry-After on faulted 429/503: seconds, or a string sent verbatim as the header (an
+    #: HTTP date, "inf", garbage). HTTP allows whole seconds only, and `--retry-after` takes
+    #: nothing else; a fraction set from Python is sent as written ("0.05": inboxd reads it,
+    #: urllib3 refuses it) so tests of the waiting stay fast.
+    retry_after: float | str | None = None
     storage_503_rate: float = 0.0
     storage_fail_always: bool = False
     drop_response_rate: float = 0.0
@@ -70,6 +72,10 @@ class Faults:
     fail_import_glob: str | None = None
     seed: int | None = None
     fail_next: dict[str, list[int]] = field(default_factory=dict)
+    #: a route key ("POST /ingestion") → fields changed in every successful JSON answer of
+    #: that route (None removes the field): protocol nonsense such as a create answer
+    #: without ``dataset_id``, an unknown ``mode`` or an absurd ``part_size``
+    mangle: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

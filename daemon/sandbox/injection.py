@@ -48,14 +48,19 @@ def s3_error(status: int, code: str, message: str, **extra: str) -> Response:
     return Response(body, status_code=status, media_type="application/xml")
 
 
-def retry_after_header(status: int, retry_after: float | None) -> dict[str, str]:
-    """The Retry-After header a faulted 429/503 carries, when one is configured."""
+def retry_after_header(status: int, retry_after: float | str | None) -> dict[str, str]:
+    """The Retry-After header a faulted 429/503 carries, when one is configured.
+
+    A number is sent as seconds; a string verbatim (an HTTP date, ``inf``, garbage: what
+    confused or hostile servers send).
+    """
     if status in (429, 503) and retry_after is not None:
-        return {"Retry-After": f"{retry_after:g}"}
+        value = retry_after if isinstance(retry_after, str) else f"{retry_after:g}"
+        return {"Retry-After": value}
     return {}
 
 
-def storage_fault(status: int, retry_after: float | None) -> Response:
+def storage_fault(status: int, retry_after: float | str | None) -> Response:
     """The S3 error a storage fault with `status` answers."""
     if status == 503:
         answer = s3_error(503, "SlowDown", "Please reduce your request rate.")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from daemon.client import Progress
+from daemon.errors import InboxdError
 from daemon.queue import ImportRecord, Job
 from daemon.upload import FileRef, Journal, Resume
 
@@ -94,3 +95,20 @@ class Target(Protocol):
     async def resolve_destination(self, ref: int | str) -> int:
         """The numeric destination (a stream id) for a configured reference; 0 if unused."""
         ...
+
+
+async def service_answers(target: Target) -> tuple[bool, str]:
+    """Whether the service answers now, and if not why: the probe that ends an outage hold.
+
+    A target may offer ``probe()`` (one cheap authenticated request, raising our errors);
+    otherwise its ``check()`` is the probe and every line must succeed.
+    """
+    probe = getattr(target, "probe", None)
+    try:
+        if probe is not None:
+            await probe()
+            return True, ""
+        failed = [line.text for line in await target.check() if not line.ok]
+    except InboxdError as exc:
+        return False, str(exc)
+    return not failed, "; ".join(failed)

@@ -106,6 +106,13 @@ class MarpleDbTarget:
                     )
         return updates
 
+    async def probe(self) -> None:
+        """One cheap authenticated request (``GET /streams``): raises unless the API answers.
+
+        Also refreshes the stream directory, which the next upload needs anyway.
+        """
+        await self.streams.refresh()
+
     async def check(self, destinations: Sequence[int | str] = ()) -> list[CheckLine]:
         """``/health``, the token (``/streams``), and each configured stream."""
         lines = []

@@ -200,6 +200,9 @@ def _backoff_config(tmp_path: Path, sb: Sandbox, cap: float = CAP) -> Path:
             "base_seconds": BASE,
             "cap_seconds": cap,
             "job_backoff_cap_seconds": JOB_CAP,
+            # These tests measure the hold's own timer; the probe that ends a hold early
+            # (tests/suites/test_holds_suite.py) would add its requests inside the holds.
+            "probe_seconds": 60.0,
         },
         log={"level": "info"},
     )
