@@ -53,6 +53,7 @@ async def snapshot(queue: Queue, *, limit: int = 50, now: float | None = None) -
             "inbox": info.info.get("inbox"),
             "window": info.info.get("window"),
             "disk": info.info.get("disk"),
+            "inbox_problem": info.info.get("inbox_problem"),
         }
     raw = await queue.counts()
     counts = {state: int(raw.get(state, 0)) for state in STATES}
@@ -108,6 +109,8 @@ def job_json(job: Job, now: float) -> dict[str, Any]:
         "import_message": job.import_message,
         "error": job.last_error if state in ("failed", "queued") else None,
         "error_kind": job.error_kind if state in ("failed", "queued") else None,
+        # a renamed file recognised as delivered: where it was delivered from
+        "note": job.last_error if job.error_kind == "renamed" else None,
         "fell_back_to_server": job.fell_back,
         "after_upload": job.after_upload,
         "created_at": job.created_at,
@@ -135,6 +138,10 @@ def render(snap: Snapshot) -> str:
         opens = time.strftime("%a %H:%M", time.localtime(window["waiting_until"]))
         spec = ", ".join(window.get("windows") or [])
         lines.append(f"uploads wait for the upload window ({spec}): opens {opens}")
+    problem = d.get("inbox_problem") or {}
+    if problem.get("problem") and d.get("alive"):
+        since = time.strftime("%a %H:%M:%S", time.localtime(problem["since"]))
+        lines.append(f"INBOX MISSING since {since}: {problem['problem']}; uploads wait for it")
     disk = d.get("disk") or {}
     if disk.get("low"):
         lines.append(
@@ -165,7 +172,8 @@ def render(snap: Snapshot) -> str:
         when = max(0.0, (job["next_attempt_at"] or snap.taken_at) - snap.taken_at)
         lines.append(f"  ↻ {job['path']}  retry in {_duration(when)}: {job['error']}")
     for job in groups.get("done", [])[:5]:
-        lines.append(f"  ✓ {job['path']}  {_where(job)} ({job['import_status']})")
+        note = f"  {job['note']}" if job.get("note") else ""
+        lines.append(f"  ✓ {job['path']}  {_where(job)} ({job['import_status']}){note}")
     failed = groups.get("failed", [])
     if failed:
         lines.append("recent failures:")

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -38,6 +38,9 @@ from daemon.metrics import Metrics
 from daemon.queue import Job, JobState, Queue, QueueError, Stage
 from daemon.targets import Target, Work
 from daemon.upload import FileRef, Resume
+
+if TYPE_CHECKING:
+    from daemon.watcher import InboxTrouble
 
 _log = structlog.get_logger(__name__)
 
@@ -144,8 +147,12 @@ class Workers:
         metrics: Metrics | None = None,
         windows: UploadWindows | None = None,
         resolve_stream: Callable[[Job], Awaitable[int]] | None = None,
+        inbox_trouble: Callable[[], InboxTrouble | None] | None = None,
     ) -> None:
         self.metrics = metrics
+        #: what is wrong with the inbox folder now, or None: while it is missing no job is
+        #: claimed, and a job whose file went missing waits instead of failing
+        self.inbox_trouble = inbox_trouble
         #: the stream id of a job queued as stream 0 (its stream name not looked up yet)
         self.resolve_stream = resolve_stream
         self.windows = windows
@@ -213,6 +220,9 @@ class Workers:
             wait = self._outage_until - time.monotonic()
             if wait > 0:
                 await anyio.sleep(min(wait, _IDLE_POLL * 5))
+                continue
+            if self._inbox_held():
+                await anyio.sleep(_IDLE_POLL)  # every file is in there: nothing can upload
                 continue
             job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS)
             if job is None:
@@ -320,7 +330,8 @@ class Workers:
         except FileChangedError as exc:
             await self._changed(job, exc)
         except FileProblem as exc:
-            await self._fail(job, str(exc), exc.kind)
+            if not await self._inbox_gone(job, str(exc)):
+                await self._fail(job, str(exc), exc.kind)
         except UploadFailed as exc:
             log.warning("upload.failed", reason=exc.reason, kind=exc.cause_kind)
             await self._fail(job, exc.reason, exc.cause_kind)
@@ -402,6 +413,8 @@ class Workers:
 
     async def _changed(self, job: Job, exc: FileChangedError) -> None:
         path = self.inbox / job.identity.rel
+        if await self._inbox_gone(job, exc.message):
+            return
         if path.exists():
             # The watcher settles and enqueues the new version as its own job.
             await self.queue.mark_superseded(job.id, reason=f"file changed: {exc.message}")
@@ -409,6 +422,25 @@ class Workers:
             await self._fail(
                 job, f"file vanished before its upload finished: {exc.message}", "file_vanished"
             )
+
+    def _inbox_held(self) -> bool:
+        trouble = self.inbox_trouble() if self.inbox_trouble is not None else None
+        return trouble is not None and trouble.hold
+
+    async def _inbox_gone(self, job: Job, error: str) -> bool:
+        """When the whole inbox folder is missing (deleted, unmounted) or was just replaced,
+        a job whose file is gone with it waits rather than failing: the folder may come back
+        with the file. Returns whether the job was put back to wait."""
+        trouble = self.inbox_trouble() if self.inbox_trouble is not None else None
+        if trouble is None:
+            return False
+        await self.queue.retry_later(
+            job.id,
+            error=f"waiting: {trouble.reason} ({error})",
+            kind="inbox_missing",
+            delay=trouble.wait,
+        )
+        return True
 
     def _service_trouble(self, exc: InboxdError) -> None:
         """The service did not answer (or asked us to slow down): hold every worker back."""
