@@ -236,6 +236,7 @@ class Service:
                 tg.start_soon(self._flush_settling)
                 watcher_scope = anyio.CancelScope()
                 await tg.start(self._watch, watcher_scope)
+                self._beat_now.set()  # status learns at once what the watcher found
                 _log.info(
                     "daemon.ready",
                     version=__version__,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -90,24 +90,29 @@ def scan(candidates: Collection[FileKey] | None = None) -> Writers:
             except OSError:
                 continue  # ended meanwhile
             with fds:
-                _add_writers(proc.name, fds, candidates, writing)
+                if not _add_writers(proc.name, fds, candidates, writing):
+                    hidden += 1
     return Writers(frozenset(writing), hidden, _restricted())
 
 
 def _add_writers(
     pid: str,
-    fds: Collection[os.DirEntry[str]] | os._ScandirIterator[str],
+    fds: Iterable[os.DirEntry[str]],
     candidates: Collection[FileKey] | None,
     out: set[FileKey],
-) -> None:
+) -> bool:
+    """Add the files process ``pid`` holds open for writing; False if they cannot be read
+    (listing another user's fds may be allowed, following them is a ptrace check)."""
     for fd in fds:
         try:
             # lstat of the link: its mode is the fd's access mode, no need to follow it.
             if not fd.stat(follow_symlinks=False).st_mode & stat.S_IWUSR:
                 continue
             st = os.stat(fd.path)  # the open file itself (sockets and pipes end here)
+        except PermissionError:
+            return False
         except OSError:
-            continue
+            continue  # closed meanwhile
         if not stat.S_ISREG(st.st_mode):
             continue
         key = (st.st_dev, st.st_ino)
@@ -115,6 +120,7 @@ def _add_writers(
             continue
         if _open_for_write(pid, fd.name):
             out.add(key)
+    return True
 
 
 def _open_for_write(pid: str, fd: str) -> bool:
@@ -235,14 +241,13 @@ def visibility(inbox: Path, events: str, writer_timeout: float) -> Visibility:
         ok = True
     else:
         why = (
-            f"{seen.hidden} processes of other users are not readable"
+            f"{seen.hidden} processes cannot be read by {user} (other users' or protected ones)"
             if seen.hidden
-            else "/proc hides other users' processes (hidepid / ProtectProc)"
+            else f"/proc hides other users' processes from {user} (hidepid, ProtectProc)"
         )
         parts.append(
-            f"files found by a scan are checked in /proc, which shows only {user}'s processes"
-            f" ({why}): a file another user's process keeps open is taken by settle_seconds"
-            " alone unless inotify saw it being written"
+            f"files found by a scan are checked in /proc, but {why}: a file such a process"
+            " keeps open is taken by settle_seconds alone unless inotify saw it being written"
         )
         ok = events == "inotify"
     remote = network_filesystem(inbox)
