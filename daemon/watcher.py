@@ -34,7 +34,7 @@ processes, other machines), settle_seconds alone decides. A file held open but u
 The inbox folder itself may go away (deleted, moved, unmounted, replaced by another folder): it
 is then reported once (``watcher.inbox_missing``), looked for every second, and when it is back
 (the same folder, or a new one at the same path) it is watched again and scanned in full.
-Meanwhile :meth:`Watcher.inbox_problem` says what is wrong, for the workers and ``status``.
+Meanwhile :meth:`Watcher.inbox_trouble` says what is wrong, for the workers and ``status``.
 
 Each waiting file has one due time in a heap; a single timer task sleeps until the earliest one,
 re-stats, and either reports the file or moves its due time. Everything that becomes ready in
@@ -511,6 +511,7 @@ class Watcher:
         # inotify saw the watched folder deleted: a folder at its path later is a new one,
         # even when the file system gives it the same inode number again.
         self._root_deleted = False
+        self._root_changes = 0  # how often it went missing, came back or was replaced
 
     # ------------------------------------------------------------------ public API
 
@@ -657,6 +658,7 @@ class Watcher:
         now = self._clock()
         if isinstance(state, str):
             if self._missing is None:
+                self._root_changes += 1
                 self._missing = (now, state)
                 self._root_back = anyio.Event()
                 log.error(
@@ -676,9 +678,13 @@ class Watcher:
         previous, self._root_id, self._root_mount = self._root_id, (dev, ino), mount
         replaced = previous is not None and (previous != (dev, ino) or self._root_deleted)
         self._root_deleted = False
+        if replaced or self._missing is not None:
+            self._root_changes += 1
+            if self._scans_begun:  # (else the start-up scan is still to come)
+                self._rescan_wanted.set()  # whatever is in it now
         if replaced:
             self._replaced_at = now
-            self._restart_events()  # re-arm on the new folder; the restart rescans it
+            self._restart_events()  # re-arm on the new folder
         if self._missing is not None:
             since = self._missing[0]
             self._missing = None
@@ -1359,8 +1365,9 @@ class Watcher:
                     # out of watches. The inotify source fails when the inbox itself goes away
                     # (then the folder check says so and we wait for it above). Restart it,
                     # then rescan to recover what was lost.
+                    seen_changes = self._root_changes
                     self._check_root()
-                    if self._missing is None:
+                    if self._root_changes == seen_changes:  # not the folder's own doing
                         failures = 1 if time.monotonic() - started > 30 else failures + 1
                         delay = min(_MAX_RESTART_DELAY, 0.05 * 2 ** min(failures, 10))
                         log.warning("watcher.events_failed", error=_describe(exc), retry_in=delay)

@@ -1063,21 +1063,34 @@ def test_proc_pass_as_a_user_sees_only_its_own_writers() -> None:
 # ---------------------------------------------------------------------------- the inbox folder
 
 
-async def test_inbox_deleted_is_waited_for_and_its_new_folder_scanned(inbox: Path) -> None:
-    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0)
+@pytest.mark.parametrize("source", ["inotify", "polling", "watchfiles"])
+async def test_inbox_deleted_is_waited_for_and_its_new_folder_scanned(
+    inbox: Path, tmp_path: Path, source: str
+) -> None:
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0, force_polling=source == "polling")
+    cls = WatchfilesWatcher if source == "watchfiles" else Watcher
+    # rm -rf + mkdir may give the new folder the old one's inode number: only inotify's
+    # IN_DELETE_SELF then tells it is a new folder. Without inotify, a new folder that
+    # existed next to the old one (a restore moved into place) is told by its inode.
+    fresh = tmp_path / "fresh"
+    if source != "inotify":
+        fresh.mkdir()
     rec = Recorder()
-    async with watching(inbox, rec, rules) as w:
+    async with watching(inbox, rec, rules, cls=cls) as w:
         write(inbox / "before.csv")
         await rec.wait_ready("before.csv")
         shutil.rmtree(inbox)
         await rec.wait_for(lambda: w.inbox_state() is not None, timeout=5)
         trouble = w.inbox_trouble()
         assert trouble is not None and trouble.hold and "does not exist" in trouble.reason
-        os.mkdir(inbox)
+        if source == "inotify":
+            os.mkdir(inbox)
+        else:
+            os.rename(fresh, inbox)
         write(inbox / "after.csv")  # maybe before the folder is watched: the scan finds it
         await rec.wait_ready("after.csv", timeout=10)
         assert w.inbox_state() is None
-        # A new folder (new inode): a file missing from it is given time to be put back.
+        # A new folder: a file missing from it is given time to be put back.
         trouble = w.inbox_trouble()
         assert trouble is not None and not trouble.hold and "replaced" in trouble.reason
         assert 0 < trouble.wait <= 30
