@@ -16,10 +16,14 @@ outside. If it was moved within the inbox, the caller's scan of its new name wat
 Events come out as watchfiles-style ``(Change, absolute path)`` sets, coalesced the way the
 watcher asked watchfiles to (quiet for ``step`` seconds, held for at most ``debounce``). With
 each set, :meth:`InotifyTree.take_writes` gives what the events said about writers: a file
-modified and not closed since (``WRITING``), closed after writing (``CLOSED``), opened by
-someone since its last close (``OPENED``: the open does not say whether for writing), or a new
-inode under that name (``RESET``: created, moved in or away). inotify reports these for every
-process, whichever user it runs as.
+opened and then modified, not closed since (``WRITING``); modified with no open seen in the
+same batch (``MODIFIED``: ``truncate(2)`` by path modifies without any open file, or the open
+came in an earlier batch); closed after writing (``CLOSED``); opened by someone since its last
+close (``OPENED``: the open does not say whether for writing); a read-only descriptor closed
+(``READ_CLOSED``: the last open was a reader's, perhaps our own upload's, so an earlier
+modify was not necessarily through an open file); or a new inode under that name (``RESET``:
+created, moved in or away). inotify reports these for every process, whichever user it runs
+as.
 """
 
 from __future__ import annotations
@@ -37,7 +41,16 @@ import anyio
 import structlog
 from watchfiles import Change
 
-__all__ = ["CLOSED", "OPENED", "RESET", "WRITING", "InotifyTree", "available"]
+__all__ = [
+    "CLOSED",
+    "MODIFIED",
+    "OPENED",
+    "READ_CLOSED",
+    "RESET",
+    "WRITING",
+    "InotifyTree",
+    "available",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +58,7 @@ log = structlog.get_logger(__name__)
 IN_MODIFY: Final = 0x00000002
 IN_ATTRIB: Final = 0x00000004
 IN_CLOSE_WRITE: Final = 0x00000008
+IN_CLOSE_NOWRITE: Final = 0x00000010
 IN_OPEN: Final = 0x00000020
 IN_MOVED_FROM: Final = 0x00000040
 IN_MOVED_TO: Final = 0x00000080
@@ -65,6 +79,7 @@ _EVENTS: Final = (
     | IN_ATTRIB  # touch, chmod: the identity includes mtime
     | IN_CLOSE_WRITE
     | IN_OPEN  # a reopen (append) before the first write: only the open says so
+    | IN_CLOSE_NOWRITE  # ... and a reader's close says that open was not a writer's
     | IN_MOVED_FROM
     | IN_MOVED_TO
     | IN_CREATE
@@ -82,6 +97,8 @@ WRITING: Final = 1
 CLOSED: Final = 2
 OPENED: Final = 3
 RESET: Final = 4
+MODIFIED: Final = 5
+READ_CLOSED: Final = 6
 
 _HEADER: Final = struct.Struct("iIII")  # wd, mask, cookie, len
 _READ_SIZE: Final = 256 * 1024  # ~8,000 events per read; the pump yields to the loop between reads
@@ -149,7 +166,7 @@ class InotifyTree:
         self._rel_of: dict[int, str] = {}  # wd -> folder relative to the root ("" = the root)
         self._wd_of: dict[str, int] = {}
         self._pending: set[tuple[Change, str]] = set()
-        self._writes: dict[str, int] = {}  # absolute path -> WRITING | CLOSED | OPENED | RESET
+        self._writes: dict[str, int] = {}  # absolute path -> WRITING, CLOSED, … (see above)
         self._batch_writes: dict[str, int] = {}  # what came with the last batch
         self._lost: str | None = None  # why the root watch ended
         self._limit_warned = False
@@ -283,8 +300,12 @@ class InotifyTree:
             child = os.fsdecode(name)
             child = f"{rel}/{child}" if rel else child
             path = os.path.join(root, child)
-            if mask & IN_OPEN:
-                if not mask & IN_ISDIR and writes.get(path) != WRITING:
+            if mask & (IN_OPEN | IN_CLOSE_NOWRITE):
+                if mask & IN_ISDIR:
+                    continue  # folders listed (by our own scans, among others)
+                if mask & IN_CLOSE_NOWRITE:
+                    writes[path] = READ_CLOSED
+                elif writes.get(path) != WRITING:
                     writes[path] = OPENED
                 continue  # nothing changed: only worth knowing while the file settles
             if mask & (IN_CREATE | IN_MOVED_TO):
@@ -298,7 +319,7 @@ class InotifyTree:
             else:
                 change = Change.modified
                 if mask & IN_MODIFY:
-                    writes[path] = WRITING
+                    writes[path] = WRITING if writes.get(path) in (OPENED, WRITING) else MODIFIED
                 elif mask & IN_CLOSE_WRITE:
                     writes[path] = CLOSED
             pending.add((change, path))
@@ -315,7 +336,8 @@ class InotifyTree:
 
     def take_writes(self) -> dict[str, int]:
         """What the events of the batch just returned said about writers: absolute path ->
-        ``WRITING``, ``CLOSED``, ``OPENED`` or ``RESET`` (the last thing said, per path)."""
+        ``WRITING``, ``MODIFIED``, ``CLOSED``, ``OPENED``, ``READ_CLOSED`` or ``RESET`` (the
+        last thing said, per path)."""
         writes, self._batch_writes = self._batch_writes, {}
         return writes
 

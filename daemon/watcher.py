@@ -146,15 +146,9 @@ _Obs = tuple[int, str, str, int, int, int, int, int]
 
 # What is known about a waiting file's writers.
 _W_UNKNOWN: Final = 0  # no event said: ask /proc when it has settled
-_W_WRITING: Final = 1  # inotify: modified, not closed since
+_W_WRITING: Final = 1  # inotify: opened and modified, not closed since
 _W_CLOSED: Final = 2  # inotify: closed after its last write
 _W_HELD: Final = 3  # /proc: a process holds it open for writing
-_FROM_EVENTS: Final = {
-    inotify.WRITING: _W_WRITING,
-    inotify.CLOSED: _W_CLOSED,
-    inotify.OPENED: _W_UNKNOWN,
-    inotify.RESET: _W_UNKNOWN,
-}
 
 
 @dataclass(frozen=True)
@@ -203,6 +197,7 @@ class _Pending:
         "due",
         "inode",
         "mtime_ns",
+        "opened",
         "queued",
         "recheck",
         "since",
@@ -227,6 +222,7 @@ class _Pending:
         self.announced = False  # on_settling(rel, size) was sent
         self.version = 0  # bumped on every change, so stale thread results can be recognised
         self.writer = _W_UNKNOWN
+        self.opened = False  # inotify: opened since its last close (a modify then means a writer)
         self.warned = False  # "held open" was logged
 
     def same(self, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> bool:
@@ -909,12 +905,11 @@ class Watcher:
         ``p`` is None for a file a scan found already old. Files whose writers no event told
         us about are collected for one /proc pass (``_ask_writers``).
         """
-        writer = _W_UNKNOWN if p is None else p.writer
-        if self._writer_timeout <= 0 or writer == _W_CLOSED:
+        if self._writer_timeout <= 0 or (p is not None and p.writer == _W_CLOSED):
             self._ready(rel, obs[3], obs[4], obs[6])
-        elif writer == _W_WRITING and p is not None:
-            self._hold(rel, p, now)
         else:
+            # Also when inotify says a writer has it: /proc, where it sees every process,
+            # may tell that nobody has (a close the events missed).
             self._asking.append(obs)
 
     def _hold(self, rel: str, p: _Pending, now: float) -> None:
@@ -967,16 +962,19 @@ class Watcher:
             p = self._settling.get(rel)
             if p is not None and not p.same(obs[3], obs[4], obs[5], obs[6]):
                 continue  # it changed while we asked: its new schedule stands
-            if p is not None and p.writer in (_W_WRITING, _W_CLOSED):
-                self._gate(rel, p, obs, now)  # an event told us meanwhile
+            if p is not None and p.writer == _W_CLOSED:
+                self._ready(rel, obs[3], obs[4], obs[6])  # closed meanwhile (an event)
             elif (obs[7], obs[6]) in found.writing:
                 if p is None:
                     p = self._new_pending(obs, now)
                     self._announce(rel, p)
-                p.writer = _W_HELD
+                if p.writer != _W_WRITING:
+                    p.writer = _W_HELD
                 self._hold(rel, p, now)
-            elif p is not None and p.writer == _W_HELD:
-                # Closed since the last look: the settle time counts from now.
+            elif p is not None and p.writer == _W_WRITING and not found.complete:
+                self._hold(rel, p, now)  # a writer /proc cannot show (another user's)
+            elif p is not None and p.writer in (_W_HELD, _W_WRITING):
+                # Closed since (or nobody has it after all): settle from now.
                 p.writer = _W_UNKNOWN
                 p.due = now + self._settle
                 self._push(rel, p, p.due)
@@ -990,20 +988,36 @@ class Watcher:
             p = self._settling.get(rel) if rel is not None else None
             if p is None or rel is None:
                 continue
-            state = _FROM_EVENTS[code]
-            if code == inotify.OPENED and p.writer == _W_WRITING:
-                continue  # opened again (by a reader?) while its writer still has it
-            if state == _W_CLOSED:
+            if code == inotify.CLOSED:
                 if now - p.since > _CLOSE_SLACK:
                     # Closed after a pause: it must stay unchanged for settle_seconds after
                     # the close (a writer may reopen it to append).
                     p.due = max(p.due, now + self._settle)
                 self._push(rel, p, max(p.due, now))
-            p.writer = state
+                p.writer, p.opened = _W_CLOSED, False
+            elif code == inotify.WRITING or (code == inotify.MODIFIED and p.opened):
+                p.writer, p.opened = _W_WRITING, True
+            elif code == inotify.OPENED:
+                p.opened = True
+                if p.writer != _W_WRITING:  # else: opened again (a reader?) while written
+                    p.writer = _W_UNKNOWN
+            else:
+                # RESET: another inode has the name now. MODIFIED with no open seen:
+                # truncate(2) by path, or a writer from before we watched. READ_CLOSED: the
+                # open seen was a reader's (our own upload, say), the modify maybe not through
+                # it. /proc decides; where it cannot see, settle_seconds does, as before.
+                p.writer = _W_UNKNOWN
+                if code != inotify.MODIFIED:
+                    p.opened = False
+            if p.due <= now and code != inotify.CLOSED:
+                # Settled and held: what was just learnt may release it; decide again now.
+                p.recheck = True
+                self._push(rel, p, now)
 
     def _writers_unknown(self) -> None:
         """Events were lost: what they said about writers may be out of date."""
         for p in self._settling.values():
+            p.opened = False
             if p.writer in (_W_WRITING, _W_CLOSED):
                 p.writer = _W_UNKNOWN
 

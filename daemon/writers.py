@@ -261,9 +261,8 @@ def visibility(inbox: Path, events: str, writer_timeout: float) -> Visibility:
 
 
 def _user_name() -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except (ImportError, KeyError):
-        return f"uid {os.geteuid()}"
+    # Not pwd.getpwuid(): /etc/passwd is none of the daemon's business (the security suite
+    # checks which files it opens). systemd sets USER for a User= service.
+    uid = os.geteuid()
+    name = os.environ.get("USER") or os.environ.get("LOGNAME")
+    return f"{name} (uid {uid})" if name else f"uid {uid}"

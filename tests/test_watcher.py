@@ -929,6 +929,36 @@ async def test_file_held_open_is_not_taken_while_its_writer_pauses(inbox: Path) 
 
 
 @linux_only
+async def test_truncated_by_path_is_no_open_writer(inbox: Path) -> None:
+    # truncate(2) modifies a file that nobody has open: IN_MODIFY without IN_OPEN must not
+    # make the watcher wait for a close that never comes.
+    rec = Recorder()
+    async with watching(inbox, rec) as w:
+        write(inbox / "cut.csv", b"0123456789")
+        await rec.wait_ready("cut.csv")
+        os.truncate(inbox / "cut.csv", 3)
+        await rec.wait_for(lambda: rec.times("cut.csv") == 2)
+        assert w.pending() == 0
+    assert rec.last("cut.csv").size == 3
+
+
+@linux_only
+async def test_modified_under_a_reader_is_taken_once_the_reader_closes(inbox: Path) -> None:
+    # An open followed by a modify looks like a writer; the reader's close (our own upload's,
+    # when a file is changed while it is uploaded) says it was not one.
+    rec = Recorder()
+    async with watching(inbox, rec) as w:
+        write(inbox / "read.csv", b"0123456789")
+        await rec.wait_ready("read.csv")
+        with (inbox / "read.csv").open("rb"):
+            os.truncate(inbox / "read.csv", 4)
+            await anyio.sleep(3 * SETTLE)
+        await rec.wait_for(lambda: rec.times("read.csv") == 2)
+        assert w.pending() == 0
+    assert rec.last("read.csv").size == 4
+
+
+@linux_only
 async def test_reopened_to_append_after_a_pause_is_one_file(inbox: Path) -> None:
     rec = Recorder()
     path = inbox / "log.csv"
@@ -1047,7 +1077,7 @@ def test_proc_pass_as_a_user_sees_only_its_own_writers() -> None:
             # the line says so instead of claiming to see every writer.
             assert seen["mine"] is True
             assert seen["hidden"] > 0 and seen["complete"] is False
-            assert "processes cannot be read by nobody" in seen["text"]
+            assert "processes cannot be read by uid 65534" in seen["text"]
             # Root sees the processes of every user, that one's writer included (a process
             # may still be protected from it, e.g. a VM's init: that is counted, not hidden).
             st = target.stat()
