@@ -652,6 +652,7 @@ class Queue:
         self._path = path
         self._readonly = readonly
         self._lock = anyio.Lock()
+        self._delivered_any = False  # see delivered_elsewhere
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -1025,6 +1026,17 @@ class Queue:
         """
         if not identities:
             return {}
+        if not self._delivered_any:
+            # Until the first delivery there is nothing to find (a first start over a full
+            # inbox: 50,000 files). Once true it stays true: DONE jobs go to the ledger.
+            anything = await self._fetch(
+                "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_state_updated"
+                "   WHERE state IN ('done', 'importing'))"
+                " OR EXISTS (SELECT 1 FROM ledger)"
+            )
+            if not anything[0][0]:
+                return {}
+            self._delivered_any = True
         rows = [
             (seq, os.fsencode(i.rel), i.size, i.mtime_ns, _inode_to_db(i.inode))
             for seq, i in enumerate(identities)
@@ -1032,13 +1044,6 @@ class Queue:
         pairs: list[sqlite3.Row] = []
         ledger: list[sqlite3.Row] = []
         async with self._write() as db:  # the batch table lives on the writer's connection
-            anything = await db.execute_fetchall(
-                "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_state_updated"
-                "   WHERE state IN ('done', 'importing'))"
-                " OR EXISTS (SELECT 1 FROM ledger)"
-            )
-            if not next(iter(anything))[0]:
-                return {}
             await db.execute("DELETE FROM temp.enqueue_batch")
             await db.executemany(
                 "INSERT INTO temp.enqueue_batch (seq, rel, size, mtime_ns, inode)"

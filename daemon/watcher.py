@@ -957,14 +957,18 @@ class Watcher:
             keys = {(o[7], o[6]) for o in asking}
             found = await anyio.to_thread.run_sync(writers.scan, keys)
         now = self._clock()
+        settling, writing = self._settling, found.writing
         for obs in asking:
             rel = obs[1]
-            p = self._settling.get(rel)
+            p = settling.get(rel)
+            if p is None and (obs[7], obs[6]) not in writing:
+                self._ready(rel, obs[3], obs[4], obs[6])  # the usual case, first
+                continue
             if p is not None and not p.same(obs[3], obs[4], obs[5], obs[6]):
                 continue  # it changed while we asked: its new schedule stands
             if p is not None and p.writer == _W_CLOSED:
                 self._ready(rel, obs[3], obs[4], obs[6])  # closed meanwhile (an event)
-            elif (obs[7], obs[6]) in found.writing:
+            elif (obs[7], obs[6]) in writing:
                 if p is None:
                     p = self._new_pending(obs, now)
                     self._announce(rel, p)
@@ -1102,8 +1106,11 @@ class Watcher:
             return
         due = self._settle_at(mtime_ns, ctime_ns, now, trust_old=from_scan)
         if p is None:
-            if due <= now + _EPSILON:
-                self._gate(rel, None, obs, now)  # old file found by a scan
+            if due <= now + _EPSILON:  # old file found by a scan: is it still written?
+                if self._writer_timeout > 0:
+                    self._asking.append(obs)  # (what _gate does, inline: 50,000 at start-up)
+                else:
+                    self._ready(rel, size, mtime_ns, inode)
                 return
             p = self._new_pending(obs, due)
             self._announce(rel, p)
