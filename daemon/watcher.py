@@ -312,7 +312,14 @@ def completeness(
 
     Blocking (one pass over /proc): call it from a worker thread.
     """
-    return writers.visibility(inbox, _events_kind(force_polling), writer_timeout)
+    seen = writers.visibility(inbox, _events_kind(force_polling), writer_timeout)
+    if os.path.isdir(inbox):
+        return seen
+    return writers.Visibility(
+        False,
+        f"inbox.path {os.fspath(inbox)!r} is not a folder (yet): the daemon starts anyway and"
+        f" waits for it; {seen.text}",
+    )
 
 
 class _Never:

@@ -428,3 +428,16 @@ def test_state_database_lost_under_the_daemon_stops_it_with_75(
     # What the unit then does: start again, on the database now at that path.
     with daemon(config, log):
         wait_for(lambda: status_json(config)["daemon"]["alive"], 30, "the restarted daemon")
+
+
+def test_check_says_how_completeness_is_decided(sandbox: Sandbox, tmp_path: Path) -> None:
+    config = _config(tmp_path, sandbox)
+    ok = inboxd("check", "--config", str(config))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    line = next(x for x in ok.stdout.splitlines() if "completeness:" in x)
+    assert "inotify close events" in line and "/proc" in line
+    (tmp_path / "inbox").rmdir()
+    missing = inboxd("check", "--config", str(config))
+    assert missing.returncode == 0  # a warning: the daemon starts and waits for it
+    line = next(x for x in missing.stdout.splitlines() if "completeness:" in x)
+    assert line.startswith("warn") and "is not a folder (yet)" in line
