@@ -236,6 +236,12 @@ class InboxSettings(_Section):
     follow_symlinks: bool = False
     rescan_seconds: float = Field(default=600.0, ge=0)
     force_polling: bool | None = None
+    # A file a process keeps open for writing is taken anyway once unchanged this long (a
+    # crashed or hung logger), with a warning; 0 = writers are not waited for.
+    writer_timeout_seconds: float = Field(default=3600.0, ge=0)
+    # A delivered file renamed or moved within the inbox (same inode, size and mtime, its old
+    # path gone) is recorded as already delivered; true = upload it again under its new name.
+    upload_renamed: bool = False
 
     @field_validator("include")
     @classmethod

@@ -8,6 +8,7 @@ and the archive folder is ever touched.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,12 +32,16 @@ class Disposal:
         archive: Path | None,
         *,
         interval: float = 2.0,
+        inbox_trouble: Callable[[], object | None] | None = None,
     ) -> None:
         self.queue = queue
         self.inbox = inbox
         self.action = action
         self.archive = archive
         self.interval = interval
+        #: while it reports trouble with the inbox folder (missing, just replaced), files are not
+        #: looked for: they would all be recorded as "gone", and stay in place once it is back
+        self.inbox_trouble = inbox_trouble
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Handle finished jobs until cancelled."""
@@ -52,6 +57,8 @@ class Disposal:
             # Nothing to do on disk: record the whole batch in one write.
             await self.queue.set_after_upload_many({job.id: "kept" for job in jobs})
             return len(jobs)
+        if jobs and self.inbox_trouble is not None and self.inbox_trouble() is not None:
+            return 0
         for job in jobs:
             # One job at a time: each move or delete is recorded before the next one starts.
             outcome = await anyio.to_thread.run_sync(self._apply, job)

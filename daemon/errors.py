@@ -116,6 +116,13 @@ class StateFullError(StateError):
     exit_status = 74  # EX_IOERR
 
 
+class StateLostError(StateError):
+    """The state database was deleted or replaced under the running daemon. A restart opens
+    what is at the path now, so it is worth one (unlike a corrupt file)."""
+
+    exit_status = 75  # EX_TEMPFAIL: not in the unit's RestartPreventExitStatus=
+
+
 class ApiError(InboxdError):
     """The Marple DB API answered with an error status (or an error body)."""
 

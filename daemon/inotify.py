@@ -14,7 +14,16 @@ a watch follows the inode, so one moved out of the inbox would otherwise keep re
 outside. If it was moved within the inbox, the caller's scan of its new name watches it again.
 
 Events come out as watchfiles-style ``(Change, absolute path)`` sets, coalesced the way the
-watcher asked watchfiles to (quiet for ``step`` seconds, held for at most ``debounce``).
+watcher asked watchfiles to (quiet for ``step`` seconds, held for at most ``debounce``). With
+each set, :meth:`InotifyTree.take_writes` gives what the events said about writers: a file
+opened and then modified, not closed since (``WRITING``); modified with no open seen in the
+same batch (``MODIFIED``: ``truncate(2)`` by path modifies without any open file, or the open
+came in an earlier batch); closed after writing (``CLOSED``); opened by someone since its last
+close (``OPENED``: the open does not say whether for writing); a read-only descriptor closed
+(``READ_CLOSED``: the last open was a reader's, perhaps our own upload's, so an earlier
+modify was not necessarily through an open file); or a new inode under that name (``RESET``:
+created, moved in or away). inotify reports these for every process, whichever user it runs
+as.
 """
 
 from __future__ import annotations
@@ -32,7 +41,16 @@ import anyio
 import structlog
 from watchfiles import Change
 
-__all__ = ["InotifyTree", "available"]
+__all__ = [
+    "CLOSED",
+    "MODIFIED",
+    "OPENED",
+    "READ_CLOSED",
+    "RESET",
+    "WRITING",
+    "InotifyTree",
+    "available",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +58,8 @@ log = structlog.get_logger(__name__)
 IN_MODIFY: Final = 0x00000002
 IN_ATTRIB: Final = 0x00000004
 IN_CLOSE_WRITE: Final = 0x00000008
+IN_CLOSE_NOWRITE: Final = 0x00000010
+IN_OPEN: Final = 0x00000020
 IN_MOVED_FROM: Final = 0x00000040
 IN_MOVED_TO: Final = 0x00000080
 IN_CREATE: Final = 0x00000100
@@ -58,6 +78,8 @@ _EVENTS: Final = (
     IN_MODIFY
     | IN_ATTRIB  # touch, chmod: the identity includes mtime
     | IN_CLOSE_WRITE
+    | IN_OPEN  # a reopen (append) before the first write: only the open says so
+    | IN_CLOSE_NOWRITE  # ... and a reader's close says that open was not a writer's
     | IN_MOVED_FROM
     | IN_MOVED_TO
     | IN_CREATE
@@ -69,6 +91,14 @@ _EVENTS: Final = (
 _FOLDER_MASK: Final = _EVENTS | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK
 # The inbox itself is configured by the operator and may be reached through a symlink.
 _ROOT_MASK: Final = _EVENTS | IN_ONLYDIR | IN_EXCL_UNLINK
+
+#: What the events since the last batch said about a path's writers (see the module docstring).
+WRITING: Final = 1
+CLOSED: Final = 2
+OPENED: Final = 3
+RESET: Final = 4
+MODIFIED: Final = 5
+READ_CLOSED: Final = 6
 
 _HEADER: Final = struct.Struct("iIII")  # wd, mask, cookie, len
 _READ_SIZE: Final = 256 * 1024  # ~8,000 events per read; the pump yields to the loop between reads
@@ -136,6 +166,8 @@ class InotifyTree:
         self._rel_of: dict[int, str] = {}  # wd -> folder relative to the root ("" = the root)
         self._wd_of: dict[str, int] = {}
         self._pending: set[tuple[Change, str]] = set()
+        self._writes: dict[str, int] = {}  # absolute path -> WRITING, CLOSED, … (see above)
+        self._batch_writes: dict[str, int] = {}  # what came with the last batch
         self._lost: str | None = None  # why the root watch ended
         self._limit_warned = False
         self._arrived = anyio.Event()
@@ -153,6 +185,11 @@ class InotifyTree:
         self._root_wd = wd
         self._rel_of[wd] = ""
         self._wd_of[""] = wd
+
+    @property
+    def lost(self) -> str | None:
+        """Why the root watch ended ("removed", "moved away", "unmounted"), or None."""
+        return self._lost
 
     @property
     def watches(self) -> int:
@@ -218,16 +255,16 @@ class InotifyTree:
                 data = os.read(self._fd, _READ_SIZE)
             except BlockingIOError:
                 continue
-            before = len(self._pending)
+            before = len(self._pending), len(self._writes)
             with self._lock:
                 self._parse(data)
             if self._lost is not None:
                 raise OSError(errno.ENOENT, f"the inbox folder was {self._lost}", self._root)
-            if len(self._pending) != before:
+            if (len(self._pending), len(self._writes)) != before:
                 self._arrived.set()
 
     def _parse(self, data: bytes) -> None:
-        root, pending, rel_of = self._root, self._pending, self._rel_of
+        root, pending, rel_of, writes = self._root, self._pending, self._rel_of, self._writes
         pos, end = 0, len(data)
         while pos < end:
             wd, mask, _cookie, length = _HEADER.unpack_from(data, pos)
@@ -262,15 +299,30 @@ class InotifyTree:
                 continue
             child = os.fsdecode(name)
             child = f"{rel}/{child}" if rel else child
+            path = os.path.join(root, child)
+            if mask & (IN_OPEN | IN_CLOSE_NOWRITE):
+                if mask & IN_ISDIR:
+                    continue  # folders listed (by our own scans, among others)
+                if mask & IN_CLOSE_NOWRITE:
+                    writes[path] = READ_CLOSED
+                elif writes.get(path) != WRITING:
+                    writes[path] = OPENED
+                continue  # nothing changed: only worth knowing while the file settles
             if mask & (IN_CREATE | IN_MOVED_TO):
                 change = Change.added
+                writes[path] = RESET
             elif mask & (IN_DELETE | IN_MOVED_FROM):
                 change = Change.deleted
+                writes[path] = RESET
                 if mask & IN_MOVED_FROM and mask & IN_ISDIR:
                     self._unwatch_tree(child)
             else:
                 change = Change.modified
-            pending.add((change, os.path.join(root, child)))
+                if mask & IN_MODIFY:
+                    writes[path] = WRITING if writes.get(path) in (OPENED, WRITING) else MODIFIED
+                elif mask & IN_CLOSE_WRITE:
+                    writes[path] = CLOSED
+            pending.add((change, path))
 
     def _unwatch_tree(self, rel: str) -> None:
         prefix = rel + "/"
@@ -282,10 +334,18 @@ class InotifyTree:
     def __aiter__(self) -> InotifyTree:
         return self
 
+    def take_writes(self) -> dict[str, int]:
+        """What the events of the batch just returned said about writers: absolute path ->
+        ``WRITING``, ``MODIFIED``, ``CLOSED``, ``OPENED``, ``READ_CLOSED`` or ``RESET`` (the
+        last thing said, per path)."""
+        writes, self._batch_writes = self._batch_writes, {}
+        return writes
+
     async def __anext__(self) -> set[tuple[Change, str]]:
         """The next batch: waits for a change, then until none arrived for ``step`` seconds
-        (at most ``debounce`` seconds after the first)."""
-        while not self._pending:
+        (at most ``debounce`` seconds after the first). A batch may be empty when files were
+        only opened (see :meth:`take_writes`)."""
+        while not self._pending and not self._writes:
             self._arrived = arrived = anyio.Event()
             await arrived.wait()
         deadline = anyio.current_time() + self._debounce
@@ -295,5 +355,7 @@ class InotifyTree:
                 await arrived.wait()
             if not arrived.is_set():
                 break
-        batch, self._pending = self._pending, set()
+        with self._lock:
+            batch, self._pending = self._pending, set()
+            self._batch_writes, self._writes = self._writes, {}
         return batch

@@ -7,15 +7,17 @@ name) here; a name is resolved to an id when the file is uploaded (see ``Service
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from daemon.config import RouteSettings, Settings
+from daemon.watcher import compile_globs
 
 SIDECAR_SUFFIX = ".meta.json"
 _SIDECAR_MAX = 64 * 1024
@@ -106,11 +108,17 @@ def stream_source(rel: str, settings: Settings) -> str:
 
 
 def _matches(rel: str, pattern: str) -> bool:
-    name = rel.rsplit("/", 1)[-1]
-    if fnmatch.fnmatchcase(rel, pattern) or fnmatch.fnmatchcase(name, pattern):
-        return True
-    # "a/**/b" also matches "a/b": ** may stand for no folder at all.
-    return "**/" in pattern and fnmatch.fnmatchcase(rel, pattern.replace("**/", ""))
+    """``pattern`` matches the relative path or the file name, in any letter case, like the
+    ``[inbox]`` include/exclude globs (Windows-made loggers write ``RUN.CSV`` and ``run.csv``)."""
+    regex = _route_glob(pattern)
+    return regex.match(rel) is not None or regex.match(rel.rpartition("/")[2]) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _route_glob(pattern: str) -> re.Pattern[str]:
+    regex = compile_globs([pattern])
+    assert regex is not None  # one pattern in, one regex out
+    return regex
 
 
 def read_sidecar(path: Path) -> tuple[dict[str, Any], str | None]:

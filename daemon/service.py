@@ -4,6 +4,12 @@ Start order: queue (open, recover) → client (resolve streams) → workers, pol
 watcher (its start-up scan done) → ready. SIGTERM/SIGINT stop intake at once, give in-flight
 uploads ``grace_seconds`` to finish, then cancel them at a safe point (every step is journaled,
 so a cancelled upload resumes on the next start) and exit 0.
+
+A missing inbox folder does not stop the daemon: the watcher waits for it, uploads wait while
+it is missing, and the heartbeat shows it to ``status``. A state database deleted or replaced
+under the running daemon does stop it (``StateLostError``, exit 75): the heartbeat compares the
+files at the state path with the ones opened, so that systemd starts it again on what is there
+now instead of letting it write on into an unlinked file.
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ from daemon.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
 from daemon.client import CHUNK_SIZE
 from daemon.config import Settings
 from daemon.disposal import Disposal
-from daemon.errors import ConfigError, InboxdError, NotFoundError, StateError
+from daemon.errors import InboxdError, NotFoundError, StateError, StateLostError
 from daemon.metrics import Metrics, MetricsServer
 from daemon.notify import Notifier, watchdog_interval
 from daemon.poller import Poller
 from daemon.queue import (
+    Delivered,
     FileIdentity,
     Job,
     NewJob,
@@ -41,12 +48,19 @@ from daemon.queue import (
 )
 from daemon.retention import Retention, disk_free
 from daemon.retry import RetryPolicy
-from daemon.routing import SIDECAR_SUFFIX, Route, route, stream_for, stream_source
+from daemon.routing import (
+    SIDECAR_SUFFIX,
+    Route,
+    dataset_name_for,
+    route,
+    stream_for,
+    stream_source,
+)
 from daemon.status import HEARTBEAT_SECONDS, what_to_do
 from daemon.targets import Target
 from daemon.targets.factory import open_target
 from daemon.upload import UploadOptions
-from daemon.watcher import DEFAULT_EXCLUDES, Watcher, WatchRules
+from daemon.watcher import DEFAULT_EXCLUDES, InboxTrouble, Watcher, WatchRules
 from daemon.workers import Pause, Workers, WorkerSettings
 
 _log = structlog.get_logger(__name__)
@@ -89,6 +103,8 @@ class Service:
         self._stream_ids: dict[str, int] = {}
         self.notifier = Notifier()
         self._ready = False
+        #: (st_dev, st_ino) of the state database, -wal and -shm as opened (None: not there yet)
+        self._state_files: dict[Path, tuple[int, int] | None] = {}
 
     def _pause_changed(self) -> None:
         self.metrics.set_paused(self.pause.paused)
@@ -99,12 +115,11 @@ class Service:
         self._stop.set()
 
     async def run(self) -> None:
-        """Run until stopped; returns after a graceful stop."""
+        """Run until stopped; returns after a graceful stop.
+
+        Raises ``StateLostError`` when the state database is deleted or replaced meanwhile.
+        """
         s = self.settings
-        if not self.inbox.is_dir():
-            raise ConfigError(
-                f"inbox.path = {str(s.inbox.path)!r}: no such folder — create it or fix the path"
-            )
         lock = _lock_state(s.state.path)
         try:
             _share_state_with_group(s.state.path)
@@ -113,6 +128,7 @@ class Service:
             except QueueError as exc:
                 raise exc.as_state_error() from None
             self.queue = queue
+            self._state_files = _state_files(s.state.path)
             try:
                 await self._run(queue)
             finally:
@@ -165,6 +181,7 @@ class Service:
                     follow_symlinks=s.inbox.follow_symlinks,
                 ),
                 pause=self.pause,
+                inbox_trouble=self._inbox_trouble,
                 owner=owner,
                 metrics=self.metrics,
                 windows=parse_windows(s.bandwidth.windows),
@@ -178,7 +195,13 @@ class Service:
                 metrics=self.metrics,
                 hold=self.workers.hold,
             )
-            disposal = Disposal(queue, self.inbox, s.inbox.after_upload, s.inbox.archive_path)
+            disposal = Disposal(
+                queue,
+                self.inbox,
+                s.inbox.after_upload,
+                s.inbox.archive_path,
+                inbox_trouble=self._inbox_trouble,
+            )
             self.watcher = Watcher(
                 self.inbox,
                 self._rules(),
@@ -218,6 +241,7 @@ class Service:
                 tg.start_soon(self._flush_settling)
                 watcher_scope = anyio.CancelScope()
                 await tg.start(self._watch, watcher_scope)
+                self._beat_now.set()  # status learns at once what the watcher found
                 _log.info(
                     "daemon.ready",
                     version=__version__,
@@ -267,7 +291,12 @@ class Service:
             ignore_dirs=ignore,
             rescan_seconds=inbox.rescan_seconds,
             force_polling=inbox.force_polling,
+            writer_timeout=inbox.writer_timeout_seconds,
         )
+
+    def _inbox_trouble(self) -> InboxTrouble | None:
+        """What is wrong with the inbox folder now (missing, unmounted, replaced), or None."""
+        return self.watcher.inbox_trouble() if self.watcher is not None else None
 
     async def _on_ready(self, files: list[FileIdentity]) -> None:
         assert self.queue is not None and self.workers is not None
@@ -280,11 +309,59 @@ class Service:
             stream_id = await self._stream_id(r.stream)
             kind = self.settings.api.kind
             items.append(NewJob(ident, stream_id, r.dataset_name, r.metadata, kind))
+        if not self.settings.inbox.upload_renamed:
+            items = await self._take_renamed(items)
         new = await self.queue.enqueue_many(items)
         # The watcher follows each report with on_settling(rel, None): no clearing here.
         if new:
             _log.info("watcher.enqueued", files=len(new))
             self.workers.wake()
+
+    async def _take_renamed(self, items: list[NewJob]) -> list[NewJob]:
+        """Record files that are delivered files under a new name; return the others.
+
+        A file renamed or moved within the inbox keeps its inode, size and mtime: when a
+        delivered version (or one whose import runs) has them under another path, and that
+        path no longer holds the same file (else it is a hard link, a second file), it is not
+        uploaded again (``inbox.upload_renamed`` = true uploads it).
+        """
+        assert self.queue is not None
+        found = await self.queue.delivered_elsewhere([item.identity for item in items])
+        if not found:
+            return items
+        renamed = await anyio.to_thread.run_sync(self._renames, items, found)
+        if not renamed:
+            return items
+        records = []
+        template = self.settings.upload.dataset_name
+        for index, old in renamed.items():
+            name = (
+                old.job.dataset_name if old.job is not None else dataset_name_for(old.rel, template)
+            )
+            dataset = f"dataset {name!r}" + (f" (id {old.dataset_id})" if old.dataset_id else "")
+            note = f"renamed from {old.rel}: already delivered as {dataset}; not uploaded again"
+            records.append((items[index], old, note))
+            _log.info(
+                "watcher.renamed",
+                path=items[index].identity.rel,
+                renamed_from=old.rel,
+                dataset_name=name,
+                dataset_id=old.dataset_id,
+                hint="not uploaded again; set inbox.upload_renamed = true to upload renamed files",
+            )
+        await self.queue.record_renamed(records)
+        return [item for index, item in enumerate(items) if index not in renamed]
+
+    def _renames(
+        self, items: list[NewJob], found: dict[int, list[Delivered]]
+    ) -> dict[int, Delivered]:
+        """Which candidates are renames: no old path of theirs still holds the same file."""
+        out: dict[int, Delivered] = {}
+        for index, olds in found.items():
+            ident = items[index].identity
+            if not any(_holds(self.inbox / old.rel, ident) for old in olds):
+                out[index] = olds[0]
+        return out
 
     async def _stream_id(self, ref: int | str) -> int:
         """The stream id a file is queued with; 0 = a name the worker looks up at upload.
@@ -354,6 +431,7 @@ class Service:
             period = min(period, watchdog)
         first = True
         while True:
+            self._check_state_files()
             info = {
                 "version": __version__,
                 "inbox": str(self.inbox),
@@ -361,6 +439,7 @@ class Service:
                 "workers": self.settings.upload.workers,
                 "window": self._window_info(),
                 "disk": await self._disk_info(),
+                "inbox_problem": self.watcher.inbox_state() if self.watcher is not None else None,
             }
             await queue.heartbeat(os.getpid(), self.started_at, info)
             if watchdog is not None and self._ready:
@@ -384,9 +463,44 @@ class Service:
             "waiting_until": opens.timestamp() if opens is not None else None,
         }
 
-    async def _disk_info(self) -> dict[str, Any]:
+    def _check_state_files(self) -> None:
+        """Stop (exit 75, which systemd restarts) when the state database at the configured
+        path is no longer the one this daemon writes: deleted, moved or replaced meanwhile.
+
+        Writing on would go into an unlinked file (``status`` sees nothing, a restart
+        starts from scratch); a restart now opens what is at the path. The -wal and -shm
+        are compared too: they hold the latest commits and the readers' index of them.
+        """
+        for path, opened in _state_files(self.settings.state.path).items():
+            known = self._state_files.get(path)
+            if known is None:
+                self._state_files[path] = opened  # -wal/-shm appear with the first write
+                continue
+            if opened == known:
+                continue
+            what = "was deleted" if opened is None else "was replaced by another file"
+            _log.error(
+                "state.lost",
+                path=str(path),
+                problem=what,
+                hint="stopping (exit 75) so that a restart opens the state database now at"
+                " [state] path; an empty or older one means files may be uploaded again."
+                " Move or restore state.db together with its -wal and -shm files, and only"
+                " while inboxd is stopped",
+            )
+            raise StateLostError(
+                f"state database file {path} {what} while inboxd was running",
+                advice="inboxd stops so that a restart opens the database now at that path;"
+                " restore state.db together with its -wal and -shm files only while inboxd is"
+                " stopped",
+            )
+
+    async def _disk_info(self) -> dict[str, Any] | None:
         """Free space where the inbox lives; warns once per crossing of the threshold."""
-        free, total = await anyio.to_thread.run_sync(disk_free, self.inbox)
+        try:
+            free, total = await anyio.to_thread.run_sync(disk_free, self.inbox)
+        except OSError:
+            return None  # the folder is missing: the watcher says so (inbox_problem)
         warn = self.settings.retention.warn_free_percent
         pct = 100.0 * free / total if total else 100.0
         low = pct < warn
@@ -439,6 +553,8 @@ class Service:
             parts.insert(0, f"waiting for upload window (opens {opens})")
         if self._disk_low:
             parts.append("DISK LOW")
+        if self.watcher is not None and self.watcher.inbox_state() is not None:
+            parts.insert(0, "INBOX MISSING")
         return ", ".join(parts) or f"idle, {counts.get('done', 0)} done"
 
     async def _probe_when_paused(self, target: Target) -> None:
@@ -514,6 +630,27 @@ def _share_state_with_group(db: Path) -> None:
             continue
         except OSError as exc:
             _log.warning("state.not_shared", path=str(path), reason=exc.strerror)
+
+
+def _holds(path: Path, ident: FileIdentity) -> bool:
+    """Whether ``path`` names the file version ``ident`` (same inode, size and mtime)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (st.st_ino, st.st_size, st.st_mtime_ns) == (ident.inode, ident.size, ident.mtime_ns)
+
+
+def _state_files(db: Path) -> dict[Path, tuple[int, int] | None]:
+    """(st_dev, st_ino) of the state database and its -wal and -shm; None for a missing one."""
+    out: dict[Path, tuple[int, int] | None] = {}
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        try:
+            st = os.stat(path)
+            out[path] = (st.st_dev, st.st_ino)
+        except OSError:
+            out[path] = None
+    return out
 
 
 def _lock_state(db: Path) -> int:

@@ -88,6 +88,7 @@ async def snapshot(
             "inbox": info.info.get("inbox"),
             "window": info.info.get("window"),
             "disk": info.info.get("disk"),
+            "inbox_problem": info.info.get("inbox_problem"),
         }
     raw = await queue.counts()
     counts = {state: int(raw.get(state, 0)) for state in STATES}
@@ -161,6 +162,8 @@ def job_json(job: Job, now: float) -> dict[str, Any]:
         "import_message": job.import_message,
         "error": job.last_error if state in ("failed", "queued") else None,
         "error_kind": job.error_kind if state in ("failed", "queued") else None,
+        # a renamed file recognised as delivered: where it was delivered from
+        "note": job.last_error if job.error_kind == "renamed" else None,
         "fell_back_to_server": job.fell_back,
         "after_upload": job.after_upload,
         "created_at": job.created_at,
@@ -203,7 +206,7 @@ def render(snap: Snapshot) -> str:
             f"  ↻ {_id(job)} {job['path']}  retry in {_duration(when)}: {short_reason(job)}"
         )
     for job in groups.get("done", [])[:5]:
-        lines.append(f"  ✓ {_id(job)} {job['path']}  {_where(job)} ({job['import_status']})")
+        lines.append(f"  ✓ {_id(job)} {job['path']}  {_outcome(job)}")
     failed = groups.get("failed", [])
     if failed:
         lines.append("failed — fix the cause, then `inboxd retry ID` (or `--all-failed`):")
@@ -236,6 +239,10 @@ def _header(snap: Snapshot) -> list[str]:
         opens = time.strftime("%a %H:%M", time.localtime(window["waiting_until"]))
         spec = ", ".join(window.get("windows") or [])
         lines.append(f"uploads wait for the upload window ({spec}): opens {opens}")
+    problem = d.get("inbox_problem") or {}
+    if problem.get("problem") and d.get("alive"):
+        since = time.strftime("%a %H:%M:%S", time.localtime(problem["since"]))
+        lines.append(f"INBOX MISSING since {since}: {problem['problem']}; uploads wait for it")
     disk = d.get("disk") or {}
     if disk.get("low"):
         lines.append(
@@ -267,7 +274,8 @@ def _outcome(job: dict[str, Any]) -> str:
         return f"failed earlier, fixed: job {job['superseded_by']} took over"
     state = job["state"]
     if state == "done":
-        return f"{_where(job)} ({job['import_status']})"
+        note = f"; {job['note']}" if job.get("note") else ""
+        return f"{_where(job)} ({job['import_status']}){note}"
     if state == "failed":
         return short_reason(job)
     if state == "uploading":

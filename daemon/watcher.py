@@ -1,10 +1,10 @@
 """Find complete files in the inbox folder and hand them over, without ever reading them.
 
 The watcher is the daemon's eyes: it notices files appearing in the inbox (a start-up scan,
-then file events, plus a periodic safety-net rescan), waits until each one has *settled* (nobody
-is writing to it any more), and reports it through the ``on_ready`` callback. It only ever calls
-``lstat``/``stat``/``readlink`` and lists folders: it never opens a file, never touches the
-network or the database.
+then file events, plus a periodic safety-net rescan), waits until each one is *complete* (its
+writer is done with it), and reports it through the ``on_ready`` callback. It only ever calls
+``lstat``/``stat``/``readlink``, lists folders and reads ``/proc``: it never opens a file in the
+inbox, never touches the network or the database.
 
 Nothing outside the inbox is ever listed or watched: scans never enter a symlinked folder (a
 folder is opened with ``O_NOFOLLOW``), and on Linux events come from ``daemon.inotify``, which
@@ -20,6 +20,21 @@ found by a directory scan (start-up, rescan, a folder moved in) whose mtime and 
 older than ``settle_seconds`` is ready on that one look. Two guards against clock skew between
 the writer and us (network shares): timestamps in the future count as "now", and a file that an
 event just reported as changed counts from "now" if its timestamps claim it is already old.
+
+Writer rule, on top of the settle rule: a file some process still holds open for writing is
+not taken, however long its writer pauses. On Linux the inotify events say so for every
+process: ``IN_MODIFY`` without a later ``IN_CLOSE_WRITE`` means a writer holds it; after the
+close it must stay unchanged for ``settle_seconds`` more (a writer that closes and reopens to
+append). Where the events cannot tell (a file found by a scan, moved in, or opened again since
+its close), one pass over ``/proc`` per scan or per timer wake-up (``daemon.writers``) looks
+for a process holding it open for writing; where that cannot be seen either (other users'
+processes, other machines), settle_seconds alone decides. A file held open but unchanged for
+``writer_timeout`` seconds (a crashed or hung logger) is taken anyway, with a warning.
+
+The inbox folder itself may go away (deleted, moved, unmounted, replaced by another folder): it
+is then reported once (``watcher.inbox_missing``), looked for every second, and when it is back
+(the same folder, or a new one at the same path) it is watched again and scanned in full.
+Meanwhile :meth:`Watcher.inbox_trouble` says what is wrong, for the workers and ``status``.
 
 Each waiting file has one due time in a heap; a single timer task sleeps until the earliest one,
 re-stats, and either reports the file or moves its due time. Everything that becomes ready in
@@ -52,10 +67,19 @@ import anyio.lowlevel
 import structlog
 import watchfiles
 
-from daemon import inotify
+from daemon import inotify, writers
 from daemon.queue import FileIdentity
 
-__all__ = ["DEFAULT_EXCLUDES", "MAX_BATCH", "WatchRules", "Watcher"]
+__all__ = [
+    "DEFAULT_EXCLUDES",
+    "MAX_BATCH",
+    "REPLACED_GRACE_SECONDS",
+    "InboxTrouble",
+    "WatchRules",
+    "Watcher",
+    "compile_globs",
+    "completeness",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +113,17 @@ _MAX_TIMER_SLEEP: Final = 1.0
 _MIN_RESCAN_GAP: Final = 0.05  # seconds; the real gap is max(this, 2 x last scan duration)
 _MAX_RESTART_DELAY: Final = 5.0
 _POLL_SECONDS: Final = 0.3  # force_polling: a full scan this often (watchfiles' own default)
+# A file /proc shows held open for writing is looked at again on this grid (seconds), so that
+# many held files share one /proc pass; inotify's close event usually comes first.
+_HELD_RECHECK: Final = 2.0
+# A close this long after the last change restarts the settle time: the writer paused with the
+# file open and may reopen it to append. A close right after the last write does not.
+_CLOSE_SLACK: Final = 0.5
+_ROOT_CHECK_SECONDS: Final = 1.0  # how often the inbox folder itself is looked at
+#: After the inbox was replaced by another folder, uploads wait this long for files to be put
+#: back into it before a file missing from it counts as gone.
+REPLACED_GRACE_SECONDS: Final = 30.0
+_IDLE_WAIT: Final = 5.0  # a job whose file is missing with the whole folder: looked at again
 
 # Folders are listed through an fd opened with O_NOFOLLOW: a folder swapped for a symlink
 # between its parent's listing and its own is refused by the kernel instead of followed.
@@ -105,9 +140,15 @@ _SKIP: Final = 2
 _GONE: Final = 3
 _IGNORE: Final = 4
 
-# (kind, rel, reason, size, mtime_ns, ctime_ns, inode): one flat shape for every kind so that
-# a 50,000-file scan is 50,000 small tuples, not 50,000 objects.
-_Obs = tuple[int, str, str, int, int, int, int]
+# (kind, rel, reason, size, mtime_ns, ctime_ns, inode, dev): one flat shape for every kind so
+# that a 50,000-file scan is 50,000 small tuples, not 50,000 objects.
+_Obs = tuple[int, str, str, int, int, int, int, int]
+
+# What is known about a waiting file's writers.
+_W_UNKNOWN: Final = 0  # no event said: ask /proc when it has settled
+_W_WRITING: Final = 1  # inotify: opened and modified, not closed since
+_W_CLOSED: Final = 2  # inotify: closed after its last write
+_W_HELD: Final = 3  # /proc: a process holds it open for writing
 
 
 @dataclass(frozen=True)
@@ -129,6 +170,21 @@ class WatchRules:
     ignore_dirs: tuple[Path, ...] = ()
     rescan_seconds: float = 600.0
     force_polling: bool | None = None
+    #: a file held open for writing but unchanged this long is taken anyway; 0 = writers are
+    #: not waited for (settle_seconds alone decides)
+    writer_timeout: float = 3600.0
+
+
+@dataclass(frozen=True)
+class InboxTrouble:
+    """The inbox folder is missing, or was just replaced (see ``Watcher.inbox_trouble``)."""
+
+    #: what is wrong, for logs and job messages
+    reason: str
+    #: the folder is not there: nothing can be uploaded from it, uploads wait
+    hold: bool
+    #: how long a job whose file is missing waits before it is looked at again
+    wait: float
 
 
 class _Pending:
@@ -137,25 +193,37 @@ class _Pending:
     __slots__ = (
         "announced",
         "ctime_ns",
+        "dev",
         "due",
         "inode",
         "mtime_ns",
+        "opened",
         "queued",
         "recheck",
+        "since",
         "size",
         "version",
+        "warned",
+        "writer",
     )
 
-    def __init__(self, size: int, mtime_ns: int, ctime_ns: int, inode: int, due: float) -> None:
+    def __init__(
+        self, size: int, mtime_ns: int, ctime_ns: int, inode: int, due: float, dev: int = 0
+    ) -> None:
         self.size = size
         self.mtime_ns = mtime_ns
         self.ctime_ns = ctime_ns
         self.inode = inode
+        self.dev = dev
         self.due = due  # earliest moment the file may be reported
+        self.since = due  # when it last changed, as the settle rule counts (set by the caller)
         self.queued = math.inf  # due time of this file's live heap entry (inf: none)
         self.recheck = False  # re-stat at the next heap pop even if `due` is later
         self.announced = False  # on_settling(rel, size) was sent
         self.version = 0  # bumped on every change, so stale thread results can be recognised
+        self.writer = _W_UNKNOWN
+        self.opened = False  # inotify: opened since its last close (a modify then means a writer)
+        self.warned = False  # "held open" was logged
 
     def same(self, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> bool:
         return (
@@ -166,8 +234,12 @@ class _Pending:
         )
 
 
-def _compile_globs(patterns: Iterable[str]) -> re.Pattern[str] | None:
-    """One case-insensitive regex for a list of fnmatch globs (``None`` if there are none)."""
+def compile_globs(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    """One case-insensitive regex for a list of fnmatch globs (``None`` if there are none).
+
+    The one glob dialect of the config (include, exclude, ``[[routes]]``): ``*`` also matches
+    ``/``, ``**/`` may stand for no folder, letters match in either case.
+    """
     parts: list[str] = []
     for pattern in patterns:
         # "**/" may stand for no folder at all: add every variant with some of them removed.
@@ -205,7 +277,11 @@ def _kind_reason(mode: int) -> str:
 
 
 def _obs(kind: int, rel: str, reason: str = "") -> _Obs:
-    return (kind, rel, reason, 0, 0, 0, 0)
+    return (kind, rel, reason, 0, 0, 0, 0, 0)
+
+
+def _file_obs(rel: str, st: os.stat_result) -> _Obs:
+    return (_FILE, rel, "", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
 def _events_kind(force_polling: bool | None) -> str:
@@ -226,6 +302,24 @@ def _events_kind(force_polling: bool | None) -> str:
     if sys.platform.startswith("linux") and inotify.available():
         return "inotify"
     return "watchfiles"
+
+
+def completeness(
+    inbox: Path, force_polling: bool | None, writer_timeout: float
+) -> writers.Visibility:
+    """How this machine decides that a file in ``inbox`` is complete, in one line (the
+    daemon logs it at start as ``watcher.completeness``; ``inboxd check`` prints it).
+
+    Blocking (one pass over /proc): call it from a worker thread.
+    """
+    seen = writers.visibility(inbox, _events_kind(force_polling), writer_timeout)
+    if os.path.isdir(inbox):
+        return seen
+    return writers.Visibility(
+        False,
+        f"inbox.path {os.fspath(inbox)!r} is not a folder (yet): the daemon starts anyway and"
+        f" waits for it; {seen.text}",
+    )
 
 
 class _Never:
@@ -322,6 +416,9 @@ class _Scanner:
         try:
             self._it, self._fd = w._list(rel)
         except FileNotFoundError:
+            if not rel:  # the inbox itself: the watcher's check of the folder says why
+                self.failed.append(rel)
+                return
             out.append(_obs(_GONE, rel))
             return
         except OSError as exc:
@@ -361,6 +458,7 @@ class Watcher:
     _wake: anyio.Event  # tells the timer task that something changed
     _drained: anyio.Event  # set by the dispatcher whenever it has nothing left to deliver
     _rescan_wanted: anyio.Event
+    _root_back: anyio.Event  # set while the inbox folder is there and watched
 
     def __init__(
         self,
@@ -382,8 +480,8 @@ class Watcher:
 
         self._root = os.path.abspath(os.fspath(inbox))
         self._root_real = os.path.realpath(self._root)
-        self._include = _compile_globs(rules.include)
-        self._exclude = _compile_globs(rules.exclude)
+        self._include = compile_globs(rules.include)
+        self._exclude = compile_globs(rules.exclude)
         self._ignored = self._ignored_rels(rules.ignore_dirs)
 
         # Bounded by the number of files in the inbox: rel -> (size, mtime_ns, inode).
@@ -403,12 +501,65 @@ class Watcher:
         self._events_kind = _events_kind(rules.force_polling)
         # The inotify watcher while one is open: scans (in worker threads) add folders to it.
         self._tree: inotify.InotifyTree | None = None
+        self._events_scope: anyio.CancelScope | None = None  # cancelled to re-arm the source
+
+        self._writer_timeout = max(0.0, float(rules.writer_timeout))
+        self._asking: list[_Obs] = []  # settled files to look for in /proc (see _ask_writers)
+
+        # The inbox folder itself: (st_dev, st_ino) and whether it is a mount point, as watched.
+        self._root_id: tuple[int, int] | None = None
+        self._root_mount = False
+        self._missing: tuple[float, str] | None = None  # (since, what is wrong) while unusable
+        self._replaced_at: float | None = None
+        # inotify saw the watched folder deleted: a folder at its path later is a new one,
+        # even when the file system gives it the same inode number again.
+        self._root_deleted = False
+        self._root_changes = 0  # how often it went missing, came back or was replaced
 
     # ------------------------------------------------------------------ public API
 
     def pending(self) -> int:
         """Number of files currently waiting to settle."""
         return len(self._settling)
+
+    def inbox_trouble(self) -> InboxTrouble | None:
+        """What is wrong with the inbox folder right now, or None when nothing is.
+
+        Looks at the folder afresh (one ``stat``) when it seems fine, so a caller about to
+        give up on a missing file learns that the whole folder went away, not just the file.
+        For ``REPLACED_GRACE_SECONDS`` after the folder was replaced by another one, a file
+        missing from it is given that long to be put back.
+        """
+        if self._missing is None and self._root_id is not None:
+            try:
+                st = os.stat(self._root)
+                same = (st.st_dev, st.st_ino) == self._root_id
+            except OSError:
+                same = False
+            if not same:
+                self._check_root()
+        if self._missing is not None:
+            what = f"the inbox folder {self._root} {self._missing[1]}"
+            return InboxTrouble(what, hold=True, wait=_IDLE_WAIT)
+        if self._replaced_at is not None:
+            until = self._replaced_at + REPLACED_GRACE_SECONDS
+            if until > self._clock():
+                at = time.strftime("%H:%M:%S", time.localtime(until))
+                what = (
+                    f"the inbox folder {self._root} was replaced by another folder; a file"
+                    f" missing from it is given until {at} to be put back"
+                )
+                return InboxTrouble(what, hold=False, wait=until - self._clock())
+            self._replaced_at = None
+        return None
+
+    def inbox_state(self) -> dict[str, object] | None:
+        """For the heartbeat and ``status``: ``{"problem", "since"}`` while the inbox folder
+        is missing (or not mounted, or not a folder), else None."""
+        if self._missing is None:
+            return None
+        since, what = self._missing
+        return {"problem": f"the inbox folder {self._root} {what}", "since": since}
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -417,22 +568,35 @@ class Watcher:
 
         Calls ``task_status.started()`` once the start-up scan has registered every existing
         file: files already complete have been handed to ``on_ready`` and the others are
-        waiting to settle (so the service can send READY). Raises if the inbox is missing.
+        waiting to settle (so the service can send READY). An inbox folder that is missing at
+        the start is reported (``watcher.inbox_missing``) and waited for; ``started()`` is then
+        called at once, and the start-up scan runs when the folder appears.
         """
         if self._running:
             raise RuntimeError("Watcher.run() is already running")
-        if not stat.S_ISDIR(os.stat(self._root).st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "inbox is not a folder", self._root)
         self._running = True
         self._wake = anyio.Event()
         self._drained = anyio.Event()
         self._rescan_wanted = anyio.Event()
+        self._root_back = anyio.Event()
+        self._root_id = None
+        self._missing = None
         stop = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
                 try:
-                    tg.start_soon(self._event_loop, stop)
                     tg.start_soon(self._timer_loop)
+                    self._check_root()
+                    if not self._root_back.is_set():
+                        # The daemon still has work without it (queued uploads, imports,
+                        # status): say "started", then wait for the folder.
+                        task_status.started()
+                        task_status = anyio.TASK_STATUS_IGNORED
+                        tg.start_soon(self._root_loop)
+                        await self._root_back.wait()
+                    else:
+                        tg.start_soon(self._root_loop)
+                    tg.start_soon(self._event_loop, stop)
                     # Let the event task take its first step: it opens the inotify instance
                     # (which the scan then adds each folder to before listing it), or awatch()
                     # sets up its watches, synchronously before it first suspends, so nothing
@@ -453,6 +617,7 @@ class Watcher:
                     )
                     task_status.started()
                     tg.start_soon(self._rescan_loop)
+                    tg.start_soon(self._log_completeness)
                     await anyio.sleep_forever()
                 finally:
                     # Set before the task group waits for its children: the watchfiles worker
@@ -461,6 +626,97 @@ class Watcher:
                     stop.set()
         finally:
             self._running = False
+
+    # ------------------------------------------------------------------ the inbox folder itself
+
+    def _root_state(self) -> tuple[int, int, bool] | str:
+        """(st_dev, st_ino, is a mount point) of the inbox folder, or what is wrong with it."""
+        try:
+            st = os.stat(self._root)
+        except FileNotFoundError:
+            parent = os.path.dirname(self._root)
+            if parent != self._root and not os.path.isdir(parent):
+                return f"does not exist (nor does its parent folder {parent})"
+            return "does not exist"
+        except NotADirectoryError:
+            return "cannot be reached: a folder on its path is not a folder"
+        except OSError as exc:  # EACCES, EIO of a dying disk, ESTALE/ENOTCONN of a share
+            return f"cannot be reached: {exc.strerror or exc}"
+        if not stat.S_ISDIR(st.st_mode):
+            return "is not a folder"
+        try:
+            up = os.stat(os.path.dirname(os.path.realpath(self._root)))
+            mount = st.st_dev != up.st_dev or st.st_ino == up.st_ino
+        except OSError:
+            mount = False
+        if self._root_mount and not mount and (st.st_dev, st.st_ino) != self._root_id:
+            # Its filesystem was unmounted: what is left is the empty folder it was mounted
+            # on. Watching that would treat every file of the inbox as deleted.
+            return "is not mounted (the folder is there, the filesystem mounted on it is not)"
+        return st.st_dev, st.st_ino, mount
+
+    def _check_root(self) -> None:
+        """Look at the inbox folder; on a change, log it once and re-arm the event source."""
+        state = self._root_state()
+        now = self._clock()
+        if isinstance(state, str):
+            if self._missing is None:
+                self._root_changes += 1
+                self._missing = (now, state)
+                self._root_back = anyio.Event()
+                log.error(
+                    "watcher.inbox_missing",
+                    inbox=_display(self._root),
+                    problem=state,
+                    hint="inboxd keeps running and picks the folder up again by itself when"
+                    " it is back (checked every second); until then no file is taken and"
+                    " queued uploads wait. Re-create or re-mount it, or fix [inbox] path",
+                )
+                self._restart_events()  # it watches a folder that is gone
+            elif self._missing[1] != state:
+                self._missing = (self._missing[0], state)
+                log.warning("watcher.inbox_missing", inbox=_display(self._root), problem=state)
+            return
+        dev, ino, mount = state
+        previous, self._root_id, self._root_mount = self._root_id, (dev, ino), mount
+        replaced = previous is not None and (previous != (dev, ino) or self._root_deleted)
+        self._root_deleted = False
+        if replaced or self._missing is not None:
+            self._root_changes += 1
+            if self._scans_begun:  # (else the start-up scan is still to come)
+                self._rescan_wanted.set()  # whatever is in it now
+        if replaced:
+            self._replaced_at = now
+            self._restart_events()  # re-arm on the new folder
+        if self._missing is not None:
+            since = self._missing[0]
+            self._missing = None
+            log.warning(
+                "watcher.inbox_back",
+                inbox=_display(self._root),
+                missing_seconds=round(now - since, 1),
+                replaced=replaced,
+            )
+            self._root_back.set()
+        elif replaced:
+            log.warning(
+                "watcher.inbox_replaced",
+                inbox=_display(self._root),
+                hint="another folder now has the inbox's path; watching and scanning it",
+            )
+        else:
+            self._root_back.set()
+
+    async def _root_loop(self) -> None:
+        """Look at the inbox folder every second: cheap, and the only way to notice it coming
+        back (there is nothing to watch while it is missing) or being mounted over."""
+        while True:
+            await anyio.sleep(_ROOT_CHECK_SECONDS)
+            self._check_root()
+
+    def _restart_events(self) -> None:
+        if self._events_scope is not None:
+            self._events_scope.cancel()
 
     # ------------------------------------------------------------------ configuration helpers
 
@@ -557,7 +813,7 @@ class Watcher:
         if not self._included(rel):
             return _obs(_IGNORE, rel)
         if stat.S_ISREG(mode):
-            return (_FILE, rel, "", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            return _file_obs(rel, st)
         if stat.S_ISLNK(mode):
             return self._classify_symlink(rel)
         return _obs(_SKIP, rel, _kind_reason(mode))
@@ -590,7 +846,7 @@ class Watcher:
         except OSError as exc:
             return _obs(_SKIP, rel, f"cannot stat symlink target {target}: {exc.strerror}")
         if stat.S_ISREG(st.st_mode):
-            return (_FILE, rel, "", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            return _file_obs(rel, st)
         if stat.S_ISDIR(st.st_mode):
             return _obs(
                 _SKIP, rel, f"symlink points to a folder ({target}); only files are followed"
@@ -650,6 +906,141 @@ class Watcher:
         )
         self._wake.set()
 
+    # ------------------------------------------------------------------ writers (loop only)
+
+    def _gate(self, rel: str, p: _Pending | None, obs: _Obs, now: float) -> None:
+        """The settle rule says ``rel`` is complete: take it, unless a writer still has it.
+
+        ``p`` is None for a file a scan found already old. Files whose writers no event told
+        us about are collected for one /proc pass (``_ask_writers``).
+        """
+        if self._writer_timeout <= 0 or (p is not None and p.writer == _W_CLOSED):
+            self._ready(rel, obs[3], obs[4], obs[6], obs[5])
+        else:
+            # Also when inotify says a writer has it: /proc, where it sees every process,
+            # may tell that nobody has (a close the events missed).
+            self._asking.append(obs)
+
+    def _hold(self, rel: str, p: _Pending, now: float) -> None:
+        """A writer holds ``rel`` open: look again later, or take it if it has not changed
+        for ``writer_timeout`` seconds (a crashed or hung logger)."""
+        quiet = now - p.since
+        if quiet >= self._writer_timeout:
+            log.warning(
+                "watcher.taken_while_open",
+                rel=_display(rel),
+                unchanged_seconds=round(quiet),
+                hint="a process still holds it open for writing but has not changed it for"
+                " inbox.writer_timeout_seconds (crashed or hung?); taken as it is now. If it"
+                " is written again, the new version is delivered as well",
+            )
+            self._ready(rel, p.size, p.mtime_ns, p.inode, p.ctime_ns)
+            return
+        if not p.warned:
+            p.warned = True
+            log.info(
+                "watcher.held_open",
+                rel=_display(rel),
+                seen_by="inotify" if p.writer == _W_WRITING else "/proc",
+                taken_anyway_in=round(self._writer_timeout - quiet),
+            )
+        wake = p.since + self._writer_timeout
+        if p.writer == _W_HELD:
+            # No event may ever come (polling, another user's writer): ask /proc again, on a
+            # grid so that the held files share their passes.
+            wake = min(wake, (math.floor(now / _HELD_RECHECK) + 1) * _HELD_RECHECK)
+        p.recheck = True
+        self._push(rel, p, wake)
+
+    async def _ask_writers(self, scan_pass: list[writers.Writers] | None = None) -> None:
+        """Settled files no event spoke for: one /proc pass says which a process holds open
+        for writing. ``scan_pass``: a scan's holder for one pass that serves all its chunks."""
+        if not self._asking:
+            return
+        asking, self._asking = self._asking, []
+        if scan_pass is not None:
+            if not scan_pass:
+                scan_pass.append(await anyio.to_thread.run_sync(writers.scan, None))
+            found = scan_pass[0]
+        else:
+            keys = {(o[7], o[6]) for o in asking}
+            found = await anyio.to_thread.run_sync(writers.scan, keys)
+        now = self._clock()
+        settling, writing = self._settling, found.writing
+        for obs in asking:
+            rel = obs[1]
+            p = settling.get(rel)
+            if p is None and (obs[7], obs[6]) not in writing:
+                self._ready(rel, obs[3], obs[4], obs[6], obs[5])  # the usual case, first
+                continue
+            if p is not None and not p.same(obs[3], obs[4], obs[5], obs[6]):
+                continue  # it changed while we asked: its new schedule stands
+            if p is not None and p.writer == _W_CLOSED:
+                self._ready(rel, obs[3], obs[4], obs[6], obs[5])  # closed meanwhile (an event)
+            elif (obs[7], obs[6]) in writing:
+                if p is None:
+                    p = self._new_pending(obs, now)
+                    self._announce(rel, p)
+                if p.writer != _W_WRITING:
+                    p.writer = _W_HELD
+                self._hold(rel, p, now)
+            elif p is not None and p.writer == _W_WRITING and not found.complete:
+                self._hold(rel, p, now)  # a writer /proc cannot show (another user's)
+            elif p is not None and p.writer in (_W_HELD, _W_WRITING):
+                # Closed since (or nobody has it after all): settle from now.
+                p.writer = _W_UNKNOWN
+                p.due = now + self._settle
+                self._push(rel, p, p.due)
+            else:
+                self._ready(rel, obs[3], obs[4], obs[6], obs[5])
+
+    def _apply_writes(self, writes: dict[str, int], now: float) -> None:
+        """What inotify said about the writers of files that are waiting."""
+        for path, code in writes.items():
+            rel = self._rel_of(path)
+            p = self._settling.get(rel) if rel is not None else None
+            if p is None or rel is None:
+                continue
+            if code == inotify.CLOSED:
+                if now - p.since > _CLOSE_SLACK:
+                    # Closed after a pause: it must stay unchanged for settle_seconds after
+                    # the close (a writer may reopen it to append).
+                    p.due = max(p.due, now + self._settle)
+                self._push(rel, p, max(p.due, now))
+                p.writer, p.opened = _W_CLOSED, False
+            elif code == inotify.WRITING or (code == inotify.MODIFIED and p.opened):
+                p.writer, p.opened = _W_WRITING, True
+            elif code == inotify.OPENED:
+                p.opened = True
+                if p.writer != _W_WRITING:  # else: opened again (a reader?) while written
+                    p.writer = _W_UNKNOWN
+            else:
+                # RESET: another inode has the name now. MODIFIED with no open seen:
+                # truncate(2) by path, or a writer from before we watched. READ_CLOSED: the
+                # open seen was a reader's (our own upload, say), the modify maybe not through
+                # it. /proc decides; where it cannot see, settle_seconds does, as before.
+                p.writer = _W_UNKNOWN
+                if code != inotify.MODIFIED:
+                    p.opened = False
+            if p.due <= now and code != inotify.CLOSED:
+                # Settled and held: what was just learnt may release it; decide again now.
+                p.recheck = True
+                self._push(rel, p, now)
+
+    def _writers_unknown(self) -> None:
+        """Events were lost: what they said about writers may be out of date."""
+        for p in self._settling.values():
+            p.opened = False
+            if p.writer in (_W_WRITING, _W_CLOSED):
+                p.writer = _W_UNKNOWN
+
+    async def _log_completeness(self) -> None:
+        """Say once how completeness is decided here (``inboxd check`` shows the same)."""
+        seen = await anyio.to_thread.run_sync(
+            writers.visibility, Path(self._root), self._events_kind, self._writer_timeout
+        )
+        (log.info if seen.ok else log.warning)("watcher.completeness", method=seen.text)
+
     def _skip(self, rel: str, reason: str) -> None:
         self._drop_pending(rel)
         self._reported.pop(rel, None)
@@ -692,7 +1083,7 @@ class Watcher:
     def _observe(self, obs: _Obs, now: float, *, from_scan: bool) -> None:
         kind, rel = obs[0], obs[1]
         if kind == _FILE:
-            self._observe_file(rel, obs[3], obs[4], obs[5], obs[6], now, from_scan=from_scan)
+            self._observe_file(obs, now, from_scan=from_scan)
         elif kind == _DIR:
             if rel:
                 self._dirs.add(rel)
@@ -704,17 +1095,8 @@ class Watcher:
         elif kind == _GONE:
             self._forget(rel)
 
-    def _observe_file(
-        self,
-        rel: str,
-        size: int,
-        mtime_ns: int,
-        ctime_ns: int,
-        inode: int,
-        now: float,
-        *,
-        from_scan: bool,
-    ) -> None:
+    def _observe_file(self, obs: _Obs, now: float, *, from_scan: bool) -> None:
+        rel, size, mtime_ns, ctime_ns, inode = obs[1], obs[3], obs[4], obs[5], obs[6]
         self._skipped.pop(rel, None)
         reported = self._reported.get(rel)
         # ctime too: an in-place rewrite that restores the mtime is a new version.
@@ -728,28 +1110,37 @@ class Watcher:
             # A scan's stat may be older than what an event already told us: never act on it
             # directly, ask for a fresh look instead.
             if p is None:
-                p = self._settling[rel] = _Pending(size, mtime_ns, ctime_ns, inode, now)
-                p.due = self._settle_at(mtime_ns, ctime_ns, now, trust_old=True)
+                p = self._new_pending(obs, self._settle_at(mtime_ns, ctime_ns, now, trust_old=True))
             p.recheck = True
             self._push(rel, p, now)
             return
         due = self._settle_at(mtime_ns, ctime_ns, now, trust_old=from_scan)
         if p is None:
-            if due <= now + _EPSILON:
-                self._ready(rel, size, mtime_ns, inode, ctime_ns)  # old file found by a scan
+            if due <= now + _EPSILON:  # old file found by a scan: is it still written?
+                if self._writer_timeout > 0:
+                    self._asking.append(obs)  # (what _gate does, inline: 50,000 at start-up)
+                else:
+                    self._ready(rel, size, mtime_ns, inode, ctime_ns)
                 return
-            p = self._settling[rel] = _Pending(size, mtime_ns, ctime_ns, inode, due)
+            p = self._new_pending(obs, due)
             self._announce(rel, p)
             self._push(rel, p, due)
             return
-        p.size, p.mtime_ns, p.ctime_ns, p.inode = size, mtime_ns, ctime_ns, inode
-        p.due = due
+        p.size, p.mtime_ns, p.ctime_ns, p.inode, p.dev = size, mtime_ns, ctime_ns, inode, obs[7]
+        p.due = p.since = due
+        p.since -= self._settle
         p.version += 1
         # Announced once, not on every write: the service records each call in SQLite, and a
         # file being logged to changes many times a second.
         if not p.announced:
             self._announce(rel, p)
         self._push(rel, p, due)
+
+    def _new_pending(self, obs: _Obs, due: float) -> _Pending:
+        p = _Pending(obs[3], obs[4], obs[5], obs[6], due, obs[7])
+        p.since = due - self._settle
+        self._settling[obs[1]] = p
+        return p
 
     def _announce(self, rel: str, p: _Pending) -> None:
         p.announced = True
@@ -796,6 +1187,7 @@ class Watcher:
                 continue  # an event got there while we were stat-ing; its schedule stands
             self._recheck(rel, p, obs, now)
         self._flush_gone()
+        await self._ask_writers()
 
     def _recheck(self, rel: str, p: _Pending, obs: _Obs, now: float) -> None:
         kind = obs[0]
@@ -808,18 +1200,17 @@ class Watcher:
             else:
                 self._drop_pending(rel)  # replaced by a folder: its events will bring it back
             return
-        size, mtime_ns, ctime_ns, inode = obs[3], obs[4], obs[5], obs[6]
-        if p.same(size, mtime_ns, ctime_ns, inode):
+        if p.same(obs[3], obs[4], obs[5], obs[6]):
             p.recheck = False
             if p.due <= now + _EPSILON:
-                self._ready(rel, size, mtime_ns, inode, ctime_ns)
+                self._gate(rel, p, obs, now)
             else:
                 if not p.announced:
                     self._announce(rel, p)
                 self._push(rel, p, p.due)
             return
         p.recheck = False
-        self._observe_file(rel, size, mtime_ns, ctime_ns, inode, now, from_scan=False)
+        self._observe_file(obs, now, from_scan=False)
 
     async def _dispatch(self) -> None:
         self._dispatching = True
@@ -850,11 +1241,15 @@ class Watcher:
     # ------------------------------------------------------------------ scans
 
     async def _full_scan(self) -> None:
+        if self._missing is not None:
+            return  # nothing to scan; the scan that follows its return finds everything
         self._scans_begun += 1
         seen: set[str] = set()
         started = time.monotonic()
         failed = await self._scan([""], seen)
         self._scan_count += 1
+        if "" in failed:
+            self._check_root()  # the inbox itself could not be listed: gone?
         # Deletions whose events were lost (overflow, watcher restart): confirm with lstat,
         # because files created while the scan ran are legitimately missing from `seen`.
         gone_candidates = [
@@ -880,6 +1275,7 @@ class Watcher:
     async def _scan(self, starts: list[str], seen: set[str] | None = None) -> list[str]:
         """Walk folders in a worker thread, a chunk at a time, applying results on the loop."""
         scanner = _Scanner(self, starts)
+        scan_pass: list[writers.Writers] = []  # one /proc pass for the whole scan, if needed
         try:
             while True:
                 chunk = await anyio.to_thread.run_sync(scanner.take, _SCAN_CHUNK)
@@ -889,6 +1285,7 @@ class Watcher:
                 for obs in chunk:
                     self._observe(obs, now, from_scan=True)
                 self._flush_gone()
+                await self._ask_writers(scan_pass)
                 if seen is not None:
                     seen.update(obs[1] for obs in chunk)
         finally:
@@ -954,10 +1351,13 @@ class Watcher:
                 tg.cancel_scope.cancel()
         finally:
             self._tree = None
+            if tree.lost == "removed":
+                self._root_deleted = True
             tree.close()
 
     def _overflowed(self) -> None:
         log.warning("watcher.events_overflow", hint="the kernel dropped events; rescanning")
+        self._writers_unknown()
         self._rescan_wanted.set()
 
     async def _poll_loop(self) -> None:
@@ -968,33 +1368,50 @@ class Watcher:
     async def _event_loop(self, stop: anyio.Event) -> None:
         failures = 0
         while not stop.is_set():
+            if not self._root_back.is_set():  # (no checkpoint when it is: see run())
+                await self._root_back.wait()
             started = time.monotonic()
             handler_error: Exception | None = None
-            try:
-                async with self._events(stop) as changes:
-                    async for batch in changes:
-                        try:
-                            await self._handle_changes(batch)
-                        except Exception as exc:
-                            handler_error = exc
-                            raise
-                return  # the stream ended: stop was set
-            except Exception as exc:
-                if handler_error is not None:
-                    raise  # our own bug: restarting the event source would not help
-                # watchfiles raises (inside an ExceptionGroup) on any name that is not valid
-                # UTF-8 and loses the whole batch; it also fails when inotify runs out of
-                # watches. The inotify source fails when the inbox itself goes away. Restart it
-                # below, then rescan to recover what was lost.
-                failures = 1 if time.monotonic() - started > 30 else failures + 1
-                delay = min(_MAX_RESTART_DELAY, 0.05 * 2 ** min(failures, 10))
-                log.warning("watcher.events_failed", error=_describe(exc), retry_in=delay)
+            delay = 0.0
+            with anyio.CancelScope() as self._events_scope:
+                try:
+                    async with self._events(stop) as changes:
+                        async for batch in changes:
+                            writes = (
+                                changes.take_writes()
+                                if isinstance(changes, inotify.InotifyTree)
+                                else {}
+                            )
+                            try:
+                                await self._handle_changes(batch, writes)
+                            except Exception as exc:
+                                handler_error = exc
+                                raise
+                    return  # the stream ended: stop was set
+                except Exception as exc:
+                    if handler_error is not None:
+                        raise  # our own bug: restarting the event source would not help
+                    # watchfiles raises (inside an ExceptionGroup) on any name that is not
+                    # valid UTF-8 and loses the whole batch; it also fails when inotify runs
+                    # out of watches. The inotify source fails when the inbox itself goes away
+                    # (then the folder check says so and we wait for it above). Restart it,
+                    # then rescan to recover what was lost.
+                    seen_changes = self._root_changes
+                    self._check_root()
+                    if self._root_changes == seen_changes:  # not the folder's own doing
+                        failures = 1 if time.monotonic() - started > 30 else failures + 1
+                        delay = min(_MAX_RESTART_DELAY, 0.05 * 2 ** min(failures, 10))
+                        log.warning("watcher.events_failed", error=_describe(exc), retry_in=delay)
+            self._events_scope = None
+            self._writers_unknown()
             await anyio.sleep(delay)
             # The rescan task only runs once we suspend, which is after the event source has
             # been set up again (see run()), so nothing falls between the two.
             self._rescan_wanted.set()
 
-    async def _handle_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
+    async def _handle_changes(
+        self, changes: set[tuple[watchfiles.Change, str]], writes: dict[str, int] | None = None
+    ) -> None:
         probe: set[str] = set()
         added: set[str] = set()
         scan_roots: set[str] = set()
@@ -1023,6 +1440,8 @@ class Watcher:
             elif obs[0] != _IGNORE:
                 self._observe(obs, now, from_scan=False)
         self._flush_gone()
+        if writes:
+            self._apply_writes(writes, now)
         if scan_roots:
             ordered = sorted(scan_roots)
             # Nested roots are covered by their ancestor's walk.

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -39,6 +39,9 @@ from daemon.retry import CURRENT_HOLD, ServiceHold, is_service_trouble
 from daemon.status import what_to_do
 from daemon.targets import Target, Work, service_answers
 from daemon.upload import FileRef, Resume
+
+if TYPE_CHECKING:
+    from daemon.watcher import InboxTrouble
 
 _log = structlog.get_logger(__name__)
 
@@ -151,8 +154,12 @@ class Workers:
         metrics: Metrics | None = None,
         windows: UploadWindows | None = None,
         resolve_stream: Callable[[Job], Awaitable[int]] | None = None,
+        inbox_trouble: Callable[[], InboxTrouble | None] | None = None,
     ) -> None:
         self.metrics = metrics
+        #: what is wrong with the inbox folder now, or None: while it is missing no job is
+        #: claimed, and a job whose file went missing waits instead of failing
+        self.inbox_trouble = inbox_trouble
         #: the stream id of a job queued as stream 0 (its stream name not looked up yet)
         self.resolve_stream = resolve_stream
         self.windows = windows
@@ -225,6 +232,9 @@ class Workers:
                 self._window_open()
             if self.hold.left > 0:
                 await self.hold.wait()
+                continue
+            if self._inbox_held():
+                await anyio.sleep(_IDLE_POLL)  # every file is in there: nothing can upload
                 continue
             job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS)
             if job is None:
@@ -332,7 +342,8 @@ class Workers:
         except FileChangedError as exc:
             await self._changed(job, exc)
         except FileProblem as exc:
-            await self._fail(job, str(exc), exc.kind)
+            if not await self._inbox_gone(job, str(exc)):
+                await self._fail(job, str(exc), exc.kind)
         except UploadFailed as exc:
             await self._fail(job, exc.reason, exc.cause_kind)
         except AuthError as exc:
@@ -418,6 +429,8 @@ class Workers:
 
     async def _changed(self, job: Job, exc: FileChangedError) -> None:
         path = self.inbox / job.identity.rel
+        if await self._inbox_gone(job, exc.message):
+            return
         if path.exists():
             # The watcher settles and enqueues the new version as its own job.
             await self.queue.mark_superseded(job.id, reason=f"file changed: {exc.message}")
@@ -462,6 +475,25 @@ class Workers:
             _log.debug("service.probe", ok=answered, error=why or None)
             return answered
         return False
+
+    def _inbox_held(self) -> bool:
+        trouble = self.inbox_trouble() if self.inbox_trouble is not None else None
+        return trouble is not None and trouble.hold
+
+    async def _inbox_gone(self, job: Job, error: str) -> bool:
+        """When the whole inbox folder is missing (deleted, unmounted) or was just replaced,
+        a job whose file is gone with it waits rather than failing: the folder may come back
+        with the file. Returns whether the job was put back to wait."""
+        trouble = self.inbox_trouble() if self.inbox_trouble is not None else None
+        if trouble is None:
+            return False
+        await self.queue.retry_later(
+            job.id,
+            error=f"waiting: {trouble.reason} ({error})",
+            kind="inbox_missing",
+            delay=trouble.wait,
+        )
+        return True
 
     async def _fail(self, job: Job, error: str, kind: str) -> None:
         await self.queue.mark_failed(job.id, error=error, kind=kind)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -120,6 +121,33 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
             cwd=REPO,
             env=env,
         )
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Has the process installed its own SIGTERM handler yet? (/proc SigCgt bitmask)"""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """SIGTERM (a graceful stop) once the daemon handles it; its exit status."""
+    # Not before the interpreter has run its first lines: until then SIGTERM's default action
+    # applies to any Python program (test_sigterm_during_start_up covers what comes after).
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and not catches_sigterm(proc.pid):
+        if time.monotonic() > deadline:
+            raise AssertionError("the daemon installed no SIGTERM handler within 10 s")
+        time.sleep(0.005)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise
 
 
 def inboxd(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -13,7 +12,14 @@ import pytest
 
 from daemon.sandbox import Sandbox
 from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import inboxd, server_datasets, start_daemon, write_config
+from tests.daemon_helpers import (
+    catches_sigterm,
+    inboxd,
+    server_datasets,
+    start_daemon,
+    stop_daemon,
+    write_config,
+)
 
 KiB = 1024
 pytestmark = pytest.mark.slow
@@ -42,12 +48,7 @@ def _done(config: Path, n: int) -> bool:
     return _status(config)["counts"]["done"] == n
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    # Not before the interpreter has run its first lines: until then SIGTERM's default action
-    # applies to any Python program (test_sigterm_during_start_up covers what comes after).
-    _wait(lambda: proc.poll() is not None or _catches_sigterm(proc.pid), 10, "SIGTERM handler")
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=30)
+_stop = stop_daemon
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -81,21 +82,13 @@ def _files(inbox: Path) -> dict[str, bytes]:
     }
 
 
-def _catches_sigterm(pid: int) -> bool:
-    """Has the process installed its own SIGTERM handler yet? (/proc SigCgt bitmask)"""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
-    return False
-
-
 def test_sigterm_during_start_up_still_exits_zero(sandbox: Sandbox, tmp_path: Path) -> None:
     config = write_config(tmp_path, sandbox)
     for extra in (0.0, 0.3):
         proc = start_daemon(config, tmp_path / "daemon.log")
         # The first thing `python -m daemon run` does is to catch SIGTERM; everything after
         # (imports, config, queue, watcher) is start-up that a stop must not break.
-        _wait(lambda p=proc: _catches_sigterm(p.pid), 10, "the SIGTERM handler")
+        _wait(lambda p=proc: catches_sigterm(p.pid), 10, "the SIGTERM handler")
         time.sleep(extra)
         assert _stop(proc) == 0
 

@@ -8,10 +8,13 @@ sentinel is reported anything that was going to be reported already has been.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -212,11 +215,20 @@ async def test_fresh_file_at_startup_waits_for_settle(inbox: Path) -> None:
         assert rec.settling == [("fresh.csv", 5), ("fresh.csv", None)]
 
 
-async def test_missing_inbox_raises(tmp_path: Path) -> None:
+async def test_missing_inbox_at_start_is_waited_for(tmp_path: Path) -> None:
+    inbox = tmp_path / "later"
     rec = Recorder()
-    w = Watcher(tmp_path / "nope", WatchRules(), on_ready=rec.on_ready)
-    with pytest.raises(FileNotFoundError):
-        await w.run()
+    async with watching(inbox, rec) as w:  # started at once, although there is no folder
+        trouble = w.inbox_trouble()
+        assert trouble is not None and trouble.hold and "does not exist" in trouble.reason
+        state = w.inbox_state()
+        assert state is not None and "does not exist" in str(state["problem"])
+        inbox.mkdir()
+        write(inbox / "first.csv")
+        await rec.wait_ready("first.csv", timeout=10)
+        assert w.inbox_trouble() is None and w.inbox_state() is None
+        write(inbox / "sub" / "live.csv")  # events flow from the folder that appeared
+        await rec.wait_ready("sub/live.csv")
 
 
 async def test_5000_files_at_startup_handed_over_in_batches(inbox: Path) -> None:
@@ -646,7 +658,9 @@ async def test_symlink_to_root_is_never_listed_or_watched(
         write(inbox / "sentinel.csv")
         await rec.wait_ready("sentinel.csv")
         watched = inotify_watches()
-    listed = list(opened)  # before the checks below list folders themselves
+    # Before the checks below list folders themselves. /proc is read on purpose: the writer
+    # check (daemon.writers) lists processes' open files there.
+    listed = [p for p in opened if p != "/proc" and not p.startswith("/proc/")]
     assert real_dirs(inbox) <= watched
     assert not (watched & (root_and_top_dirs() | real_dirs(outside)))
     assert listed
@@ -889,3 +903,314 @@ async def test_run_twice_at_once_is_refused(inbox: Path) -> None:
     async with watching(inbox, rec) as w:
         with pytest.raises(RuntimeError):
             await w.run()
+
+
+# ---------------------------------------------------------------------------- writers
+# The writer is this test process (an open file handle): inotify sees its writes and close,
+# /proc/self/fd shows it holding the file. tests/test_intake.py does the same with writer
+# processes and the whole daemon.
+
+
+@linux_only
+async def test_file_held_open_is_not_taken_while_its_writer_pauses(inbox: Path) -> None:
+    rec = Recorder()
+    async with watching(inbox, rec) as w:
+        with (inbox / "run.csv").open("wb", buffering=0) as fh:
+            fh.write(b"a" * 10)
+            # The pauses are the scenario: far longer than settle_seconds, the file held open.
+            await anyio.sleep(4 * SETTLE)
+            assert rec.ready == [] and w.pending() == 1
+            fh.write(b"b" * 10)
+            await anyio.sleep(4 * SETTLE)
+            assert rec.ready == []
+        await rec.wait_ready("run.csv")
+    assert rec.times("run.csv") == 1
+    assert rec.last("run.csv") == identity(inbox, "run.csv")
+    assert rec.last("run.csv").size == 20
+
+
+@linux_only
+async def test_truncated_by_path_is_no_open_writer(inbox: Path) -> None:
+    # truncate(2) modifies a file that nobody has open: IN_MODIFY without IN_OPEN must not
+    # make the watcher wait for a close that never comes.
+    rec = Recorder()
+    async with watching(inbox, rec) as w:
+        write(inbox / "cut.csv", b"0123456789")
+        await rec.wait_ready("cut.csv")
+        os.truncate(inbox / "cut.csv", 3)
+        await rec.wait_for(lambda: rec.times("cut.csv") == 2)
+        assert w.pending() == 0
+    assert rec.last("cut.csv").size == 3
+
+
+@linux_only
+async def test_modified_under_a_reader_is_taken_once_the_reader_closes(inbox: Path) -> None:
+    # An open followed by a modify looks like a writer; the reader's close (our own upload's,
+    # when a file is changed while it is uploaded) says it was not one.
+    rec = Recorder()
+    async with watching(inbox, rec) as w:
+        write(inbox / "read.csv", b"0123456789")
+        await rec.wait_ready("read.csv")
+        with (inbox / "read.csv").open("rb"):
+            os.truncate(inbox / "read.csv", 4)
+            await anyio.sleep(3 * SETTLE)
+        await rec.wait_for(lambda: rec.times("read.csv") == 2)
+        assert w.pending() == 0
+    assert rec.last("read.csv").size == 4
+
+
+@linux_only
+async def test_reopened_to_append_after_a_pause_is_one_file(inbox: Path) -> None:
+    rec = Recorder()
+    path = inbox / "log.csv"
+    async with watching(inbox, rec):
+        with path.open("wb", buffering=0) as fh:
+            fh.write(b"first\n")
+            await anyio.sleep(3 * SETTLE)
+        # Closed after a pause: it must now stay unchanged for settle_seconds; reopened at
+        # once, and the first append only comes after settle_seconds (only the open tells).
+        with path.open("ab", buffering=0) as fh:
+            await anyio.sleep(3 * SETTLE)
+            assert rec.ready == []
+            fh.write(b"second\n")
+        await rec.wait_ready("log.csv")
+    assert rec.times("log.csv") == 1 and rec.last("log.csv").size == 13
+
+
+@linux_only
+@pytest.mark.parametrize("polling", [False, True])
+async def test_file_open_for_writing_at_startup_waits_for_its_close(
+    inbox: Path, polling: bool
+) -> None:
+    path = inbox / "open.csv"
+    fh = path.open("wb", buffering=0)
+    try:
+        fh.write(b"half")
+        write(inbox / "closed.csv")
+        rules = WatchRules(settle_seconds=SETTLE, force_polling=polling, rescan_seconds=0)
+        rec = Recorder()
+        # The clock runs ahead: both files look long settled, only /proc tells them apart.
+        async with watching(inbox, rec, rules, clock=later(60)) as w:
+            assert rec.rels() == ["closed.csv"]
+            assert w.pending() == 1
+            await anyio.sleep(3 * SETTLE)
+            assert rec.rels() == ["closed.csv"]
+            fh.write(b" and the rest")
+            fh.close()
+            # Without events (polling) /proc is asked again every 2 s.
+            await rec.wait_ready("open.csv", timeout=10)
+    finally:
+        fh.close()
+    assert rec.times("open.csv") == 1 and rec.last("open.csv").size == 17
+
+
+@linux_only
+async def test_held_file_is_taken_after_the_writer_timeout(inbox: Path) -> None:
+    rules = WatchRules(settle_seconds=SETTLE, writer_timeout=1.0)
+    rec = Recorder()
+    async with watching(inbox, rec, rules):
+        with (inbox / "stuck.csv").open("wb", buffering=0) as fh:
+            fh.write(b"never closed")
+            written = time.time()
+            await rec.wait_ready("stuck.csv", timeout=10)  # while it is still open
+            assert rec.ready_at["stuck.csv"][0] - written >= 1.0 - 0.05
+    assert rec.last("stuck.csv").size == 12
+
+
+@linux_only
+async def test_writer_timeout_zero_takes_open_files_by_settle_alone(inbox: Path) -> None:
+    rules = WatchRules(settle_seconds=SETTLE, writer_timeout=0)
+    rec = Recorder()
+    async with watching(inbox, rec, rules):
+        with (inbox / "open.csv").open("wb", buffering=0) as fh:
+            fh.write(b"data")
+            await rec.wait_ready("open.csv")
+
+
+_SCAN_AS_OTHER_USER = """
+import json, os, sys
+from pathlib import Path
+from daemon import writers
+fh = open(sys.argv[1], "wb")
+st = os.fstat(fh.fileno())
+seen = writers.scan(None)
+line = writers.visibility(Path(sys.argv[2]), "inotify", 3600.0)
+print(json.dumps({"mine": (st.st_dev, st.st_ino) in seen.writing, "hidden": seen.hidden,
+                  "complete": seen.complete, "ok": line.ok, "text": line.text}), flush=True)
+sys.stdin.read()
+"""
+
+
+def _as_nobody(*args: str) -> subprocess.Popen[bytes] | None:
+    """A Python process as user nobody (daemon.writers needs only the standard library), or
+    None when no interpreter here is reachable for that user (a venv under /root)."""
+    from tests.daemon_helpers import REPO
+
+    for python in (os.path.realpath(sys.executable), "/usr/bin/python3"):
+        kw: dict[str, Any] = {"cwd": "/", "user": "nobody", "group": "nogroup"}
+        env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+        try:
+            subprocess.run([python, "-c", "import daemon.writers"], env=env, check=True, **kw)
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        return subprocess.Popen(
+            [python, "-c", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, **kw
+        )
+    return None
+
+
+@linux_only
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_proc_pass_as_a_user_sees_only_its_own_writers() -> None:
+    from daemon import writers
+
+    folder = Path(tempfile.mkdtemp(prefix="inboxd-writers-"))
+    try:
+        folder.chmod(0o777)
+        target = folder / "held.csv"
+        proc = _as_nobody(_SCAN_AS_OTHER_USER, str(target), str(folder))
+        if proc is None:
+            pytest.skip("no Python interpreter that user nobody may run")
+        try:
+            assert proc.stdout is not None
+            seen = json.loads(proc.stdout.readline())
+            # Its own writer is found; root's processes (pid 1 at least) cannot be read, and
+            # the line says so instead of claiming to see every writer.
+            assert seen["mine"] is True
+            assert seen["hidden"] > 0 and seen["complete"] is False
+            assert "processes cannot be read by uid 65534" in seen["text"]
+            # Root sees the processes of every user, that one's writer included (a process
+            # may still be protected from it, e.g. a VM's init: that is counted, not hidden).
+            st = target.stat()
+            as_root = writers.scan({(st.st_dev, st.st_ino)})
+            assert as_root.writing == {(st.st_dev, st.st_ino)}
+            assert as_root.hidden < seen["hidden"]
+        finally:
+            proc.communicate(b"", timeout=10)
+    finally:
+        shutil.rmtree(folder)
+
+
+# ---------------------------------------------------------------------------- the inbox folder
+
+
+@pytest.mark.parametrize("source", ["inotify", "polling", "watchfiles"])
+async def test_inbox_deleted_is_waited_for_and_its_new_folder_scanned(
+    inbox: Path, tmp_path: Path, source: str
+) -> None:
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0, force_polling=source == "polling")
+    cls = WatchfilesWatcher if source == "watchfiles" else Watcher
+    # rm -rf + mkdir may give the new folder the old one's inode number: only inotify's
+    # IN_DELETE_SELF then tells it is a new folder. Without inotify, a new folder that
+    # existed next to the old one (a restore moved into place) is told by its inode.
+    fresh = tmp_path / "fresh"
+    if source != "inotify":
+        fresh.mkdir()
+    rec = Recorder()
+    async with watching(inbox, rec, rules, cls=cls) as w:
+        write(inbox / "before.csv")
+        await rec.wait_ready("before.csv")
+        shutil.rmtree(inbox)
+        await rec.wait_for(lambda: w.inbox_state() is not None, timeout=5)
+        trouble = w.inbox_trouble()
+        assert trouble is not None and trouble.hold and "does not exist" in trouble.reason
+        if source == "inotify":
+            os.mkdir(inbox)
+        else:
+            os.rename(fresh, inbox)
+        write(inbox / "after.csv")  # maybe before the folder is watched: the scan finds it
+        await rec.wait_ready("after.csv", timeout=10)
+        assert w.inbox_state() is None
+        # A new folder: a file missing from it is given time to be put back.
+        trouble = w.inbox_trouble()
+        assert trouble is not None and not trouble.hold and "replaced" in trouble.reason
+        assert 0 < trouble.wait <= 30
+        write(inbox / "live.csv")
+        await rec.wait_ready("live.csv")
+    assert rec.times("before.csv") == 1
+
+
+async def test_inbox_moved_away_and_back_is_the_same_folder(inbox: Path, tmp_path: Path) -> None:
+    away = tmp_path / "away"
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0)
+    rec = Recorder()
+    async with watching(inbox, rec, rules) as w:
+        write(inbox / "kept.csv")
+        await rec.wait_ready("kept.csv")
+        os.rename(inbox, away)
+        await rec.wait_for(lambda: w.inbox_state() is not None, timeout=5)
+        write(away / "while_away.csv")  # not watched from the inbox's path: not reported
+        await anyio.sleep(3 * SETTLE)
+        assert "while_away.csv" not in rec.ready_at
+        os.rename(away, inbox)
+        await rec.wait_ready("while_away.csv", timeout=10)  # the full scan on its return
+        assert w.inbox_trouble() is None  # the same folder: nothing to wait for
+        write(inbox / "live.csv")
+        await rec.wait_ready("live.csv")
+    assert rec.times("kept.csv") == 1 and rec.times("while_away.csv") == 1
+
+
+async def test_inbox_swapped_for_another_folder(inbox: Path, tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    write(new / "waiting.csv")
+    make_old(new / "waiting.csv")
+    rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0)
+    rec = Recorder()
+    async with watching(inbox, rec, rules) as w:
+        os.rename(inbox, old)
+        os.rename(new, inbox)
+        await rec.wait_ready("waiting.csv", timeout=10)
+        trouble = w.inbox_trouble()
+        assert trouble is not None and not trouble.hold
+        write(old / "stale.csv")  # the old folder is no longer watched
+        write(inbox / "live.csv")
+        await rec.wait_ready("live.csv")
+    assert "stale.csv" not in rec.ready_at
+
+
+def _mount(*args: str) -> None:
+    import subprocess
+
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+def _umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", str(path)], check=False, capture_output=True)
+
+
+@linux_only
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+async def test_inbox_unmounted_is_waited_for_not_taken_as_empty(
+    inbox: Path, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        _mount("-t", "tmpfs", "tmpfs", str(disk))
+    except Exception as exc:  # a container without CAP_SYS_ADMIN
+        pytest.skip(f"cannot mount here: {exc}")
+    try:
+        _mount("--bind", str(disk), str(inbox))
+        write(inbox / "on_disk.csv")
+        rules = WatchRules(settle_seconds=SETTLE, rescan_seconds=0)
+        rec = Recorder()
+        async with watching(inbox, rec, rules, clock=later(60)) as w:
+            assert rec.rels() == ["on_disk.csv"]
+            _umount(inbox)
+            await rec.wait_for(lambda: w.inbox_state() is not None, timeout=5)
+            trouble = w.inbox_trouble()
+            assert trouble is not None and trouble.hold and "not mounted" in trouble.reason
+            write(inbox / "on_mount_point.csv")  # the empty folder it was mounted on
+            write(disk / "written_meanwhile.csv")
+            await anyio.sleep(3 * SETTLE)
+            assert rec.rels() == ["on_disk.csv"]
+            _mount("--bind", str(disk), str(inbox))
+            await rec.wait_ready("written_meanwhile.csv", timeout=10)
+            assert w.inbox_trouble() is None  # the same filesystem again
+        assert rec.times("on_disk.csv") == 1
+        assert "on_mount_point.csv" not in rec.ready_at
+    finally:
+        _umount(inbox)
+        _umount(disk)

@@ -29,7 +29,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -47,7 +46,14 @@ import pytest
 from daemon.queue import MIGRATIONS, FileIdentity, NewJob, Queue
 from daemon.sandbox import Sandbox, SandboxConfig, running_sandbox
 from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import REPO, inboxd, server_datasets, start_daemon, write_config
+from tests.daemon_helpers import (
+    REPO,
+    inboxd,
+    server_datasets,
+    start_daemon,
+    stop_daemon,
+    write_config,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -160,17 +166,6 @@ def _wait(cond: Callable[[], object], timeout: float, what: str, step: float = 0
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-        raise
-
-
 def _delivery(sb: Sandbox, files: dict[str, bytes]) -> tuple[int, int, list[str]]:
     """(lost, duplicated, problems) of ``files`` on the sandbox."""
     names = server_datasets(sb)
@@ -247,7 +242,7 @@ def _run_briefly(
             break
         time.sleep(0.05)
     if code is None:
-        _stop(proc)
+        stop_daemon(proc)
     return code, log.read_text(errors="replace")
 
 
@@ -312,7 +307,7 @@ def full_while_running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ful
                 result.status_while_full = inboxd("status", "--config", str(config), "--json")
             finally:
                 if proc.poll() is None:
-                    _stop(proc)
+                    stop_daemon(proc)
             result.output = log.read_text(errors="replace")
             # The operator frees space and systemd (or they) start it again.
             (state / "filler").unlink()
@@ -325,7 +320,7 @@ def full_while_running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ful
                     f"all {len(files)} files done after the restart",
                 )
             finally:
-                assert _stop(proc) == 0
+                assert stop_daemon(proc) == 0
             result.files = len(files)
             result.lost, result.duplicates, result.problems = _delivery(sb, files)
             assert not [i for i in sb.ingestions.values() if i.state == "UPLOADING"]
@@ -770,7 +765,7 @@ def test_sigkill_during_heavy_intake_then_restart(sandbox: Sandbox, tmp_path: Pa
             step=0.5 if LONG else 0.1,
         )
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     counts = _db_counts(db)
     assert counts == {"done": n}, counts
     lost, dups, problems = _delivery(sandbox, files)
