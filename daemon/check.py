@@ -41,14 +41,16 @@ _HOME_DIRS = (Path("/home"), Path("/root"), Path("/run/user"))
 
 @dataclass(frozen=True)
 class Line:
-    """One line of ``inboxd check``: ``ok`` True (✓), False (✗) or None (- not checked)."""
+    """One line of ``inboxd check``: ``ok`` True (✓), False (✗) or None (- not checked);
+    ``warn`` marks a line that does not stop ``run`` but deserves a look (!)."""
 
     ok: bool | None
     text: str
     fix: str = ""
+    warn: bool = False
 
     def render(self) -> str:
-        mark = {True: "✓", False: "✗", None: "-"}[self.ok]
+        mark = "!" if self.ok and self.warn else {True: "✓", False: "✗", None: "-"}[self.ok]
         return f"{mark} {self.text}" + (f" — {self.fix}" if self.fix else "")
 
 
@@ -242,9 +244,11 @@ def _inbox_lines(settings: Settings, who: Who, unit: Unit | None) -> list[Line]:
     if not path.is_dir():
         out.append(
             Line(
-                False,
-                f"inbox {path}: no such folder",
+                True,
+                f"inbox {path}: no such folder (yet); `inboxd run` starts anyway and waits "
+                "for it",
                 f"create it: sudo install -d -o {who.name} -g {who.name} {path}",
+                warn=True,
             )
         )
     elif not who.may(path, os.R_OK | os.X_OK):

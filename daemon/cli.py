@@ -448,6 +448,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     unit = find_unit(args.unit)
     local, token = local_checks(settings, unit)
     lines += local
+    from daemon.watcher import completeness
+
+    inbox = settings.inbox
+    seen = completeness(inbox.path, inbox.force_polling, inbox.writer_timeout_seconds)
+    lines.append(Line(True, seen.text, warn=not seen.ok))
     for line in lines:
         print(line.render(), flush=True)
     ready = settings.api.kind == "data-service" or token is not None
@@ -466,14 +471,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 async def _check_service(settings: Settings) -> bool:
     from daemon.targets.factory import open_target
     from daemon.upload import UploadOptions
-    from daemon.watcher import completeness
-
-    inbox = settings.inbox
-    seen = await anyio.to_thread.run_sync(
-        completeness, inbox.path, inbox.force_polling, inbox.writer_timeout_seconds
-    )
-    print(f"{'ok  ' if seen.ok else 'warn'}  {seen.text}")
-
     refs: list[int | str] = [settings.upload.stream]
     refs += [r.stream for r in settings.routes if r.stream is not None and r.stream not in refs]
     if settings.api.kind != "marple-db":

@@ -440,4 +440,4 @@ def test_check_says_how_completeness_is_decided(sandbox: Sandbox, tmp_path: Path
     missing = inboxd("check", "--config", str(config))
     assert missing.returncode == 0  # a warning: the daemon starts and waits for it
     line = next(x for x in missing.stdout.splitlines() if "completeness:" in x)
-    assert line.startswith("warn") and "is not a folder (yet)" in line
+    assert line.startswith("! ") and "is not a folder (yet)" in line

@@ -465,7 +465,7 @@ def test_check_reports_what_run_would_refuse(sandbox: Sandbox, tmp_path: Path) -
         result = inboxd("check", "--config", str(config), "--unit", str(unit))
     assert result.returncode == 1, result.stdout + result.stderr
     out = result.stdout
-    assert f"✗ inbox {tmp_path / 'no-inbox'}: no such folder — create it" in out
+    assert f"! inbox {tmp_path / 'no-inbox'}: no such folder (yet)" in out  # run waits for it
     assert f"✗ archive {tmp_path / 'nowhere' / 'archive'}: neither it nor its parent" in out
     assert "is read-only for the service: not under the unit's ReadWritePaths=" in out
     assert f"✗ metrics address 127.0.0.1:{port}: in use by another program" in out
