@@ -291,8 +291,8 @@ class _HookJournal(MemoryJournal):
         if self._hook is not None:
             await self._hook(resume)
 
-    async def part_done(self, part_number: int) -> None:
-        await super().part_done(part_number)
+    async def part_done(self, part_number: int, digest: bytes | None = None) -> None:
+        await super().part_done(part_number, digest)
         self.parts.append(part_number)
 
 

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 
-from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient
+import structlog
+
+from daemon import retry
+from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient, Stream
 from daemon.errors import InboxdError
 from daemon.queue import Job
 from daemon.streams import StreamDirectory
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
-from daemon.upload import NameClash, UploadOptions, UploadRequest, upload_file
+from daemon.upload import NameClash, Resume, UploadOptions, UploadRequest, upload_file
+
+_log = structlog.get_logger(__name__)
 
 
 class MarpleDbTarget:
@@ -46,6 +52,7 @@ class MarpleDbTarget:
         """Run or resume the ingestion flow of one file."""
         job = work.job
         stream = await self.streams.get(job.stream_id)
+        resume, append_to = await self._appending(work, stream)
         request = UploadRequest(
             file=work.file,
             dataset_name=job.dataset_name,
@@ -55,24 +62,58 @@ class MarpleDbTarget:
             on_name_clash=self.on_name_clash,
             plugin_args=self.plugin_args,
             predecessor_keys=work.predecessor_keys,
+            append_to=append_to,
+            recognise_delivered=not work.delivered_before,
         )
         result = await upload_file(
             self.client,
             request,
             options=self.options,
-            resume=work.resume,
+            resume=resume,
             journal=work.journal,
             progress=work.progress,
         )
+        change = result.change
+        if change is None and work.append is not None:
+            change = "new"  # asked to append, but the dataset was gone or not the same one
         return Delivered(
             dataset_name=result.dataset_name,
             dataset_id=result.dataset_id,
             bytes_sent=result.bytes_sent,
             mode=result.mode,
-            refs={"stream_id": stream.id, "ingestion_id": result.ingestion_id},
+            # no ingestion (0) when the service already held the file
+            refs={"stream_id": stream.id, "ingestion_id": result.ingestion_id or None},
             fell_back=result.fell_back,
             recovered=result.recovered,
+            content_hash=result.content_hash,
+            change=change,
         )
+
+    async def _appending(self, work: Work, stream: Stream) -> tuple[Resume, int | None]:
+        """Where an appended file goes: the resume to start from and the dataset id to
+        overwrite (None: deliver as a new version, the earlier dataset is gone).
+
+        The earlier delivery's dataset is looked up by id: its name may differ from this
+        job's (it was renamed ``name (2)`` on a clash; a ledger row keeps no name) and the
+        dataset may have been deleted since. A job that got past ``new`` resumes with the
+        name it saved.
+        """
+        prior = work.append
+        if prior is None or prior.dataset_id is None:
+            return work.resume, None
+        if work.resume.stage != "new":
+            return work.resume, prior.dataset_id
+        dataset_id = prior.dataset_id
+        ds = await retry.call(
+            lambda: self.client.dataset(stream.datapool or "default", dataset_id=dataset_id),
+            self.options.policy,
+            what="find dataset",
+            on_retry=self.options.on_retry,
+        )
+        if ds is None or not ds.path:
+            _log.info("upload.append_target_gone", dataset_id=dataset_id)
+            return work.resume, None
+        return replace(work.resume, dataset_name=ds.path), dataset_id
 
     async def poll(self, jobs: Sequence[Job]) -> list[ImportUpdate]:
         """``POST /stream/{id}/datasets/status`` per stream, in batches."""
