@@ -260,6 +260,8 @@ class PriorDelivery:
     dataset_name: str | None = None
     #: the delivered job's ``target_refs`` (empty for a ledger row)
     target_refs: dict[str, Any] = field(default_factory=dict)
+    #: False while its import is still running (the job is IMPORTING)
+    imported: bool = True
 
 
 @dataclass(frozen=True)
@@ -1351,10 +1353,13 @@ class Queue:
             await db.execute("DELETE FROM parts WHERE job_id = ?", (job_id,))
 
     async def mark_unchanged(self, job_id: int, prior: PriorDelivery) -> None:
-        """DONE without an upload: the file holds the bytes of the path's last delivery
+        """Delivered without an upload: the file holds the bytes of the path's last delivery
         (``prior``), only its metadata changed. Its dataset and content hash are the
-        prior's; ``change`` = "unchanged"."""
+        prior's; ``change`` = "unchanged". DONE, or IMPORTING while the prior's import still
+        runs: the poller then ends it with that import's outcome (a failed import is not
+        taken for a delivery)."""
         now = time.time()
+        state = "done" if prior.imported else "importing"
         given: dict[str, Any] = {"dataset_id": prior.dataset_id}
         if prior.dataset_name is not None:
             given["dataset_name"] = prior.dataset_name
@@ -1363,11 +1368,18 @@ class Queue:
         extra = "".join(f", {name} = :{name}" for name in given)
         async with self._write() as db:
             async with db.execute(
-                "UPDATE jobs SET state = 'done', stage = 'completed', change = 'unchanged',"
+                "UPDATE jobs SET state = :state, stage = 'completed', change = 'unchanged',"
                 " content_hash = :content_hash, import_status = NULL, import_message = NULL,"
-                " last_error = NULL, error_kind = NULL, finished_at = :now, updated_at = :now,"
+                " last_error = NULL, error_kind = NULL, uploaded_at = :now,"
+                " finished_at = CASE WHEN :state = 'done' THEN :now END, updated_at = :now,"
                 f" lease_owner = NULL, lease_expires_at = NULL{extra} WHERE id = :job_id",
-                {**given, "content_hash": prior.content_hash, "now": now, "job_id": job_id},
+                {
+                    **given,
+                    "state": state,
+                    "content_hash": prior.content_hash,
+                    "now": now,
+                    "job_id": job_id,
+                },
             ) as cursor:
                 self._expect_job(cursor.rowcount, job_id)
             await db.execute("DELETE FROM parts WHERE job_id = ?", (job_id,))
@@ -1389,7 +1401,7 @@ class Queue:
         key = os.fsencode(rel)
         rows = await self._fetch(
             "SELECT size, mtime_ns, inode, ctime_ns, dataset_id, content_hash, dataset_name,"
-            " target_refs FROM jobs WHERE rel = :rel AND id < :before"
+            " target_refs, state FROM jobs WHERE rel = :rel AND id < :before"
             " AND state IN ('importing', 'done') AND (:target IS NULL OR target = :target)"
             " ORDER BY id DESC LIMIT 1",
             {"rel": key, "before": before, "target": target},
@@ -1405,6 +1417,7 @@ class Queue:
                 content_hash=row["content_hash"],
                 dataset_name=row["dataset_name"],
                 target_refs=json.loads(row["target_refs"]),
+                imported=row["state"] == "done",
             )
         rows = await self._fetch(
             "SELECT size, mtime_ns, inode, ctime_ns, dataset_id, content_hash FROM ledger"

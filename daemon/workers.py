@@ -37,7 +37,7 @@ from daemon.errors import (
 from daemon.metrics import Metrics
 from daemon.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage
 from daemon.retry import CURRENT_HOLD, ServiceHold, is_service_trouble
-from daemon.status import what_to_do
+from daemon.status import change_note, what_to_do
 from daemon.targets import Target, Work, service_answers
 from daemon.upload import FileRef, Resume
 
@@ -350,7 +350,7 @@ class Workers:
                 log.info(
                     "upload.unchanged",
                     dataset_id=prior.dataset_id,
-                    note="content unchanged: nothing to upload",
+                    note=change_note("unchanged", job.target, prior.target_refs, prior.dataset_id),
                 )
                 return
             if change == "appended":
@@ -425,7 +425,7 @@ class Workers:
                 log.info(
                     "upload.appended",
                     dataset_id=result.dataset_id,
-                    note=f"appended: delivered again into dataset {result.dataset_id}",
+                    note=change_note("appended", job.target, result.refs, result.dataset_id),
                 )
             if not result.needs_poll:
                 # Nothing to wait for on the server's side: delivered is done.

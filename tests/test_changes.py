@@ -217,6 +217,36 @@ def test_chmod_and_touch_of_a_delivered_file_upload_nothing(
     assert note in text
 
 
+def test_changes_while_the_import_still_runs(sandbox: Sandbox, tmp_path: Path) -> None:
+    """A ``chmod`` and then an append while the delivered version is still importing: the
+    unchanged version waits for that import (it is not done before the service is), the
+    appended one goes into the same dataset; every job ends done, one dataset, all bytes."""
+    sandbox.config.import_seconds = 3.0
+    config = write_config(tmp_path, sandbox)
+    path = tmp_path / "inbox" / "run.csv"
+    first, more = _bytes(100 * KiB, 17), _bytes(30 * KiB, 18)
+    proc = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        path.write_bytes(first)
+        wait_for(lambda: [str(j.state) for j in jobs(config)] == ["importing"], 30, "the import")
+        path.chmod(0o600)
+        wait_for(lambda: len(jobs(config)) == 2, 30, "the chmod'ed version")
+        wait_for(lambda: str(_newest(config, "run.csv").state) == "importing", 30, "its outcome")
+        unchanged = _newest(config, "run.csv")
+        assert unchanged.change == "unchanged" and _creates(sandbox) == 1
+        with path.open("ab") as fh:
+            fh.write(more)
+        _wait_done(config, 3)
+    finally:
+        assert _stop(proc) == 0
+    datasets = _datasets(sandbox, "run")
+    assert datasets == {"run.csv": [unchanged.dataset_id]}, datasets
+    assert sandbox.dataset_bytes(unchanged.dataset_id) == first + more
+    changes = [j.change for j in sorted(jobs(config), key=lambda j: j.id)]
+    assert changes == [None, "unchanged", "appended"], changes
+    assert _creates(sandbox) == 2
+
+
 def test_same_size_and_time_but_other_bytes_is_a_new_version(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:

@@ -1018,7 +1018,7 @@ async def test_content_hash_and_change_reach_the_ledger(q: Queue) -> None:
     assert counts[changed] == 1
 
 
-async def test_mark_unchanged_is_done_without_an_upload(q: Queue) -> None:
+async def test_mark_unchanged_is_delivered_without_an_upload(q: Queue) -> None:
     (first,) = await q.enqueue_many([new("a.csv")])
     await q.claim("w", 60)
     await q.mark_uploaded(
@@ -1029,18 +1029,31 @@ async def test_mark_unchanged_is_done_without_an_upload(q: Queue) -> None:
     assert claimed is not None and claimed.id == second
     await q.mark_part_done(second, 1, b"x" * 16)
     prior = await q.prior_delivery("a.csv", before=second)
-    assert prior is not None
+    assert prior is not None and not prior.imported
+    # The prior's import still runs: this version waits for the same import.
     await q.mark_unchanged(second, prior)
     job = await get(q, second)
-    assert (job.state, job.stage, job.change) == (JobState.DONE, Stage.COMPLETED, "unchanged")
-    assert (job.dataset_id, job.content_hash, job.target_refs) == (
-        5,
-        prior.content_hash,
-        {"stream_id": 1},
-    )
-    assert job.finished_at is not None and job.lease_owner is None
+    assert (job.state, job.stage, job.change) == (JobState.IMPORTING, Stage.COMPLETED, "unchanged")
+    assert (job.dataset_id, job.content_hash) == (5, prior.content_hash)
+    assert job.target_refs == {"stream_id": 1} and job.finished_at is None
     assert await q.parts_done(second) == set()
-    assert [j.id for j in await q.jobs_for_after_upload()] == [second]  # kept/archived as usual
+    assert {j.id for j in await q.jobs_to_poll()} == {first, second}
+
+    await q.record_imports(
+        [
+            ImportRecord(j, "FINISHED", 1.0, None, terminal=True, failed=False)
+            for j in (first, second)
+        ]
+    )
+    (third,) = await q.enqueue_many([new("a.csv", inode=3)])
+    await q.claim("w", 60)
+    prior = await q.prior_delivery("a.csv", before=third)
+    assert prior is not None and prior.imported and prior.dataset_id == 5
+    await q.mark_unchanged(third, prior)
+    job = await get(q, third)
+    assert (job.state, job.change, job.dataset_id) == (JobState.DONE, "unchanged", 5)
+    assert job.finished_at is not None and job.lease_owner is None
+    assert third in [j.id for j in await q.jobs_for_after_upload()]  # kept/archived as usual
 
 
 async def test_set_change_is_stored_for_a_resumed_job(q: Queue) -> None:

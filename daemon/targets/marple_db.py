@@ -121,21 +121,22 @@ class MarpleDbTarget:
         for job in jobs:
             if job.dataset_id is not None:
                 by_stream[job.stream_id].append(job)
-        updates = []
+        updates: list[ImportUpdate] = []
         for stream_id, group in by_stream.items():
             for i in range(0, len(group), self.batch_size):
                 batch = group[i : i + self.batch_size]
-                by_dataset = {j.dataset_id: j for j in batch}
+                # Several jobs may share a dataset: a version appended into it, or one whose
+                # metadata alone changed, waits for the same import as the one before it.
+                by_dataset: dict[int | None, list[Job]] = defaultdict(list)
+                for j in batch:
+                    by_dataset[j.dataset_id].append(j)
                 statuses = await self.client.datasets_status(
-                    stream_id, [j.dataset_id for j in batch if j.dataset_id is not None]
+                    stream_id, sorted(d for d in by_dataset if d is not None)
                 )
                 for st in statuses:
-                    owner = by_dataset.get(st.dataset_id)
-                    if owner is None:
-                        continue
                     status = st.import_status or "UNKNOWN"
                     failed = status in FAILED_STATUSES
-                    updates.append(
+                    updates.extend(
                         ImportUpdate(
                             job_id=owner.id,
                             status=status,
@@ -144,6 +145,7 @@ class MarpleDbTarget:
                             terminal=failed or status in OK_STATUSES,
                             failed=failed,
                         )
+                        for owner in by_dataset.get(st.dataset_id, [])
                     )
         return updates
 
