@@ -1405,22 +1405,10 @@ class Queue:
             " AND state IN ('importing', 'done') AND (:target IS NULL OR target = :target)"
             " ORDER BY id DESC LIMIT 1",
             {"rel": key, "before": before, "target": target},
-        )
-        if rows:
-            row = rows[0]
-            return PriorDelivery(
-                size=row["size"],
-                mtime_ns=row["mtime_ns"],
-                inode=_inode_from_db(row["inode"]),
-                ctime_ns=row["ctime_ns"],
-                dataset_id=row["dataset_id"],
-                content_hash=row["content_hash"],
-                dataset_name=row["dataset_name"],
-                target_refs=json.loads(row["target_refs"]),
-                imported=row["state"] == "done",
-            )
-        rows = await self._fetch(
-            "SELECT size, mtime_ns, inode, ctime_ns, dataset_id, content_hash FROM ledger"
+        ) or await self._fetch(
+            # The ledger keeps no name and no refs; its rows are done by definition.
+            "SELECT size, mtime_ns, inode, ctime_ns, dataset_id, content_hash,"
+            " NULL AS dataset_name, '{}' AS target_refs, 'done' AS state FROM ledger"
             " WHERE rel = ? ORDER BY finished_at DESC LIMIT 1",
             (key,),
         )
@@ -1434,6 +1422,9 @@ class Queue:
             ctime_ns=row["ctime_ns"],
             dataset_id=row["dataset_id"],
             content_hash=row["content_hash"],
+            dataset_name=row["dataset_name"],
+            target_refs=json.loads(row["target_refs"]),
+            imported=row["state"] == "done",
         )
 
     async def jobs_to_poll(self, limit: int = 100) -> list[Job]:

@@ -20,10 +20,9 @@ from typing import Any
 
 import httpx
 import pytest
-import xxhash
 
 from daemon.sandbox import Sandbox
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, content_hash_of
 from tests.daemon_helpers import inboxd, start_daemon, write_config
 from tests.suites.rig import jobs, log_records, status_json, wait_for
 from tests.test_crash import _stop
@@ -145,14 +144,6 @@ def test_rewrite_with_other_content_is_a_new_version(sandbox: Sandbox, tmp_path:
     assert _newest(config, "run.csv").change is None
 
 
-def _part_hash(data: bytes, segment: int) -> str:
-    """The content hash as docs/reliability.md defines it, computed here independently."""
-    digests = b"".join(
-        xxhash.xxh3_128_digest(data[i : i + segment]) for i in range(0, len(data), segment)
-    )
-    return f"xxh3-128:{segment}:" + xxhash.xxh3_128_hexdigest(segment.to_bytes(8, "big") + digests)
-
-
 def test_multipart_file_appended(sandbox: Sandbox, tmp_path: Path) -> None:
     """A multipart delivery's hash is made of its parts' digests (taken while they streamed);
     the prefix check of the appended file cuts it the same way, so it is recognised."""
@@ -166,7 +157,7 @@ def test_multipart_file_appended(sandbox: Sandbox, tmp_path: Path) -> None:
         _wait_done(config, 1)
         delivered = _newest(config, "big.bin")
         assert delivered.mode == "multipart"
-        assert delivered.content_hash == _part_hash(first, PART)
+        assert delivered.content_hash == content_hash_of(first, PART)
         with path.open("ab") as fh:
             fh.write(more)
         _wait_done(config, 2)
@@ -177,7 +168,7 @@ def test_multipart_file_appended(sandbox: Sandbox, tmp_path: Path) -> None:
     assert sandbox.dataset_bytes(delivered.dataset_id) == first + more
     newest = _newest(config, "big.bin")
     assert newest.change == "appended"
-    assert newest.content_hash == _part_hash(first + more, PART)
+    assert newest.content_hash == content_hash_of(first + more, PART)
 
 
 # ------------------------------------------------------------------ metadata-only changes
@@ -364,7 +355,7 @@ def test_restore_over_a_fresh_state_database(sandbox: Sandbox, tmp_path: Path) -
     assert "the state database is new; 4 files were already on the server" in summary["note"]
     # Recognised files have a content hash of their own: a later append is still recognised.
     recognised = _newest(config, "a.csv")
-    assert recognised.content_hash == _part_hash(files["a.csv"], len(files["a.csv"]))
+    assert recognised.content_hash == content_hash_of(files["a.csv"], len(files["a.csv"]))
 
 
 def test_restored_file_with_a_precision_loss_mtime(sandbox: Sandbox, tmp_path: Path) -> None:

@@ -13,15 +13,9 @@ from daemon import content
 from daemon.client import FileSlice
 from daemon.errors import FileChangedError
 from daemon.queue import PriorDelivery
+from tests.conftest import content_hash_of
 
 KiB = 1024
-
-
-def _independent(data: bytes, segment: int) -> str:
-    """The definition in daemon/content.py's docstring, written out here on its own."""
-    parts = [data[i : i + segment] for i in range(0, len(data), segment)]
-    joined = segment.to_bytes(8, "big") + b"".join(xxhash.xxh3_128(p).digest() for p in parts)
-    return f"xxh3-128:{segment}:{xxhash.xxh3_128(joined).hexdigest()}"
 
 
 def _write(path: Path, data: bytes) -> os.stat_result:
@@ -36,8 +30,8 @@ async def test_hash_file_follows_the_definition(tmp_path: Path, segment: int) ->
         data = data[:3000]  # one segment per byte: keep it short
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    assert await content.hash_file(path, len(data), segment) == _independent(data, segment)
-    assert content.segment_size(_independent(data, segment)) == segment
+    assert await content.hash_file(path, len(data), segment) == content_hash_of(data, segment)
+    assert content.segment_size(content_hash_of(data, segment)) == segment
 
 
 async def test_hash_file_uses_known_digests_instead_of_reading(tmp_path: Path) -> None:
@@ -99,7 +93,7 @@ async def test_compare_tells_appended_unchanged_and_new(tmp_path: Path) -> None:
     path = tmp_path / "run.csv"
     data = random.Random(3).randbytes(50 * KiB)
     st = _write(path, data)
-    prior = _prior(st, _independent(data, 16 * KiB))  # delivered in 16 KiB parts
+    prior = _prior(st, content_hash_of(data, 16 * KiB))  # delivered in 16 KiB parts
 
     path.chmod(0o600)  # only the ctime moves
     assert await _compare(path, prior) == "unchanged"
@@ -128,7 +122,7 @@ async def test_compare_notices_a_file_written_during_the_read(tmp_path: Path) ->
     path = tmp_path / "run.csv"
     data = random.Random(4).randbytes(20 * KiB)
     st = _write(path, data)
-    prior = _prior(st, _independent(data, len(data)))
+    prior = _prior(st, content_hash_of(data, len(data)))
     with path.open("ab") as fh:
         fh.write(b"x")
     now = os.stat(path)

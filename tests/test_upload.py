@@ -8,7 +8,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-import xxhash
 
 from daemon.client import MarpleClient, Stream
 from daemon.errors import (
@@ -32,7 +31,7 @@ from daemon.upload import (
     UploadRequest,
     upload_file,
 )
-from tests.conftest import TOKEN, write_file
+from tests.conftest import TOKEN, content_hash_of, write_file
 
 FAST = RetryPolicy(attempts=6, base=0.01, cap=0.1)
 STREAM = Stream(id=1, name="inbox", datapool="default")
@@ -57,15 +56,6 @@ def opts(**kw: object) -> UploadOptions:
 
 def storage_requests(sb: Sandbox) -> list:  # type: ignore[type-arg]
     return [r for r in sb.requests if r.kind == "storage"]
-
-
-def _content_hash(data: bytes, segment: int) -> str:
-    """daemon/content.py's definition, computed here on its own."""
-    digests = b"".join(
-        xxhash.xxh3_128_digest(data[i : i + segment]) for i in range(0, len(data), segment)
-    )
-    joined = segment.to_bytes(8, "big") + digests
-    return f"xxh3-128:{segment}:{xxhash.xxh3_128_hexdigest(joined)}"
 
 
 def _count_reads(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[int]:
@@ -107,7 +97,7 @@ async def test_every_mode_delivers_identical_bytes(
     assert ds.metadata[FILE_MTIME_FIELD] == str(st.st_mtime_ns)
     # What was sent is hashed while it streams: every byte read once, no second pass.
     segment = 256 * 1024 if mode == "multipart" else size
-    assert result.content_hash == _content_hash(data, segment)
+    assert result.content_hash == content_hash_of(data, segment)
     assert read == [size]
     # The token never travels to storage URLs.
     assert all(not r.has_authorization for r in storage_requests(sandbox))
@@ -299,7 +289,7 @@ async def test_multipart_resume_sends_only_missing_parts(
     assert len(sandbox.datasets) == 1
     # The parts sent before the restart kept their digests; the others were hashed now.
     assert set(journal.resume.part_digests) == done_before
-    assert result.content_hash == _content_hash(data, 256 * 1024)
+    assert result.content_hash == content_hash_of(data, 256 * 1024)
 
 
 async def test_file_changed_during_upload_aborts(
