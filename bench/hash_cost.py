@@ -59,7 +59,9 @@ async def _main(size: int, rounds: int, directory: Path) -> None:
             plain.append(await _read(path, size, False) * GiB / size)
             hashed.append(await _read(path, size, True) * GiB / size)
     p, h = statistics.median(plain), statistics.median(hashed)
-    print(f"file {size / GiB:.2f} GiB in {directory}, chunk {CHUNK_SIZE >> 20} MiB, {rounds} rounds")
+    print(
+        f"file {size / GiB:.2f} GiB in {directory}, chunk {CHUNK_SIZE >> 20} MiB, {rounds} rounds"
+    )
     print(f"read only:          {p:.3f} CPU s/GiB (min {min(plain):.3f}, max {max(plain):.3f})")
     print(f"read + xxh3_128:    {h:.3f} CPU s/GiB (min {min(hashed):.3f}, max {max(hashed):.3f})")
     print(f"hashing adds:       {h - p:.3f} CPU s/GiB ({(h - p) / p * 100:+.0f}% of the read)")
