@@ -245,8 +245,7 @@ def _inbox_lines(settings: Settings, who: Who, unit: Unit | None) -> list[Line]:
         out.append(
             Line(
                 True,
-                f"inbox {path}: no such folder (yet); `inboxd run` starts anyway and waits "
-                "for it",
+                f"inbox {path}: no such folder (yet); `inboxd run` starts anyway and waits for it",
                 f"create it: sudo install -d -o {who.name} -g {who.name} {path}",
                 warn=True,
             )

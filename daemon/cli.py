@@ -471,6 +471,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 async def _check_service(settings: Settings) -> bool:
     from daemon.targets.factory import open_target
     from daemon.upload import UploadOptions
+
     refs: list[int | str] = [settings.upload.stream]
     refs += [r.stream for r in settings.routes if r.stream is not None and r.stream not in refs]
     if settings.api.kind != "marple-db":

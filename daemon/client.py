@@ -59,6 +59,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.to_thread
 import httpx
+import xxhash
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -225,10 +226,15 @@ class FileSlice:
     #: the version read must still be this one once its last byte is read (mtime and ctime,
     #: in ns): a rewrite during the read raises FileChangedError instead of mixing versions
     pinned: tuple[int, int] | None = None
+    #: called with the xxh3_128 digest of the slice once a pass has read its last byte (and
+    #: passed the ``pinned`` check): what was sent is hashed while it streams, no second read
+    #: (``daemon.content``). Each pass (a retry reads the slice again) hashes afresh.
+    on_digest: Callable[[bytes], None] | None = None
 
     async def chunks(self, progress: Progress | None = None) -> AsyncIterator[bytes]:
         """Yield the slice chunk by chunk; memory use is one chunk whatever the length."""
         chunk_size = self.chunk_size
+        hasher = xxhash.xxh3_128() if self.on_digest is not None else None
         fd = await _open_slice(self.path, self.inode, self.min_size)
         try:
             pos, end = self.offset, self.offset + self.length
@@ -251,8 +257,13 @@ class FileSlice:
                         "it was truncated while being uploaded"
                     )
                 pos += len(data)
-                if pos >= end and self.pinned is not None:
-                    _check_pinned(fd, self.path, self.pinned)
+                if hasher is not None:
+                    hasher.update(data)
+                if pos >= end:
+                    if self.pinned is not None:
+                        _check_pinned(fd, self.path, self.pinned)
+                    if hasher is not None and self.on_digest is not None:
+                        self.on_digest(hasher.digest())
                 if self.throttle is not None:
                     await self.throttle(len(data))
                 if progress is not None:

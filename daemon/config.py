@@ -204,6 +204,10 @@ class UploadSettings(_Section):
     workers: int = Field(default=4, ge=1, le=64)
     # What to do when a dataset of the same name exists and was not made from this file.
     on_name_clash: Literal["rename", "fail", "overwrite"] = "rename"
+    # A delivered file that grows by appending (its delivered bytes unchanged): "same-dataset"
+    # delivers it again into the dataset it went to (Marple DB: overwrite, same id);
+    # "new-version" delivers it as a new version (on_name_clash: "name (2)").
+    on_append: Literal["same-dataset", "new-version"] = "same-dataset"
     # Template for the dataset name; {path} is the path relative to the inbox.
     dataset_name: str = "{path}"
     # Read <file>.meta.json next to a data file and merge it into the metadata.

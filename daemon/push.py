@@ -59,6 +59,8 @@ async def _push(settings: Settings, request: PushRequest) -> list[dict[str, Any]
         part_concurrency=settings.upload.part_concurrency,
         abort_on_give_up=True,
         abort_on_cancel=True,
+        # A push uploads what it is told to, even a file the service already holds.
+        recognise_delivered=False,
     )
     results: list[dict[str, Any]] = []
     async with open_target(settings, options) as target:

@@ -19,7 +19,9 @@ A job's life (method: transition)::
     claim             QUEUED (due) → UPLOADING, with a lease
     retry_later       UPLOADING → QUEUED later, keeping stage, ingestion fields and parts
     recover           UPLOADING of a dead process → QUEUED now, keeping the same
-    mark_uploaded     UPLOADING → IMPORTING, stage COMPLETED
+    mark_uploaded     UPLOADING → IMPORTING, stage COMPLETED, with the content hash delivered
+    mark_unchanged    UPLOADING → DONE without a request: the same bytes as the path's last
+                      delivery, only its metadata changed (``change`` = "unchanged")
     record_import     IMPORTING → DONE, or FAILED, once the import status is terminal
     mark_failed       → FAILED;   mark_superseded → SUPERSEDED (the file changed or vanished)
     requeue           FAILED → QUEUED with a fresh ingestion (``inboxd retry``)
@@ -39,11 +41,14 @@ Schema (``PRAGMA user_version`` = number of migrations applied, see ``MIGRATIONS
          part_size, bytes_sent, attempts, next_attempt_at, last_error, error_kind,
          import_status, import_progress, import_message, fell_back, after_upload,
          created_at, updated_at, started_at, uploaded_at, finished_at,
-         lease_owner, lease_expires_at, target, target_refs, content_hash)
+         lease_owner, lease_expires_at, target, target_refs, content_hash, change)
                                               UNIQUE(rel, size, mtime_ns, inode, ctime_ns)
-    parts(job_id → jobs ON DELETE CASCADE, part_number, digest)  PK(job_id, part_number)
+                                              INDEX(inode, size, mtime_ns): renames
+    parts(job_id → jobs ON DELETE CASCADE, part_number, digest)  PK(job_id, part_number);
+                                              digest: the part's xxh3_128 (daemon.content)
     ledger(rel, size, mtime_ns, inode, ctime_ns, dataset_id, finished_at, content_hash)
-                                              files done, jobs pruned
+                                              files done, jobs pruned; INDEX(inode, size,
+                                              mtime_ns): renames
     daemon(id = 1, pid, started_at, heartbeat_at, info JSON)     liveness for ``status``
     settling(rel BLOB PRIMARY KEY, size, since)                  files the watcher waits on
 
@@ -232,11 +237,34 @@ class Job:
     target: str = "marple-db"
     #: the target service's own identifiers (source id, share link, data source link)
     target_refs: dict[str, Any] = field(default_factory=dict)
-    #: hash of the bytes delivered (``daemon.upload.ContentHash`` text), once uploaded
+    #: hash of the bytes delivered (``daemon.content``), once uploaded
     content_hash: str | None = None
-    #: how many other jobs (any state) had the same path when ``claim`` took this one; None
-    #: when not counted. 0 spares the worker a look at the path's history.
+    #: what this version is to the path's last delivery, when that decided how it was
+    #: delivered: "appended" (delivered again into the same dataset), "unchanged" (nothing
+    #: uploaded), "on_server" (a dataset of the name already held it); None otherwise
+    change: str | None = None
+    #: how many other jobs (any state) and ledger rows had the same path when ``claim`` took
+    #: this one; None when not counted. 0 spares the worker a look at the path's history.
     same_path_jobs: int | None = None
+
+
+@dataclass(frozen=True)
+class PriorDelivery:
+    """The last delivered version of a path: a job uploaded (importing) or done, else the
+    newest ledger row. What a new version of the path is compared with (``daemon.content``)."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    ctime_ns: int
+    dataset_id: int | None
+    content_hash: str | None
+    #: the dataset name it went to (None for a ledger row: not kept there)
+    dataset_name: str | None = None
+    #: the delivered job's ``target_refs`` (empty for a ledger row)
+    target_refs: dict[str, Any] = field(default_factory=dict)
+    #: False while its import is still running (the job is IMPORTING)
+    imported: bool = True
 
 
 @dataclass(frozen=True)
@@ -477,7 +505,22 @@ async def _migrate_v3(db: aiosqlite.Connection) -> None:
     await db.execute("ALTER TABLE ledger_v3 RENAME TO ledger")
 
 
-MIGRATIONS: list[Migration] = [_migrate_v1, _migrate_v2, _migrate_v3]
+async def _migrate_v4(db: aiosqlite.Connection) -> None:
+    """v3 → v4: a job records what it was to the path's last delivery (``change``).
+
+    "appended" (delivered again into the same dataset), "unchanged" (the same bytes, only
+    the metadata moved: nothing uploaded) or "on_server" (a dataset of the name already held
+    this file: a restore over a fresh state database); NULL for a plain new file or version.
+
+    Also indexes jobs and ledger by (inode, size, mtime_ns): a renamed or moved file is found
+    by what a rename keeps (``delivered_elsewhere``), a lookup instead of a scan.
+    """
+    await db.execute("ALTER TABLE jobs ADD COLUMN change TEXT")
+    await db.execute("CREATE INDEX jobs_inode ON jobs(inode, size, mtime_ns)")
+    await db.execute("CREATE INDEX ledger_inode ON ledger(inode, size, mtime_ns)")
+
+
+MIGRATIONS: list[Migration] = [_migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +531,7 @@ _JOB_COLUMNS: Final = (
     " ingestion_id, dataset_id, mode, part_size, bytes_sent, attempts, next_attempt_at,"
     " last_error, error_kind, import_status, import_progress, import_message, fell_back,"
     " after_upload, created_at, updated_at, started_at, uploaded_at, finished_at,"
-    " lease_owner, lease_expires_at, target, target_refs, ctime_ns, content_hash"
+    " lease_owner, lease_expires_at, target, target_refs, ctime_ns, content_hash, change"
 )
 
 _INODE_WRAP: Final = 1 << 64
@@ -544,6 +587,7 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         target=row["target"],
         target_refs=json.loads(row["target_refs"]),
         content_hash=row["content_hash"],
+        change=row["change"],
         # sqlite3.Row: `in row` would search the values, not the column names
         same_path_jobs=row["same_path_jobs"] if "same_path_jobs" in row.keys() else None,  # noqa: SIM118
     )
@@ -726,6 +770,8 @@ class Queue:
         self._readonly = readonly
         self._lock = anyio.Lock()
         self._delivered_any = False  # see delivered_elsewhere
+        #: True when this open created the schema (a new, empty state database)
+        self.created = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -889,6 +935,7 @@ class Queue:
                     f" v{version}); upgrade inboxd or move the file away",
                     reason="data",
                 )
+            self.created = version == 0
             try:
                 for step in MIGRATIONS[version:target]:
                     await step(db)
@@ -1249,7 +1296,8 @@ class Queue:
             "             AND next_attempt_at <= :now"
             "             ORDER BY next_attempt_at, id LIMIT 1)"
             f" RETURNING {_JOB_COLUMNS}, (SELECT count(*) FROM jobs AS other"
-            "   WHERE other.rel = jobs.rel AND other.id != jobs.id) AS same_path_jobs",
+            "   WHERE other.rel = jobs.rel AND other.id != jobs.id)"
+            " + (SELECT count(*) FROM ledger WHERE ledger.rel = jobs.rel) AS same_path_jobs",
             {"owner": owner, "expires": now + lease_seconds, "now": now},
         )
         return _job_from_row(rows[0]) if rows else None
@@ -1321,17 +1369,30 @@ class Queue:
         )
         self._expect_job(changed, job_id)
 
-    async def mark_part_done(self, job_id: int, part_number: int) -> None:
-        """Record that part ``part_number`` of the current ingestion is stored (idempotent)."""
+    async def mark_part_done(
+        self, job_id: int, part_number: int, digest: bytes | None = None
+    ) -> None:
+        """Record that part ``part_number`` of the current ingestion is stored, with the
+        digest of the bytes sent (``daemon.content``). Idempotent; a part sent again (after a
+        restart) replaces the digest."""
         await self._execute(
-            "INSERT INTO parts (job_id, part_number) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            (job_id, part_number),
+            "INSERT INTO parts (job_id, part_number, digest) VALUES (?, ?, ?)"
+            " ON CONFLICT (job_id, part_number) DO UPDATE"
+            " SET digest = coalesce(excluded.digest, digest)",
+            (job_id, part_number, digest),
         )
 
     async def parts_done(self, job_id: int) -> set[int]:
         """The part numbers recorded for the job's current ingestion."""
-        rows = await self._fetch("SELECT part_number FROM parts WHERE job_id = ?", (job_id,))
-        return {row[0] for row in rows}
+        return set(await self.part_digests(job_id))
+
+    async def part_digests(self, job_id: int) -> dict[int, bytes | None]:
+        """The parts recorded for the job's current ingestion: number → digest (None for a
+        part recorded by an inboxd before schema v3, which kept no digest)."""
+        rows = await self._fetch(
+            "SELECT part_number, digest FROM parts WHERE job_id = ?", (job_id,)
+        )
+        return {row[0]: row[1] for row in rows}
 
     async def clear_parts(self, job_id: int) -> None:
         """Forget the job's recorded parts."""
@@ -1416,13 +1477,17 @@ class Queue:
         dataset_name: str | None = None,
         target_refs: dict[str, Any] | None = None,
         parts_recorded: bool = True,
+        content_hash: str | None = None,
+        change: str | None = None,
     ) -> None:
         """The ingestion is completed: IMPORTING at stage COMPLETED, lease and parts dropped.
 
         The given outcome fields (None leaves a field as it is) are stored by the same
-        statement. ``parts_recorded=False`` promises that no part was journalled for this job,
-        which saves the transaction around the parts' DELETE (one statement instead of four
-        trips to the database thread, on every small file).
+        statement: ``content_hash`` is the hash of the bytes delivered (``daemon.content``,
+        combined from the parts' digests), kept in the ledger once the job is pruned;
+        ``change`` as ``Job.change``. ``parts_recorded=False`` promises that no part was
+        journalled for this job, which saves the transaction around the parts' DELETE (one
+        statement instead of four trips to the database thread, on every small file).
         """
         now = time.time()
         given: dict[str, Any] = {
@@ -1432,6 +1497,8 @@ class Queue:
             "target_refs": None
             if target_refs is None
             else json.dumps(target_refs, separators=(",", ":")),
+            "content_hash": content_hash,
+            "change": change,
         }
         fields = {name: value for name, value in given.items() if value is not None}
         # Column names come from the fixed keys above, never from the caller.
@@ -1449,6 +1516,81 @@ class Queue:
             async with db.execute(sql, params) as cursor:
                 self._expect_job(cursor.rowcount, job_id)
             await db.execute("DELETE FROM parts WHERE job_id = ?", (job_id,))
+
+    async def mark_unchanged(self, job_id: int, prior: PriorDelivery) -> None:
+        """Delivered without an upload: the file holds the bytes of the path's last delivery
+        (``prior``), only its metadata changed. Its dataset and content hash are the
+        prior's; ``change`` = "unchanged". DONE, or IMPORTING while the prior's import still
+        runs: the poller then ends it with that import's outcome (a failed import is not
+        taken for a delivery)."""
+        now = time.time()
+        state = "done" if prior.imported else "importing"
+        given: dict[str, Any] = {"dataset_id": prior.dataset_id}
+        if prior.dataset_name is not None:
+            given["dataset_name"] = prior.dataset_name
+        if prior.target_refs:
+            given["target_refs"] = json.dumps(prior.target_refs, separators=(",", ":"))
+        extra = "".join(f", {name} = :{name}" for name in given)
+        async with self._write() as db:
+            async with db.execute(
+                "UPDATE jobs SET state = :state, stage = 'completed', change = 'unchanged',"
+                " content_hash = :content_hash, import_status = NULL, import_message = NULL,"
+                " last_error = NULL, error_kind = NULL, uploaded_at = :now,"
+                " finished_at = CASE WHEN :state = 'done' THEN :now END, updated_at = :now,"
+                f" lease_owner = NULL, lease_expires_at = NULL{extra} WHERE id = :job_id",
+                {
+                    **given,
+                    "state": state,
+                    "content_hash": prior.content_hash,
+                    "now": now,
+                    "job_id": job_id,
+                },
+            ) as cursor:
+                self._expect_job(cursor.rowcount, job_id)
+            await db.execute("DELETE FROM parts WHERE job_id = ?", (job_id,))
+
+    async def set_change(self, job_id: int, change: str | None) -> None:
+        """Record what the job's file is to the path's last delivery (see ``Job.change``),
+        before the delivery it decides: a resumed job delivers the same way."""
+        changed = await self._execute(
+            "UPDATE jobs SET change = ?, updated_at = ? WHERE id = ?",
+            (change, time.time(), job_id),
+        )
+        self._expect_job(changed, job_id)
+
+    async def prior_delivery(
+        self, rel: str, *, before: int, target: str | None = None
+    ) -> PriorDelivery | None:
+        """The last delivered version of ``rel`` older than job ``before``: the newest job
+        uploaded or done (for ``target``, when given), else the newest ledger row."""
+        key = os.fsencode(rel)
+        rows = await self._fetch(
+            "SELECT size, mtime_ns, inode, ctime_ns, dataset_id, content_hash, dataset_name,"
+            " target_refs, state FROM jobs WHERE rel = :rel AND id < :before"
+            " AND state IN ('importing', 'done') AND (:target IS NULL OR target = :target)"
+            " ORDER BY id DESC LIMIT 1",
+            {"rel": key, "before": before, "target": target},
+        ) or await self._fetch(
+            # The ledger keeps no name and no refs; its rows are done by definition.
+            "SELECT size, mtime_ns, inode, ctime_ns, dataset_id, content_hash,"
+            " NULL AS dataset_name, '{}' AS target_refs, 'done' AS state FROM ledger"
+            " WHERE rel = ? ORDER BY finished_at DESC LIMIT 1",
+            (key,),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return PriorDelivery(
+            size=row["size"],
+            mtime_ns=row["mtime_ns"],
+            inode=_inode_from_db(row["inode"]),
+            ctime_ns=row["ctime_ns"],
+            dataset_id=row["dataset_id"],
+            content_hash=row["content_hash"],
+            dataset_name=row["dataset_name"],
+            target_refs=json.loads(row["target_refs"]),
+            imported=row["state"] == "done",
+        )
 
     async def jobs_to_poll(self, limit: int = 100) -> list[Job]:
         """IMPORTING jobs, least recently updated first (each poll moves a job to the back)."""

@@ -179,6 +179,8 @@ class Service:
                     max_retry_after=r.max_retry_after_seconds,
                     probe_seconds=r.probe_seconds,
                     follow_symlinks=s.inbox.follow_symlinks,
+                    on_append=s.upload.on_append,
+                    fresh_state=queue.created,
                 ),
                 pause=self.pause,
                 inbox_trouble=self._inbox_trouble,

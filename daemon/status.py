@@ -162,8 +162,6 @@ def job_json(job: Job, now: float) -> dict[str, Any]:
         "import_message": job.import_message,
         "error": job.last_error if state in ("failed", "queued") else None,
         "error_kind": job.error_kind if state in ("failed", "queued") else None,
-        # a renamed file recognised as delivered: where it was delivered from
-        "note": job.last_error if job.error_kind == "renamed" else None,
         "fell_back_to_server": job.fell_back,
         "after_upload": job.after_upload,
         "created_at": job.created_at,
@@ -173,7 +171,32 @@ def job_json(job: Job, now: float) -> dict[str, Any]:
         # file that made the failure history (see Snapshot.superseded)
         "what_to_do": what_to_do(job.error_kind or "", job.id) if state == "failed" else None,
         "superseded_by": None,
+        # what this version was to the file's last delivery (Job.change), and in words; for
+        # a renamed file recognised as delivered, where it was delivered from
+        "change": job.change,
+        "note": job.last_error
+        if job.error_kind == "renamed"
+        else change_note(job.change, job.target, job.target_refs, job.dataset_id),
     }
+
+
+def change_note(
+    change: str | None, target: str, refs: dict[str, Any], dataset_id: int | None
+) -> str | None:
+    """One phrase for ``Job.change``: how a version of a delivered file was delivered."""
+    if change is None:
+        return None
+    where = _where({"target": target, "target_refs": refs, "dataset_id": dataset_id})
+    if change == "appended":
+        return f"appended: delivered again into {where}"
+    if change == "unchanged":
+        return f"content unchanged: nothing to upload ({where} holds it)"
+    if change == "on_server":
+        return (
+            f"already on the server as {where} (same name, size and modification time):"
+            " not uploaded again"
+        )
+    return change
 
 
 def render(snap: Snapshot) -> str:
@@ -196,7 +219,10 @@ def render(snap: Snapshot) -> str:
     for job in groups.get("importing", []):
         prog = job["import_progress"]
         p = f" {prog:.0f}%" if isinstance(prog, int | float) else ""
-        lines.append(f"  ⋯ {_id(job)} {job['path']}  import {job['import_status'] or 'pending'}{p}")
+        note = f"  — {job['note']}" if job.get("note") else ""
+        lines.append(
+            f"  ⋯ {_id(job)} {job['path']}  import {job['import_status'] or 'pending'}{p}{note}"
+        )
     for job in groups.get("settling", [])[:10]:
         lines.append(f"  ~ {'':>5} {job['path']}  settling ({_human(job['size'])})")
     waiting = [j for j in groups.get("queued", []) if j["error"]]
@@ -206,7 +232,7 @@ def render(snap: Snapshot) -> str:
             f"  ↻ {_id(job)} {job['path']}  retry in {_duration(when)}: {short_reason(job)}"
         )
     for job in groups.get("done", [])[:5]:
-        lines.append(f"  ✓ {_id(job)} {job['path']}  {_outcome(job)}")
+        lines.append(f"  ✓ {_id(job)} {job['path']}  {_delivered(job)}")
     failed = groups.get("failed", [])
     if failed:
         lines.append("failed — fix the cause, then `inboxd retry ID` (or `--all-failed`):")
@@ -274,8 +300,7 @@ def _outcome(job: dict[str, Any]) -> str:
         return f"failed earlier, fixed: job {job['superseded_by']} took over"
     state = job["state"]
     if state == "done":
-        note = f"; {job['note']}" if job.get("note") else ""
-        return f"{_where(job)} ({job['import_status']}){note}"
+        return _delivered(job)
     if state == "failed":
         return short_reason(job)
     if state == "uploading":
@@ -349,6 +374,12 @@ def parse_since(text: str, now: float | None = None) -> float:
             f"--since {text!r}: give a time ago such as 30m, 2h or 3d, or a date such as "
             "2026-11-20 or '2026-11-20 14:30'"
         ) from None
+
+
+def _delivered(job: dict[str, Any]) -> str:
+    """Where a done job's file went and its import status, or how it was delivered."""
+    status = f" ({job['import_status']})" if job.get("import_status") else ""
+    return f"{job.get('note') or _where(job)}{status}"
 
 
 def _where(job: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ import math
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 import anyio
 import structlog
 
-from daemon import retry
+from daemon import content, retry
 from daemon.client import (
     CHUNK_SIZE,
     FAILED_STATUSES,
@@ -64,6 +64,13 @@ _log = structlog.get_logger(__name__)
 
 #: Metadata key that ties a dataset to the upload that made it (see ``daemon.client``).
 UPLOAD_KEY_FIELD = "inboxd_upload_id"
+#: Metadata keys with the file's facts that survive a restore from a backup (new inode and
+#: ctime, same bytes and times): its size in bytes and its mtime in ns (a string of digits:
+#: a JSON number that large may lose digits in a service that stores numbers as doubles).
+#: A dataset of the same name whose metadata has the same two facts is recognised as this
+#: file, already delivered (a restore over a fresh state database): not uploaded again.
+FILE_SIZE_FIELD = "inboxd_file_size"
+FILE_MTIME_FIELD = "inboxd_file_mtime_ns"
 _MAX_FILE_SIZE = 256 * 1024**3
 #: S3's limit of parts per multipart upload: a part list beyond it cannot be completed
 _MAX_PARTS = 10_000
@@ -88,6 +95,8 @@ class Resume:
     part_size: int | None = None
     parts_done: set[int] = field(default_factory=set)
     fell_back: bool = False
+    #: xxh3_128 digests of the parts (or Azure blocks) stored, where known (``daemon.content``)
+    part_digests: dict[int, bytes] = field(default_factory=dict)
 
 
 class Journal(Protocol):
@@ -96,8 +105,8 @@ class Journal(Protocol):
     async def save(self, resume: Resume) -> None:
         """Persist the whole ``resume`` (stage, ingestion fields) durably before returning."""
 
-    async def part_done(self, part_number: int) -> None:
-        """Persist that a part (or Azure block) is stored."""
+    async def part_done(self, part_number: int, digest: bytes | None = None) -> None:
+        """Persist that a part (or Azure block) is stored, with the digest of its bytes."""
 
 
 class MemoryJournal:
@@ -108,11 +117,15 @@ class MemoryJournal:
         self.saves = 0
 
     async def save(self, resume: Resume) -> None:
-        self.resume = replace(resume, parts_done=set(resume.parts_done))
+        self.resume = replace(
+            resume, parts_done=set(resume.parts_done), part_digests=dict(resume.part_digests)
+        )
         self.saves += 1
 
-    async def part_done(self, part_number: int) -> None:
+    async def part_done(self, part_number: int, digest: bytes | None = None) -> None:
         self.resume.parts_done.add(part_number)
+        if digest is not None:
+            self.resume.part_digests[part_number] = digest
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,13 @@ class UploadRequest:
     #: upload keys of earlier, unfinished versions of this same file: their dataset (aborted
     #: or still uploading, so holding no imported data) may be taken over instead of renaming
     predecessor_keys: frozenset[str] = frozenset()
+    #: the id of the dataset an earlier version of this file was delivered to, when this
+    #: version is that one with bytes appended: a dataset of ``dataset_name`` with this id is
+    #: overwritten (same id) rather than renamed around (``[upload] on_append``)
+    append_to: int | None = None
+    #: recognise a dataset of the name that has this file's size and mtime (and is not ours)
+    #: as this file, already delivered; off when the caller knows the path's history
+    recognise_delivered: bool = True
 
 
 @dataclass(frozen=True)
@@ -188,6 +208,11 @@ class UploadResult:
     bytes_sent: int
     #: True when a lost answer was recovered by finding the work already done on the server.
     recovered: bool = False
+    #: the hash of the bytes delivered (``daemon.content``); None if it could not be had
+    content_hash: str | None = None
+    #: "appended" (delivered into ``UploadRequest.append_to``), "on_server" (a dataset of the
+    #: name already held this very file: nothing uploaded), else None
+    change: str | None = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +232,10 @@ class UploadOptions:
     on_retry: retry.OnRetry | None = None
     abort_on_give_up: bool = False
     abort_on_cancel: bool = False
+    #: recognise a dataset of the name whose metadata has this file's size and mtime as this
+    #: file already delivered (the daemon: a restore over a fresh state database); off for a
+    #: one-shot ``inboxd push``, which uploads what it is told to
+    recognise_delivered: bool = True
 
 
 class _Sent:
@@ -234,6 +263,30 @@ class _Sent:
             sent = 0
 
         return add, undo
+
+
+async def delivered_hash(
+    file: FileRef, segment: int, known: Mapping[int, bytes] | None = None
+) -> str | None:
+    """The content hash (``daemon.content``) of ``file``, delivered in ``segment``-byte
+    segments of which ``known`` were hashed while they were sent; the others are read now.
+
+    The caller checked that the file is still the version pinned, so its bytes are the ones
+    delivered. If it changed since, None (the hash is unknown: the next version of the file
+    then counts as a new one) rather than a wrong hash.
+    """
+    try:
+        return await content.hash_file(
+            file.path,
+            file.size,
+            segment,
+            inode=file.inode,
+            pinned=(file.mtime_ns, file.ctime_ns),
+            known=known,
+        )
+    except InboxdError as exc:
+        _log.warning("content_hash.unknown", file=file.path.name, reason=str(exc))
+        return None
 
 
 async def upload_file(
@@ -265,6 +318,9 @@ class _Flow:
         self.opts = opts
         self.state = replace(resume) if resume is not None else Resume()
         self.state.parts_done = set(self.state.parts_done)
+        self.state.part_digests = dict(self.state.part_digests)
+        #: the digest of the whole file as last sent in one piece (server, single, Put Blob)
+        self.whole_digest: bytes | None = None
         self.journal: Journal = journal if journal is not None else MemoryJournal()
         self.sent = _Sent(progress)
         self.ingestion: Ingestion | None = None
@@ -299,7 +355,7 @@ class _Flow:
         if self.state.ingestion_id is None or self.state.stage in ("new", "creating"):
             done = await self._create()
             if done is not None:
-                return done
+                return await self._with_hash(done)
         try:
             if resumed_upload and await self._server_has_it():
                 # Resumed on an ingestion the server already completed: the journal lost
@@ -342,15 +398,45 @@ class _Flow:
         # before that resumes at "completing", which finds the upload done on the server.
         self.state.stage = "completed"
         assert self.state.ingestion_id is not None and self.state.dataset_id is not None
-        return UploadResult(
-            dataset_id=self.state.dataset_id,
-            ingestion_id=self.state.ingestion_id,
-            dataset_name=self.name,
-            mode=self.state.mode or "?",
-            fell_back=self.state.fell_back,
-            bytes_sent=self.sent.total,
-            recovered=recovered,
+        appended = self.req.append_to is not None and self.state.dataset_id == self.req.append_to
+        return await self._with_hash(
+            UploadResult(
+                dataset_id=self.state.dataset_id,
+                ingestion_id=self.state.ingestion_id,
+                dataset_name=self.name,
+                mode=self.state.mode or "?",
+                fell_back=self.state.fell_back,
+                bytes_sent=self.sent.total,
+                recovered=recovered,
+                change="appended" if appended else None,
+            )
         )
+
+    # ---- content hash -------------------------------------------------------------------
+
+    def _segmentation(self) -> tuple[int, dict[int, bytes]]:
+        """The segment size of the bytes sent and the segment digests known (see
+        ``daemon.content``): the parts or Azure blocks, else the whole file as one."""
+        size = self.req.file.size
+        part_size = self.state.part_size
+        in_parts = self.state.mode == "multipart" or (
+            self.state.mode == "azure" and size > _AZURE_PUT_BLOB_MAX
+        )
+        if in_parts and not self.state.fell_back and part_size and part_size > 0:
+            return part_size, self.state.part_digests
+        return size, ({1: self.whole_digest} if self.whole_digest is not None else {})
+
+    async def _with_hash(self, result: UploadResult) -> UploadResult:
+        """``result`` with the content hash of what the dataset holds.
+
+        Combined from the digests taken while the segments streamed; a segment not hashed in
+        this run (recorded before a restart by an older inboxd, or a recovery that found the
+        upload already done) is read once now. The file is still the version pinned (checked
+        before ``complete``), so its bytes are the ones delivered; if it changed since, the
+        hash is left unknown (the next version then counts as a new one) rather than wrong.
+        """
+        segment, known = self._segmentation()
+        return replace(result, content_hash=await delivered_hash(self.req.file, segment, known))
 
     # ---- create -------------------------------------------------------------------------
 
@@ -401,7 +487,12 @@ class _Flow:
                     stream_id=self.req.stream.id,
                     dataset_name=self.name,
                     file_size=self.req.file.size,
-                    metadata={**self.req.metadata, UPLOAD_KEY_FIELD: self.req.upload_key},
+                    metadata={
+                        **self.req.metadata,
+                        UPLOAD_KEY_FIELD: self.req.upload_key,
+                        FILE_SIZE_FIELD: self.req.file.size,
+                        FILE_MTIME_FIELD: str(self.req.file.mtime_ns),
+                    },
                     overwrite=overwrite,
                     plugin_args=self.req.plugin_args,
                 )
@@ -410,9 +501,11 @@ class _Flow:
                 if self._is_ours(ds):
                     ambiguous = True
                     continue
-                if self._is_predecessor(ds):
+                if self._is_predecessor(ds) or self._is_appended_to(ds):
                     overwrite = True
                     continue
+                if ds is not None and self._is_this_file(ds):
+                    return self._already_on_server(ds)
                 if self.req.on_name_clash == "fail":
                     raise UploadFailed(
                         f"a dataset named {self.name!r} already exists in stream "
@@ -457,10 +550,57 @@ class _Flow:
                 mode=ing.mode,
                 part_size=ing.part_size,
                 parts_done=set(),
+                part_digests={},
                 fell_back=False,
             )
             self.log.info("ingestion.created", ingestion_id=ing.ingestion_id, mode=ing.mode)
             return None
+
+    def _is_appended_to(self, ds: Dataset | None) -> bool:
+        """Is ``ds`` the dataset an earlier version of this file went to (``append_to``)?"""
+        return ds is not None and self.req.append_to is not None and ds.id == self.req.append_to
+
+    def _is_this_file(self, ds: Dataset) -> bool:
+        """Does ``ds`` (of our name, not made by this upload) already hold this very file?
+
+        Its metadata has this file's size and mtime (``FILE_SIZE_FIELD``,
+        ``FILE_MTIME_FIELD``; datasets of an inboxd before them have neither: never) and its
+        upload did not fail. That is how a restore from a backup (the same bytes and times,
+        new inodes and ctimes) over a fresh state database is told from another file of the
+        same name; the content itself is not compared (the service keeps no hash of it).
+        """
+        if not (self.opts.recognise_delivered and self.req.recognise_delivered):
+            return False
+        meta = ds.metadata or {}
+        recorded_size = _whole_number(meta.get(FILE_SIZE_FIELD))
+        recorded_mtime = _whole_number(meta.get(FILE_MTIME_FIELD))
+        if recorded_size is None or recorded_mtime is None:
+            return False
+        status = ds.import_status
+        delivered = status not in (None, "UPLOADING") and status not in FAILED_STATUSES
+        return (
+            delivered
+            and recorded_size == self.req.file.size
+            and content.same_mtime(recorded_mtime, self.req.file.mtime_ns)
+        )
+
+    def _already_on_server(self, ds: Dataset) -> UploadResult:
+        self.log.warning(
+            "upload.already_on_server",
+            dataset_id=ds.id,
+            note=f"already on the server as dataset {ds.id} (same name, size and modification"
+            " time): not uploaded again",
+        )
+        return UploadResult(
+            dataset_id=ds.id,
+            ingestion_id=0,
+            dataset_name=self.name,
+            mode="none",
+            fell_back=False,
+            bytes_sent=0,
+            recovered=True,
+            change="on_server",
+        )
 
     def _already_done(self, ds: Dataset) -> UploadResult:
         self.log.info("ingestion.recovered", dataset_id=ds.id, import_status=ds.import_status)
@@ -491,7 +631,9 @@ class _Flow:
                 return
             try:
                 if mode == "single":
-                    await self._put_slice(fresh_url, 0, self.req.file.size, "single upload")
+                    await self._put_slice(
+                        fresh_url, 0, self.req.file.size, "single upload", on_digest=self._whole
+                    )
                 else:
                     await self._azure(fresh_url)
             except StorageError as exc:
@@ -510,7 +652,9 @@ class _Flow:
         await self._save(fell_back=True)
         await self._server_upload()
 
-    def _slice(self, offset: int, length: int) -> FileSlice:
+    def _slice(
+        self, offset: int, length: int, on_digest: Callable[[bytes], None] | None = None
+    ) -> FileSlice:
         f = self.req.file
         return FileSlice(
             f.path,
@@ -521,7 +665,12 @@ class _Flow:
             throttle=self.opts.throttle,
             chunk_size=self.opts.chunk_size,
             pinned=(f.mtime_ns, f.ctime_ns),
+            on_digest=on_digest,
         )
+
+    def _whole(self, digest: bytes) -> None:
+        """``on_digest`` of a slice that is the whole file (one segment)."""
+        self.whole_digest = digest
 
     async def _server_upload(self) -> None:
         assert self.state.ingestion_id is not None
@@ -532,7 +681,7 @@ class _Flow:
             try:
                 await self.client.upload_server(
                     ingestion_id,
-                    self._slice(0, self.req.file.size),
+                    self._slice(0, self.req.file.size, self._whole),
                     filename=os.fsdecode(self.req.file.path.name),
                     progress=add,
                 )
@@ -554,11 +703,17 @@ class _Flow:
         length: int,
         what: str,
         headers: dict[str, str] | None = None,
+        on_digest: Callable[[bytes], None] | None = None,
     ) -> None:
-        """PUT part of the file to a signed URL, with storage retries."""
+        """PUT part of the file to a signed URL, with storage retries; ``on_digest`` gets
+        the digest of the bytes of each try that read them all."""
         await self._storage_retry(
             lambda add: self.client.storage_put(
-                url, self._slice(offset, length), headers=headers, progress=add, what=what
+                url,
+                self._slice(offset, length, on_digest),
+                headers=headers,
+                progress=add,
+                what=what,
             ),
             what,
         )
@@ -625,10 +780,11 @@ class _Flow:
 
     async def _put_part(self, urls: _PartUrlCache, n: int, start: int, length: int) -> None:
         refreshes = 0
+        digests: list[bytes] = []
         while True:
             url = await urls.get(n)
             try:
-                await self._put_slice(url, start, length, f"part {n}")
+                await self._put_slice(url, start, length, f"part {n}", on_digest=digests.append)
             except UrlExpiredError:
                 refreshes += 1
                 if refreshes > self.opts.storage_attempts:
@@ -637,19 +793,25 @@ class _Flow:
                 urls.invalidate(n)
                 continue
             break
+        await self._part_stored(n, digests[-1] if digests else None)
+
+    async def _part_stored(self, n: int, digest: bytes | None) -> None:
+        """Record a stored part (or Azure block) with the digest of the bytes it holds."""
         self.state.parts_done.add(n)
-        await self.journal.part_done(n)
+        if digest is not None:
+            self.state.part_digests[n] = digest
+        await self.journal.part_done(n, digest)
 
     async def _azure(self, sas_url: str) -> None:
         size = self.req.file.size
         base_headers = {"x-ms-version": _AZURE_VERSION}
         if size <= _AZURE_PUT_BLOB_MAX:
             headers = {**base_headers, "x-ms-blob-type": "BlockBlob"}
-            await self._put_slice(sas_url, 0, size, "azure put blob", headers)
+            await self._put_slice(sas_url, 0, size, "azure put blob", headers, self._whole)
             return
         block = max(_AZURE_BLOCK_SIZE, math.ceil(size / _AZURE_MAX_BLOCKS))
         if self.state.part_size != block:
-            await self._save(part_size=block, parts_done=set())
+            await self._save(part_size=block, parts_done=set(), part_digests={})
         total = math.ceil(size / block)
         ids = [_block_id(n) for n in range(1, total + 1)]
         pending = iter([n for n in range(1, total + 1) if n not in self.state.parts_done])
@@ -659,9 +821,11 @@ class _Flow:
                 start = (n - 1) * block
                 length = min(block, size - start)
                 url = f"{sas_url}&comp=block&blockid={_quote(ids[n - 1])}"
-                await self._put_slice(url, start, length, f"azure block {n}", base_headers)
-                self.state.parts_done.add(n)
-                await self.journal.part_done(n)
+                digests: list[bytes] = []
+                await self._put_slice(
+                    url, start, length, f"azure block {n}", base_headers, digests.append
+                )
+                await self._part_stored(n, digests[-1] if digests else None)
 
         await _run_workers(min(self.opts.part_concurrency, total), worker)
         xml = "".join(f"<Latest>{i}</Latest>" for i in ids)
@@ -854,6 +1018,20 @@ def _most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:
         if not isinstance(exc, cancelled):
             return exc
     return leaves[0]
+
+
+def _whole_number(value: Any) -> int | None:
+    """A metadata value as a whole number (sent as an int or a string of digits; a service
+    may hand it back as either, or as a float), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
 
 
 def _block_id(n: int) -> str:

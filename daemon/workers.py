@@ -21,6 +21,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
+from daemon import content
 from daemon.bandwidth import UploadWindows
 from daemon.errors import (
     AuthError,
@@ -34,9 +35,9 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.metrics import Metrics
-from daemon.queue import Job, JobState, Queue, QueueError, Stage
+from daemon.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage
 from daemon.retry import CURRENT_HOLD, ServiceHold, is_service_trouble
-from daemon.status import what_to_do
+from daemon.status import change_note, what_to_do
 from daemon.targets import Target, Work, service_answers
 from daemon.upload import FileRef, Resume
 
@@ -69,6 +70,12 @@ class WorkerSettings:
     probe_seconds: float = 3.0
     #: [inbox] follow_symlinks: a job's path may be a symlink to a file inside the inbox
     follow_symlinks: bool = False
+    #: [upload] on_append: "same-dataset" delivers a delivered file that grew by appending
+    #: into the dataset it went to; "new-version" as a new version (``on_name_clash``)
+    on_append: str = "same-dataset"
+    #: the state database was created at this start: once the queue is idle, say how many
+    #: files the service turned out to hold already (a restore over a lost database)
+    fresh_state: bool = False
 
 
 class Pause:
@@ -134,9 +141,9 @@ class _Journal:
         """Whether parts may be recorded for this job (False: none ever were)."""
         return self._parts_possible
 
-    async def part_done(self, part_number: int) -> None:
+    async def part_done(self, part_number: int, digest: bytes | None = None) -> None:
         self._parts_possible = True
-        await self._queue.mark_part_done(self._job_id, part_number)
+        await self._queue.mark_part_done(self._job_id, part_number, digest)
 
 
 class Workers:
@@ -183,6 +190,10 @@ class Workers:
         self._wake = anyio.Event()
         self.active: dict[int, Job] = {}
         self._sent: dict[int, _ProgressSaver] = {}
+        #: files found already on the server (``on_server``) in this run, and whether the
+        #: summary of a fresh state database has been logged
+        self.found_on_server = 0
+        self._fresh_summary_done = not settings.fresh_state
 
     def in_flight(self) -> tuple[int, int, int]:
         """(files, bytes sent, bytes total) of the uploads running now."""
@@ -238,6 +249,7 @@ class Workers:
                 continue
             job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS)
             if job is None:
+                self._fresh_summary()
                 await self._idle()
                 continue
             try:
@@ -249,6 +261,19 @@ class Workers:
             except Exception:  # the daemon must outlive any one file
                 log.exception("worker.unexpected", job_id=job.id)
                 await self._backoff(job, "internal error (see the log); will retry", "internal")
+
+    def _fresh_summary(self) -> None:
+        """Once the queue has run dry after a start on a new state database: how many of the
+        files the start-up scan took the service already held (one line, once)."""
+        if self._fresh_summary_done or self.active or not self.found_on_server:
+            return
+        self._fresh_summary_done = True
+        _log.warning(
+            "state.fresh_database",
+            files=self.found_on_server,
+            note=f"the state database is new; {self.found_on_server} files were already on the"
+            " server (same name, size and modification time): not uploaded again",
+        )
 
     async def _idle(self) -> None:
         due = await self.queue.next_due_at()
@@ -302,6 +327,7 @@ class Workers:
                 return
             path = real
         ref = FileRef(path, ident.size, ident.mtime_ns, ident.inode, ident.ctime_ns)
+        parts = await self.queue.part_digests(job.id) if job.ingestion_id else {}
         resume = Resume(
             stage=job.stage.value if job.stage.value != "completed" else "completing",
             ingestion_id=job.ingestion_id,
@@ -309,10 +335,11 @@ class Workers:
             dataset_name=job.dataset_name,
             mode=job.mode,
             part_size=job.part_size,
-            parts_done=await self.queue.parts_done(job.id) if job.ingestion_id else set(),
+            parts_done=set(parts),
             fell_back=job.fell_back,
+            part_digests={n: d for n, d in parts.items() if d is not None},
         )
-        predecessors, previous_refs = await self._history(job)
+        predecessors, previous_refs, prior = await self._history(job)
         journal = _Journal(self.queue, job.id, parts_possible=job.ingestion_id is not None)
         work = Work(
             job=job,
@@ -327,6 +354,19 @@ class Workers:
         log.info("upload.start", size=ident.size, attempt=job.attempts + 1, stage=resume.stage)
         started = time.monotonic()
         try:
+            change = await self._change(job, ref, prior) if prior is not None else "new"
+            if change == "unchanged" and prior is not None:
+                await self.queue.mark_unchanged(job.id, prior)
+                log.info(
+                    "upload.unchanged",
+                    dataset_id=prior.dataset_id,
+                    note=change_note("unchanged", job.target, prior.target_refs, prior.dataset_id),
+                )
+                return
+            if change == "appended":
+                work = replace(work, append=prior)
+            if prior is not None:
+                work = replace(work, delivered_before=True)
             if job.stream_id == 0 and self.resolve_stream is not None:
                 # Here, not at intake: an outage or an unknown name then meets the same
                 # backoff, pause and failure handling as the upload itself.
@@ -375,6 +415,11 @@ class Workers:
                 await self._fail(job, str(exc), exc.kind)
         else:
             self.hold.succeeded()
+            # What happened, as the target saw it ("on_server", or "new": it could not
+            # append), else what was asked ("appended").
+            done_as = result.change or ("appended" if work.append is not None else None)
+            if done_as == "new" and job.change is not None:
+                await self.queue.set_change(job.id, None)
             await self.queue.mark_uploaded(
                 job.id,
                 bytes_sent=ident.size,
@@ -382,7 +427,17 @@ class Workers:
                 dataset_name=result.dataset_name,
                 target_refs=result.refs,
                 parts_recorded=journal.parts_possible,
+                content_hash=result.content_hash,
+                change=None if done_as == "new" else done_as,
             )
+            if done_as == "on_server":
+                self.found_on_server += 1
+            elif done_as == "appended":
+                log.info(
+                    "upload.appended",
+                    dataset_id=result.dataset_id,
+                    note=change_note("appended", job.target, result.refs, result.dataset_id),
+                )
             if not result.needs_poll:
                 # Nothing to wait for on the server's side: delivered is done.
                 await self.queue.record_import(
@@ -413,19 +468,46 @@ class Workers:
         await self.queue.set_stream_id(job.id, stream_id)
         return replace(job, stream_id=stream_id)
 
-    async def _history(self, job: Job) -> tuple[frozenset[str], dict[str, Any] | None]:
-        """What earlier jobs of this path tell the upload, from one read of them.
+    async def _history(
+        self, job: Job
+    ) -> tuple[frozenset[str], dict[str, Any] | None, PriorDelivery | None]:
+        """What earlier jobs of this path tell the upload.
 
-        The upload keys of earlier versions that never finished (see ``UploadRequest``), and
-        the ``target_refs`` of the newest finished one for the same target (a target that
-        keeps one remote object per file updates it rather than creating another).
+        The upload keys of earlier versions that never finished (see ``UploadRequest``), the
+        ``target_refs`` of the newest finished one for the same target (a target that keeps
+        one remote object per file updates it rather than creating another), and the path's
+        last delivery (a job or a ledger row) to compare this version with.
         """
         if job.same_path_jobs == 0:
-            return frozenset(), None  # the usual case: the first file by this name
+            return frozenset(), None, None  # the usual case: the first file by this name
         others = [j for j in await self.queue.find_by_rel(job.identity.rel) if j.id != job.id]
         keys = frozenset(j.upload_key for j in others if j.state in _UNFINISHED)
         done = [j for j in others if j.state == JobState.DONE and j.target == job.target]
-        return keys, (max(done, key=lambda j: j.id).target_refs if done else None)
+        prior = await self.queue.prior_delivery(job.identity.rel, before=job.id, target=job.target)
+        return keys, (max(done, key=lambda j: j.id).target_refs if done else None), prior
+
+    async def _change(self, job: Job, ref: FileRef, prior: PriorDelivery) -> content.Change:
+        """What this version is to the path's last delivery (``daemon.content.compare``).
+
+        Decided once, before anything is sent: a job that got further keeps the way it was
+        being delivered ("appended" is stored for that; anything else is a new version).
+        """
+        if job.change == "appended":
+            return "appended"
+        if job.stage != Stage.NEW:
+            return "new"
+        change = await content.compare(
+            ref.path,
+            size=ref.size,
+            mtime_ns=ref.mtime_ns,
+            inode=ref.inode,
+            ctime_ns=ref.ctime_ns,
+            prior=prior,
+            appends=self.settings.on_append == "same-dataset",
+        )
+        if change == "appended":
+            await self.queue.set_change(job.id, "appended")
+        return change
 
     async def _changed(self, job: Job, exc: FileChangedError) -> None:
         path = self.inbox / job.identity.rel

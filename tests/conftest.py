@@ -62,6 +62,16 @@ def write_file(path: Path, size: int, seed: int = 0) -> bytes:
     return data
 
 
+def content_hash_of(data: bytes, segment: int) -> str:
+    """daemon/content.py's content hash of ``data`` cut into ``segment``-byte segments,
+    written out here on its own from the definition, to check the daemon's against."""
+    import xxhash
+
+    parts = [data[i : i + segment] for i in range(0, len(data), segment)]
+    joined = segment.to_bytes(8, "big") + b"".join(xxhash.xxh3_128(p).digest() for p in parts)
+    return f"xxh3-128:{segment}:{xxhash.xxh3_128(joined).hexdigest()}"
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

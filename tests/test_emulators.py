@@ -34,7 +34,7 @@ from daemon.upload import (
     UploadRequest,
     upload_file,
 )
-from tests.conftest import TOKEN, write_file
+from tests.conftest import TOKEN, content_hash_of, write_file
 
 if TYPE_CHECKING:
     from tests.emulators import Azurite, MotoS3, S3Request
@@ -291,8 +291,8 @@ class _HookJournal(MemoryJournal):
         if self._hook is not None:
             await self._hook(resume)
 
-    async def part_done(self, part_number: int) -> None:
-        await super().part_done(part_number)
+    async def part_done(self, part_number: int, digest: bytes | None = None) -> None:
+        await super().part_done(part_number, digest)
         self.parts.append(part_number)
 
 
@@ -347,6 +347,9 @@ async def test_azure_large_file_uses_put_block_list(
     assert sizes == [_AZURE_BLOCK_SIZE] * (blocks - 1) + [size - (blocks - 1) * _AZURE_BLOCK_SIZE]
     assert listing.uncommitted == []
     assert await anyio.to_thread.run_sync(azure_sandbox.dataset_bytes, result.dataset_id) == data
+    # Each block hashed as it was sent; the content hash is made of the blocks' digests.
+    assert sorted(journal.resume.part_digests) == list(range(1, blocks + 1))
+    assert result.content_hash == content_hash_of(data, _AZURE_BLOCK_SIZE)
 
 
 async def test_azure_block_ids_are_stable_and_replace_stale_blocks(
@@ -421,6 +424,7 @@ async def test_azure_expired_sas_falls_back_to_server(
     assert ingestion.state == "COMPLETED"
     assert ingestion.server_upload
     assert azure_sandbox.dataset_bytes(result.dataset_id) == data
+    assert result.content_hash == content_hash_of(data, len(data))  # one piece: the fallback
     # The expired Put Blob stored nothing in Azure.
     blob = _blob_of(azure_sandbox, result.ingestion_id)
     head = await azurite.blob_properties(

@@ -974,3 +974,114 @@ async def test_status_shows_no_stream_id_before_a_stream_name_is_looked_up(q: Qu
     rows = {job.identity.rel: status.job_json(job, time.time()) for job in await q.list_jobs()}
     assert rows["named.csv"]["stream_id"] is None
     assert rows["plain.csv"]["stream_id"] == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# what was delivered: part digests, content hash, the path's last delivery (schema v4)
+
+
+async def test_part_digests_are_kept_and_replaced_when_a_part_is_sent_again(q: Queue) -> None:
+    (job_id,) = await q.enqueue_many([new("a.bin")])
+    await q.mark_part_done(job_id, 1, b"\x01" * 16)
+    await q.mark_part_done(job_id, 2)  # recorded by an inboxd that kept no digest
+    await q.mark_part_done(job_id, 1, b"\x02" * 16)  # re-sent after a restart: re-hashed
+    await q.mark_part_done(job_id, 1)  # a digest is never erased by a record without one
+    assert await q.part_digests(job_id) == {1: b"\x02" * 16, 2: None}
+    assert await q.parts_done(job_id) == {1, 2}
+
+
+async def test_content_hash_and_change_reach_the_ledger(q: Queue) -> None:
+    first, other = await q.enqueue_many([new("a.csv"), new("b.csv", size=3)])
+    await q.claim("w", 60)
+    await q.mark_uploaded(first, dataset_id=41, content_hash="xxh3-128:10:" + "ab" * 16)
+    prior = await q.prior_delivery("a.csv", before=first + 100)
+    assert prior is not None
+    assert (prior.size, prior.dataset_id, prior.dataset_name) == (10, 41, "a.csv")
+    assert prior.content_hash == "xxh3-128:10:" + "ab" * 16
+    assert await q.prior_delivery("a.csv", before=first) is None  # only older jobs count
+    assert await q.prior_delivery("a.csv", before=first + 100, target="marple") is None
+    assert await q.prior_delivery("b.csv", before=other + 100) is None  # queued, not delivered
+
+    await q.record_import(
+        first, status="FINISHED", progress=1, message=None, terminal=True, failed=False
+    )
+    await q.set_after_upload(first, "kept")
+    assert await q.prune(0, now=time.time() + 10) == 1
+    from_ledger = await q.prior_delivery("a.csv", before=first + 100)
+    assert from_ledger is not None
+    assert (from_ledger.size, from_ledger.dataset_id, from_ledger.dataset_name) == (10, 41, None)
+    assert from_ledger.content_hash == prior.content_hash
+    # A new version of the path is claimed with its ledger row counted as history.
+    (changed,) = await q.enqueue_many([new("a.csv", size=20, mtime_ns=2)])
+    claimed = [await q.claim("w", 60) for _ in range(2)]
+    counts = {job.id: job.same_path_jobs for job in claimed if job is not None}
+    assert counts[changed] == 1
+
+
+async def test_mark_unchanged_is_delivered_without_an_upload(q: Queue) -> None:
+    (first,) = await q.enqueue_many([new("a.csv")])
+    await q.claim("w", 60)
+    await q.mark_uploaded(
+        first, dataset_id=5, target_refs={"stream_id": 1}, content_hash="xxh3-128:10:" + "cd" * 16
+    )
+    (second,) = await q.enqueue_many([new("a.csv", inode=2)])  # chmod'ed: a new identity
+    claimed = await q.claim("w", 60)
+    assert claimed is not None and claimed.id == second
+    await q.mark_part_done(second, 1, b"x" * 16)
+    prior = await q.prior_delivery("a.csv", before=second)
+    assert prior is not None and not prior.imported
+    # The prior's import still runs: this version waits for the same import.
+    await q.mark_unchanged(second, prior)
+    job = await get(q, second)
+    assert (job.state, job.stage, job.change) == (JobState.IMPORTING, Stage.COMPLETED, "unchanged")
+    assert (job.dataset_id, job.content_hash) == (5, prior.content_hash)
+    assert job.target_refs == {"stream_id": 1} and job.finished_at is None
+    assert await q.parts_done(second) == set()
+    assert {j.id for j in await q.jobs_to_poll()} == {first, second}
+
+    await q.record_imports(
+        [
+            ImportRecord(j, "FINISHED", 1.0, None, terminal=True, failed=False)
+            for j in (first, second)
+        ]
+    )
+    (third,) = await q.enqueue_many([new("a.csv", inode=3)])
+    await q.claim("w", 60)
+    prior = await q.prior_delivery("a.csv", before=third)
+    assert prior is not None and prior.imported and prior.dataset_id == 5
+    await q.mark_unchanged(third, prior)
+    job = await get(q, third)
+    assert (job.state, job.change, job.dataset_id) == (JobState.DONE, "unchanged", 5)
+    assert job.finished_at is not None and job.lease_owner is None
+    assert third in [j.id for j in await q.jobs_for_after_upload()]  # kept/archived as usual
+
+
+async def test_set_change_is_stored_for_a_resumed_job(q: Queue) -> None:
+    (job_id,) = await q.enqueue_many([new("a.csv")])
+    await q.set_change(job_id, "appended")
+    assert (await get(q, job_id)).change == "appended"
+    await q.set_change(job_id, None)
+    assert (await get(q, job_id)).change is None
+    with pytest.raises(QueueError, match="no job 999"):
+        await q.set_change(999, "appended")
+
+
+async def test_v3_database_gains_the_change_column(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue of schema v3 keeps its jobs, hashes and parts; ``created`` is False."""
+    with monkeypatch.context() as m:
+        m.setattr(queue_module, "MIGRATIONS", MIGRATIONS[:3])
+        async with await Queue.open(db_path) as q:
+            assert q.created
+            (job_id,) = await q.enqueue_many([new("a.csv")])
+            await q.mark_part_done(job_id, 1)
+    con = raw(db_path)
+    con.execute("UPDATE jobs SET content_hash = 'xxh3-128:10:' || hex(zeroblob(16))")
+    con.close()
+    async with await Queue.open(db_path) as q:
+        assert not q.created
+        job = await get(q, job_id)
+        assert job.change is None and job.content_hash == "xxh3-128:10:" + "00" * 16
+        assert await q.part_digests(job_id) == {1: None}
+    assert raw(db_path).execute("PRAGMA user_version").fetchone()[0] == 4

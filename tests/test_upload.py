@@ -21,6 +21,8 @@ from daemon.errors import (
 from daemon.retry import RetryPolicy
 from daemon.sandbox import Sandbox
 from daemon.upload import (
+    FILE_MTIME_FIELD,
+    FILE_SIZE_FIELD,
     UPLOAD_KEY_FIELD,
     FileRef,
     MemoryJournal,
@@ -29,7 +31,7 @@ from daemon.upload import (
     UploadRequest,
     upload_file,
 )
-from tests.conftest import TOKEN, write_file
+from tests.conftest import TOKEN, content_hash_of, write_file
 
 FAST = RetryPolicy(attempts=6, base=0.01, cap=0.1)
 STREAM = Stream(id=1, name="inbox", datapool="default")
@@ -56,14 +58,31 @@ def storage_requests(sb: Sandbox) -> list:  # type: ignore[type-arg]
     return [r for r in sb.requests if r.kind == "storage"]
 
 
+def _count_reads(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[int]:
+    """Counts the bytes ``os.pread`` returns from ``path`` (one total, updated in place)."""
+    total = [0]
+    real = os.pread
+    target = os.path.realpath(path)
+
+    def counting(fd: int, n: int, offset: int) -> bytes:
+        data = real(fd, n, offset)
+        if os.path.realpath(f"/proc/self/fd/{fd}") == target:
+            total[0] += len(data)
+        return data
+
+    monkeypatch.setattr(os, "pread", counting)
+    return total
+
+
 @pytest.mark.parametrize(
     ("size", "mode"),
     [(10_000, "server"), (300 * 1024, "single"), (5 * 256 * 1024 + 123, "multipart")],
 )
 async def test_every_mode_delivers_identical_bytes(
-    sandbox: Sandbox, client_factory, tmp_path: Path, size: int, mode: str
+    sandbox: Sandbox, client_factory, tmp_path: Path, size: int, mode: str, monkeypatch
 ) -> None:
     data = write_file(tmp_path / "run.csv", size, seed=size)
+    read = _count_reads(monkeypatch, tmp_path / "run.csv")
     async with client_factory() as client:
         result = await upload_file(client, request_for(tmp_path / "run.csv"), options=opts())
     assert result.mode == mode
@@ -73,6 +92,13 @@ async def test_every_mode_delivers_identical_bytes(
     ds = sandbox.datasets[result.dataset_id]
     assert ds.metadata["rig"] == "bench-3"
     assert UPLOAD_KEY_FIELD in ds.metadata
+    st = os.stat(tmp_path / "run.csv")
+    assert ds.metadata[FILE_SIZE_FIELD] == size
+    assert ds.metadata[FILE_MTIME_FIELD] == str(st.st_mtime_ns)
+    # What was sent is hashed while it streams: every byte read once, no second pass.
+    segment = 256 * 1024 if mode == "multipart" else size
+    assert result.content_hash == content_hash_of(data, segment)
+    assert read == [size]
     # The token never travels to storage URLs.
     assert all(not r.has_authorization for r in storage_requests(sandbox))
 
@@ -261,6 +287,9 @@ async def test_multipart_resume_sends_only_missing_parts(
     assert result.bytes_sent == size - len(done_before) * 256 * 1024
     assert sandbox.dataset_bytes(result.dataset_id) == data
     assert len(sandbox.datasets) == 1
+    # The parts sent before the restart kept their digests; the others were hashed now.
+    assert set(journal.resume.part_digests) == done_before
+    assert result.content_hash == content_hash_of(data, 256 * 1024)
 
 
 async def test_file_changed_during_upload_aborts(

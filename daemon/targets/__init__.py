@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from daemon.client import Progress
 from daemon.errors import InboxdError
-from daemon.queue import ImportRecord, Job
+from daemon.queue import ImportRecord, Job, PriorDelivery
 from daemon.upload import FileRef, Journal, Resume
 
 KINDS = ("marple-db", "marple", "data-service")
@@ -41,6 +41,14 @@ class Work:
     predecessor_keys: frozenset[str] = frozenset()
     #: ``target_refs`` of the last delivered version of the same file, if any
     previous_refs: dict[str, Any] | None = None
+    #: the last delivery of this file when this version is it with bytes appended and
+    #: ``[upload] on_append = "same-dataset"``: deliver into the same dataset (Marple DB:
+    #: overwrite it, keeping its id). Targets that keep one object per file do so anyway.
+    append: PriorDelivery | None = None
+    #: the state database knows an earlier delivery of this path: its content was compared
+    #: with this version, so a dataset of the name that merely has the same size and mtime
+    #: is not taken for this file (that is only for a path with no history: a restore)
+    delivered_before: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,13 @@ class Delivered:
     needs_poll: bool = True
     fell_back: bool = False
     recovered: bool = False
+    #: the hash of the bytes delivered (``daemon.content``); None when not known
+    content_hash: str | None = None
+    #: what happened instead of a plain delivery, when the target decided it: "on_server"
+    #: (the service already held this file), "appended" (delivered into ``Work.append``'s
+    #: dataset) or "new" (``Work.append`` asked, but the dataset was gone: a new one); None
+    #: when the target did what the worker asked
+    change: str | None = None
 
 
 #: A delivered file's import progress as the service reports it: the very record the queue

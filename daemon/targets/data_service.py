@@ -130,7 +130,7 @@ from daemon.errors import (
 from daemon.queue import Job
 from daemon.routing import first_route
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
-from daemon.upload import UploadOptions
+from daemon.upload import UploadOptions, delivered_hash
 
 _log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -1081,6 +1081,8 @@ class _Delivery:
         #: ids of data sources an overwrite found deleted (not tried twice in one delivery)
         self.gone: set[int] = set()
         self.log = _log.bind(source_name=plan.name)
+        #: the digest of the file as last sent (``daemon.content``), once it was
+        self.digest: bytes | None = None
 
     async def _save(self, **changes: Any) -> None:
         for key, value in changes.items():
@@ -1147,7 +1149,11 @@ class _Delivery:
             min_size=f.size,
             throttle=opts.throttle,
             chunk_size=opts.chunk_size,
+            on_digest=self._digested,
         )
+
+    def _digested(self, digest: bytes) -> None:
+        self.digest = digest
 
     async def _send_file(
         self, *, data_source: str | None = None, permission_type: str | None = None
@@ -1355,7 +1361,12 @@ class _Delivery:
                 "finishes it)",
                 cause_kind=exc.kind,
             ) from exc
-        return self._delivered(source, action, names)
+        f = self.work.file
+        known = {1: self.digest} if self.digest is not None else {}
+        return replace(
+            self._delivered(source, action, names),
+            content_hash=await delivered_hash(f, f.size, known),
+        )
 
     async def _into_data_set(self, source: DataSourceInfo) -> DataSourceInfo:
         """Move the data source into its data set (found or made by name) unless it is there."""

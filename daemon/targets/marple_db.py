@@ -8,13 +8,19 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 
-from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient
+import structlog
+
+from daemon import retry
+from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient, Stream
 from daemon.errors import InboxdError
 from daemon.queue import Job
 from daemon.streams import StreamDirectory
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
-from daemon.upload import NameClash, UploadOptions, UploadRequest, upload_file
+from daemon.upload import NameClash, Resume, UploadOptions, UploadRequest, upload_file
+
+_log = structlog.get_logger(__name__)
 
 
 class MarpleDbTarget:
@@ -46,6 +52,7 @@ class MarpleDbTarget:
         """Run or resume the ingestion flow of one file."""
         job = work.job
         stream = await self.streams.get(job.stream_id)
+        resume, append_to = await self._appending(work, stream)
         request = UploadRequest(
             file=work.file,
             dataset_name=job.dataset_name,
@@ -55,24 +62,58 @@ class MarpleDbTarget:
             on_name_clash=self.on_name_clash,
             plugin_args=self.plugin_args,
             predecessor_keys=work.predecessor_keys,
+            append_to=append_to,
+            recognise_delivered=not work.delivered_before,
         )
         result = await upload_file(
             self.client,
             request,
             options=self.options,
-            resume=work.resume,
+            resume=resume,
             journal=work.journal,
             progress=work.progress,
         )
+        change = result.change
+        if change is None and work.append is not None:
+            change = "new"  # asked to append, but the dataset was gone or not the same one
         return Delivered(
             dataset_name=result.dataset_name,
             dataset_id=result.dataset_id,
             bytes_sent=result.bytes_sent,
             mode=result.mode,
-            refs={"stream_id": stream.id, "ingestion_id": result.ingestion_id},
+            # no ingestion (0) when the service already held the file
+            refs={"stream_id": stream.id, "ingestion_id": result.ingestion_id or None},
             fell_back=result.fell_back,
             recovered=result.recovered,
+            content_hash=result.content_hash,
+            change=change,
         )
+
+    async def _appending(self, work: Work, stream: Stream) -> tuple[Resume, int | None]:
+        """Where an appended file goes: the resume to start from and the dataset id to
+        overwrite (None: deliver as a new version, the earlier dataset is gone).
+
+        The earlier delivery's dataset is looked up by id: its name may differ from this
+        job's (it was renamed ``name (2)`` on a clash; a ledger row keeps no name) and the
+        dataset may have been deleted since. A job that got past ``new`` resumes with the
+        name it saved.
+        """
+        prior = work.append
+        if prior is None or prior.dataset_id is None:
+            return work.resume, None
+        if work.resume.stage != "new":
+            return work.resume, prior.dataset_id
+        dataset_id = prior.dataset_id
+        ds = await retry.call(
+            lambda: self.client.dataset(stream.datapool or "default", dataset_id=dataset_id),
+            self.options.policy,
+            what="find dataset",
+            on_retry=self.options.on_retry,
+        )
+        if ds is None or not ds.path:
+            _log.info("upload.append_target_gone", dataset_id=dataset_id)
+            return work.resume, None
+        return replace(work.resume, dataset_name=ds.path), dataset_id
 
     async def poll(self, jobs: Sequence[Job]) -> list[ImportUpdate]:
         """``POST /stream/{id}/datasets/status`` per stream, in batches."""
@@ -80,21 +121,22 @@ class MarpleDbTarget:
         for job in jobs:
             if job.dataset_id is not None:
                 by_stream[job.stream_id].append(job)
-        updates = []
+        updates: list[ImportUpdate] = []
         for stream_id, group in by_stream.items():
             for i in range(0, len(group), self.batch_size):
                 batch = group[i : i + self.batch_size]
-                by_dataset = {j.dataset_id: j for j in batch}
+                # Several jobs may share a dataset: a version appended into it, or one whose
+                # metadata alone changed, waits for the same import as the one before it.
+                by_dataset: dict[int | None, list[Job]] = defaultdict(list)
+                for j in batch:
+                    by_dataset[j.dataset_id].append(j)
                 statuses = await self.client.datasets_status(
-                    stream_id, [j.dataset_id for j in batch if j.dataset_id is not None]
+                    stream_id, sorted(d for d in by_dataset if d is not None)
                 )
                 for st in statuses:
-                    owner = by_dataset.get(st.dataset_id)
-                    if owner is None:
-                        continue
                     status = st.import_status or "UNKNOWN"
                     failed = status in FAILED_STATUSES
-                    updates.append(
+                    updates.extend(
                         ImportUpdate(
                             job_id=owner.id,
                             status=status,
@@ -103,6 +145,7 @@ class MarpleDbTarget:
                             terminal=failed or status in OK_STATUSES,
                             failed=failed,
                         )
+                        for owner in by_dataset.get(st.dataset_id, [])
                     )
         return updates
 

@@ -95,7 +95,7 @@ from daemon.errors import (
 from daemon.metrics import _is_loopback
 from daemon.queue import Job
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
-from daemon.upload import FileRef, Resume, UploadOptions, _Sent
+from daemon.upload import FileRef, Resume, UploadOptions, _Sent, delivered_hash
 
 _T = TypeVar("_T")
 _log = structlog.get_logger(__name__)
@@ -539,6 +539,8 @@ class _Delivery:
         self.opts = target.options
         self.state: Resume = replace(work.resume, parts_done=set())
         self.sent = _Sent(work.progress)
+        #: the digest of the file as uploaded (``daemon.content``), once it was
+        self.digest: bytes | None = None
 
     async def _save(self, **changes: Any) -> None:
         for key, value in changes.items():
@@ -582,6 +584,8 @@ class _Delivery:
         }
         if self.target.settings.share:
             refs.update(await self._share(source_id, share_id))
+        f = self.work.file
+        known = {1: self.digest} if self.digest is not None else {}
         return Delivered(
             dataset_name=self.work.job.dataset_name,
             dataset_id=source_id,
@@ -589,6 +593,7 @@ class _Delivery:
             mode="library",
             refs=refs,
             recovered=recovered,
+            content_hash=await delivered_hash(f, f.size, known),
         )
 
     async def _upload(self) -> None:
@@ -603,6 +608,7 @@ class _Delivery:
             min_size=f.size,
             throttle=self.opts.throttle,
             chunk_size=self.opts.chunk_size,
+            on_digest=self._digested,
         )
 
         async def once() -> None:
@@ -618,6 +624,9 @@ class _Delivery:
         # Repeating an upload overwrites the same path: safe after any failure.
         await self._step(once, "library upload")
         f.check_unchanged()  # changed after the last byte went out: the new version follows
+
+    def _digested(self, digest: bytes) -> None:
+        self.digest = digest
 
     async def _import(self, *, existing: int | None, ambiguous: bool) -> tuple[int, bool]:
         """Import once; returns (source id, whether an earlier lost import was found)."""
