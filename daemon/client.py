@@ -70,7 +70,7 @@ from pydantic import (
 )
 
 from daemon import __version__, netio
-from daemon.config import ApiSettings
+from daemon.config import ApiSettings, UploadSettings
 from daemon.errors import (
     ApiError,
     AuthError,
@@ -392,6 +392,12 @@ def forget_cookies(client: httpx.AsyncClient) -> httpx.AsyncClient:
     return client
 
 
+def pool_size(upload: UploadSettings) -> int:
+    """Connections a pool may keep for ``[upload]``: a part of every large file, every small
+    file, and a few for the poller, the probe and part-URL requests."""
+    return upload.workers * upload.part_concurrency + upload.small_files + 8
+
+
 def tls_verify(verify: bool, ca_file: Path | None) -> ssl.SSLContext | bool:
     """httpx's ``verify`` for ``[api] verify_tls`` and ``ca_file``."""
     if not verify:
@@ -424,12 +430,16 @@ class MarpleClient:
         verify_tls: bool = True,
         ca_file: Path | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        connections: int = 64,
     ) -> None:
         verify = tls_verify(verify_tls, ca_file)
         # Uploads of big parts may sit in one write for long on a slow link: the write timeout
         # bounds one socket write, not the whole body, so it can stay at the API timeout.
         tmo = httpx.Timeout(timeout, connect=min(timeout, 15.0))
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+        # Each pool keeps as many connections alive as requests can be in flight
+        # (``pool_size``): one closed after each request would cost a new handshake (a round
+        # trip, two with TLS) on the next.
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         self._base = url.rstrip("/")
         self._secret = token.get_secret_value()
         hooks = {"response": [_unfollowed_redirect]}
@@ -465,14 +475,16 @@ class MarpleClient:
         forget_cookies(self._storage)
 
     @classmethod
-    def from_settings(cls, api: ApiSettings) -> MarpleClient:
-        """The client for an ``[api]`` section (the token is resolved here)."""
+    def from_settings(cls, api: ApiSettings, upload: UploadSettings | None = None) -> MarpleClient:
+        """The client for an ``[api]`` section (the token is resolved here), its connection
+        pools sized for the requests ``upload`` can have in flight."""
         return cls(
             api.url,
             api.resolved_token(),
             timeout=api.timeout,
             verify_tls=api.verify_tls,
             ca_file=api.ca_file,
+            connections=64 if upload is None else pool_size(upload),
         )
 
     @property
@@ -1018,6 +1030,7 @@ __all__ = [
     "Progress",
     "Stream",
     "multipart_file_body",
+    "pool_size",
     "redact_url",
     "send_request",
     "tls_verify",

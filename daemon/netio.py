@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import types
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -291,7 +292,8 @@ def _apply_options(protocol: _Protocol, options: Iterable[httpcore.SOCKET_OPTION
 
 
 def adopt(client: httpx.AsyncClient) -> httpx.AsyncClient:
-    """Make ``client``'s connection pools (its own and any proxy's) use ``AsyncioBackend``.
+    """Make ``client``'s connection pools (its own and any proxy's) use ``AsyncioBackend``,
+    and assign requests to connections in linear time (``_assign_requests``).
 
     httpx offers no argument for httpcore's ``network_backend``, and passing a ``transport``
     of our own would switch off the proxy settings httpx reads from the environment, so the
@@ -301,7 +303,53 @@ def adopt(client: httpx.AsyncClient) -> httpx.AsyncClient:
     for pool in _pools(client):
         if hasattr(pool, "_network_backend"):
             pool._network_backend = AsyncioBackend()
+        if _POOL_FIX_APPLIES:
+            fixed = types.MethodType(_assign_requests, pool)
+            pool._assign_requests_to_connections = fixed  # type: ignore[method-assign]
     return client
+
+
+#: ``_assign_requests`` mirrors httpcore 1.0's method of that name; another release may differ
+_POOL_FIX_APPLIES = httpcore.__version__.startswith("1.0.")
+
+
+def _assign_requests(pool: Any) -> list[Any]:
+    """httpcore 1.0's ``AsyncConnectionPool._assign_requests_to_connections``, linear.
+
+    httpcore runs it whenever a request starts or ends. For each idle connection it counts the
+    pool by building a list that asks every connection ``is_idle()`` (quadratic: with 36 files
+    in flight, about 1,300 calls per request, more CPU than the request itself), and it lists
+    every available connection to take the first. Here: the same decisions, in the same order,
+    counting once and stopping at the first match.
+    """
+    closing: list[Any] = []
+    conns: list[Any] = pool._connections
+    for connection in list(conns):
+        if connection.is_closed():
+            conns.remove(connection)
+        elif connection.has_expired() or (
+            connection.is_idle() and len(conns) > pool._max_keepalive_connections
+        ):
+            conns.remove(connection)
+            closing.append(connection)
+    for pool_request in [request for request in pool._requests if request.is_queued()]:
+        origin = pool_request.request.url.origin
+        available = next(
+            (c for c in conns if c.can_handle_request(origin) and c.is_available()), None
+        )
+        if available is not None:
+            pool_request.assign_to_connection(available)
+            continue
+        if len(conns) >= pool._max_connections:
+            idle = next((c for c in conns if c.is_idle()), None)
+            if idle is None:
+                continue  # stays queued until a connection frees up
+            conns.remove(idle)
+            closing.append(idle)
+        connection = pool.create_connection(origin)
+        conns.append(connection)
+        pool_request.assign_to_connection(connection)
+    return closing
 
 
 def uses_asyncio_backend(client: httpx.AsyncClient) -> bool:

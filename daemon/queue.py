@@ -1074,25 +1074,34 @@ class Queue:
             await db.execute("DELETE FROM temp.enqueue_batch")
         return new_ids
 
-    async def claim(self, owner: str, lease_seconds: float, now: float | None = None) -> Job | None:
+    async def claim(
+        self,
+        owner: str,
+        lease_seconds: float,
+        now: float | None = None,
+        *,
+        max_size: int | None = None,
+    ) -> Job | None:
         """Atomically take the next due QUEUED job for ``owner``; None when nothing is due.
 
-        Order: ``next_attempt_at``, then id. The job becomes UPLOADING with a lease until
+        Order: ``next_attempt_at``, then id; with ``max_size``, only files of at most that many
+        bytes (the workers' small-file lane). The job becomes UPLOADING with a lease until
         ``now + lease_seconds``; ``attempts`` is not changed (it counts tries that failed).
         One ``UPDATE … WHERE id = (SELECT … LIMIT 1) RETURNING`` statement: SQLite makes it
         atomic across connections and processes (see ``_execute`` for why no explicit BEGIN).
         """
         now = time.time() if now is None else now
+        sized = "" if max_size is None else " AND size <= :max_size"
         rows = await self._write_returning(
             "UPDATE jobs SET state = 'uploading', lease_owner = :owner,"
             " lease_expires_at = :expires, started_at = coalesce(started_at, :now),"
             " updated_at = :now"
             " WHERE id = (SELECT id FROM jobs INDEXED BY jobs_due WHERE state = 'queued'"
-            "             AND next_attempt_at <= :now"
+            f"             AND next_attempt_at <= :now{sized}"
             "             ORDER BY next_attempt_at, id LIMIT 1)"
             f" RETURNING {_JOB_COLUMNS}, (SELECT count(*) FROM jobs AS other"
             "   WHERE other.rel = jobs.rel AND other.id != jobs.id) AS same_path_jobs",
-            {"owner": owner, "expires": now + lease_seconds, "now": now},
+            {"owner": owner, "expires": now + lease_seconds, "now": now, "max_size": max_size},
         )
         return _job_from_row(rows[0]) if rows else None
 

@@ -163,6 +163,8 @@ class Service:
                     max_retry_after=r.max_retry_after_seconds,
                     probe_seconds=r.probe_seconds,
                     follow_symlinks=s.inbox.follow_symlinks,
+                    small_files=s.upload.small_files,
+                    small_file_bytes=s.upload.small_file_bytes,
                 ),
                 pause=self.pause,
                 owner=owner,
@@ -223,6 +225,7 @@ class Service:
                     version=__version__,
                     inbox=str(self.inbox),
                     workers=s.upload.workers,
+                    small_files=s.upload.small_files,
                 )
                 self.notifier.ready(await self.summary())
                 self._ready = True

@@ -66,6 +66,9 @@ class WorkerSettings:
     probe_seconds: float = 3.0
     #: [inbox] follow_symlinks: a job's path may be a symlink to a file inside the inbox
     follow_symlinks: bool = False
+    #: [upload] small_files: more loops that take only files of at most ``small_file_bytes``
+    small_files: int = 0
+    small_file_bytes: int = 1024 * 1024
 
 
 class Pause:
@@ -137,7 +140,15 @@ class _Journal:
 
 
 class Workers:
-    """``count`` upload loops over one queue."""
+    """Upload loops over one queue, in two lanes.
+
+    ``count`` loops take any file; ``small_files`` more take only files of at most
+    ``small_file_bytes``. A small file is latency-bound (three round trips of waiting, little
+    to send), so on a real network many of them must be in flight to keep the link busy,
+    while large files stay bounded by ``count`` x ``part_concurrency`` parts in flight. The
+    pause, the upload windows, the outage hold and the bandwidth limit are checked by every
+    loop, so they hold for the total.
+    """
 
     def __init__(
         self,
@@ -174,6 +185,8 @@ class Workers:
             max_retry_after=settings.max_retry_after,
         )
         self._wake = anyio.Event()
+        #: whether a loop polls the queue for due jobs (the other idle loops wait on it)
+        self._polling = False
         self.active: dict[int, Job] = {}
         self._sent: dict[int, _ProgressSaver] = {}
 
@@ -209,10 +222,13 @@ class Workers:
             async with anyio.create_task_group() as tg:
                 for i in range(self.settings.count):
                     tg.start_soon(self._loop, i)
+                small = self.settings.small_file_bytes
+                for i in range(self.settings.small_files):
+                    tg.start_soon(self._loop, f"s{i}", small)
                 task_status.started()
             outer.cancel_scope.cancel()  # the loops are done: nothing left to keep
 
-    async def _loop(self, index: int) -> None:
+    async def _loop(self, index: int | str, max_size: int | None = None) -> None:
         log = _log.bind(worker=index)
         CURRENT_HOLD.set(self.hold)  # a step's retries inside this task wait for the hold
         while not self.stopping.is_set():
@@ -226,7 +242,7 @@ class Workers:
             if self.hold.left > 0:
                 await self.hold.wait()
                 continue
-            job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS)
+            job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS, max_size=max_size)
             if job is None:
                 await self._idle()
                 continue
@@ -241,10 +257,26 @@ class Workers:
                 await self._backoff(job, "internal error (see the log); will retry", "internal")
 
     async def _idle(self) -> None:
-        due = await self.queue.next_due_at()
-        wait = _IDLE_POLL if due is None else min(_IDLE_POLL, max(0.0, due - time.time()))
-        with anyio.move_on_after(wait):
+        """Wait for work: new files (``wake``), a backoff that ends, or another process's
+        ``inboxd retry``. One idle loop polls the queue for the latter two and wakes the rest
+        when something is due: with dozens of loops, each polling on its own would cost the
+        database dozens of reads a second while nothing happens."""
+        if self._polling:
             await self._wake.wait()
+        else:
+            self._polling = True
+            try:
+                while not self._wake.is_set():
+                    due = await self.queue.next_due_at()
+                    now = time.time()
+                    if due is not None and due <= now:
+                        break
+                    wait = _IDLE_POLL if due is None else min(_IDLE_POLL, due - now)
+                    with anyio.move_on_after(wait):
+                        await self._wake.wait()
+            finally:
+                self._polling = False
+            self._wake.set()  # something is due (or new): every idle loop tries to claim
         if self._wake.is_set():
             self._wake = anyio.Event()
 

@@ -361,6 +361,20 @@ async def test_claim_order_and_next_attempt_at(q: Queue) -> None:
     assert await q.next_due_at() is None
 
 
+async def test_claim_with_max_size_takes_only_small_files_in_order(q: Queue) -> None:
+    big, small1, huge, small2 = await q.enqueue_many(
+        [new("big", size=5000), new("s1", size=100), new("huge", size=10**9), new("s2", size=1000)]
+    )
+    now = time.time()
+    # The small-file lane passes over the large files ahead of it, in queue order.
+    first = await q.claim("lane", 30, now=now, max_size=1000)
+    second = await q.claim("lane", 30, now=now, max_size=1000)
+    assert (first and first.id, second and second.id) == (small1, small2)
+    assert await q.claim("lane", 30, now=now, max_size=1000) is None
+    # The large files wait for a loop without a size limit.
+    assert [(await q.claim("any", 30, now=now)).id for _ in range(2)] == [big, huge]  # type: ignore[union-attr]
+
+
 async def test_concurrent_claims_from_two_connections(db_path: Path) -> None:
     total = 300
     async with await Queue.open(db_path) as one, await Queue.open(db_path) as two:
