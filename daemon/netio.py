@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 import types
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -314,29 +316,44 @@ _POOL_FIX_APPLIES = httpcore.__version__.startswith("1.0.")
 
 
 def _assign_requests(pool: Any) -> list[Any]:
-    """httpcore 1.0's ``AsyncConnectionPool._assign_requests_to_connections``, linear.
+    """httpcore 1.0's ``AsyncConnectionPool._assign_requests_to_connections``, cheaper.
 
-    httpcore runs it whenever a request starts or ends. For each idle connection it counts the
-    pool by building a list that asks every connection ``is_idle()`` (quadratic: with 36 files
-    in flight, about 1,300 calls per request, more CPU than the request itself), and it lists
-    every available connection to take the first. Here: the same decisions, in the same order,
-    counting once and stopping at the first match.
+    httpcore runs it whenever a request starts or ends. It first sweeps every connection
+    (closed? expired? idle beyond the keep-alive limit? — counting the pool for each idle one
+    by building a list that asks every connection ``is_idle()``: quadratic, about 1,300 calls
+    per request with 36 files in flight, more CPU than the request itself), then lists every
+    available connection to take the first. Here the sweep runs at most every
+    ``_SWEEP_SECONDS`` and counts once; in between, a connection is checked for being closed
+    or expired only when it is about to be given a request (the same check, on the one
+    connection it matters for). The decisions and their order are httpcore's.
     """
     closing: list[Any] = []
     conns: list[Any] = pool._connections
-    for connection in list(conns):
-        if connection.is_closed():
-            conns.remove(connection)
-        elif connection.has_expired() or (
-            connection.is_idle() and len(conns) > pool._max_keepalive_connections
-        ):
-            conns.remove(connection)
-            closing.append(connection)
+    now = time.monotonic()
+    if now - _SWEPT.get(pool, -_SWEEP_SECONDS) >= _SWEEP_SECONDS:
+        _SWEPT[pool] = now
+        for connection in list(conns):
+            if connection.is_closed():
+                conns.remove(connection)
+            elif connection.has_expired() or (
+                connection.is_idle() and len(conns) > pool._max_keepalive_connections
+            ):
+                conns.remove(connection)
+                closing.append(connection)
     for pool_request in [request for request in pool._requests if request.is_queued()]:
         origin = pool_request.request.url.origin
-        available = next(
-            (c for c in conns if c.can_handle_request(origin) and c.is_available()), None
-        )
+        available = None
+        for connection in list(conns):
+            if not (connection.can_handle_request(origin) and connection.is_available()):
+                continue
+            if connection.is_closed():
+                conns.remove(connection)
+            elif connection.has_expired():
+                conns.remove(connection)
+                closing.append(connection)
+            else:
+                available = connection
+                break
         if available is not None:
             pool_request.assign_to_connection(available)
             continue
@@ -350,6 +367,11 @@ def _assign_requests(pool: Any) -> list[Any]:
         conns.append(connection)
         pool_request.assign_to_connection(connection)
     return closing
+
+
+#: how often ``_assign_requests`` sweeps a whole pool for closed, expired or surplus connections
+_SWEEP_SECONDS = 1.0
+_SWEPT: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
 def uses_asyncio_backend(client: httpx.AsyncClient) -> bool:

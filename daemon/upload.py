@@ -459,7 +459,7 @@ class _Flow:
                 parts_done=set(),
                 fell_back=False,
             )
-            self.log.info("ingestion.created", ingestion_id=ing.ingestion_id, mode=ing.mode)
+            self.log.debug("ingestion.created", ingestion_id=ing.ingestion_id, mode=ing.mode)
             return None
 
     def _already_done(self, ds: Dataset) -> UploadResult:

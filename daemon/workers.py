@@ -346,7 +346,9 @@ class Workers:
             previous_refs=previous_refs,
         )
         log = _log.bind(job_id=job.id, path=ident.rel)
-        log.info("upload.start", size=ident.size, attempt=job.attempts + 1, stage=resume.stage)
+        # At debug: a line per step of every file drowns the journal (and costs CPU per file);
+        # upload.done and import.done tell the story at info, warnings say what went wrong.
+        log.debug("upload.start", size=ident.size, attempt=job.attempts + 1, stage=resume.stage)
         started = time.monotonic()
         try:
             if job.stream_id == 0 and self.resolve_stream is not None:

@@ -988,3 +988,49 @@ async def test_status_shows_no_stream_id_before_a_stream_name_is_looked_up(q: Qu
     rows = {job.identity.rel: status.job_json(job, time.time()) for job in await q.list_jobs()}
     assert rows["named.csv"]["stream_id"] is None
     assert rows["plain.csv"]["stream_id"] == 7
+
+
+async def test_concurrent_writes_share_commits_and_fail_alone(q: Queue, db_path: Path) -> None:
+    """Many tasks writing at once: their statements go to the database thread in shared
+    transactions (fewer trips than writes), each caller returns once its own write is
+    committed, and a statement that fails (a part of a job that does not exist violates a
+    foreign key) fails only its caller."""
+    ids = await q.enqueue_many(many(40))
+    trips = 0
+    db = q._conn()
+    real = db._execute
+
+    async def counting(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal trips
+        trips += 1
+        return await real(fn, *args, **kwargs)
+
+    db._execute = counting  # type: ignore[method-assign]
+    failed: list[BaseException] = []
+
+    async def write(job_id: int) -> None:
+        await q.save_progress(job_id, bytes_sent=job_id * 10, stage=Stage.CREATING)
+        # Committed when it returns: another connection sees it at once.
+        other = raw(db_path)
+        try:
+            row = other.execute("SELECT bytes_sent FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        finally:
+            other.close()
+        assert row[0] == job_id * 10
+
+    async def bad() -> None:
+        try:
+            await q.mark_part_done(10**9, 1)
+        except QueueError as exc:
+            failed.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for job_id in ids:
+            tg.start_soon(write, job_id)
+        tg.start_soon(bad)
+    del db._execute
+    assert len(failed) == 1 and "FOREIGN KEY" in str(failed[0]), failed
+    assert trips < len(ids) / 2, trips  # 41 statements
+    for job_id in ids:
+        job = await get(q, job_id)
+        assert (job.bytes_sent, job.stage) == (job_id * 10, Stage.CREATING)
