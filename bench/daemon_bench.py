@@ -3,15 +3,16 @@
 
 Five measurements, each against the target from the issue:
 
-* **throughput**: 5,000 files of 4 KiB are written to a staging folder, then ``os.rename``-d into
-  the inbox of an idle daemon (``settle_seconds = 0.1``). Measured from the last rename to the
-  5,000th successful ``POST /ingestion/{id}/upload/complete`` in the *sandbox's* request log, for
-  the daemon at its defaults (``[upload] workers`` plus the small-file lane ``small_files``) and
-  with ``workers`` = N and the lane off (N files in flight; ``--workers``). The baseline is a tight loop in its own process making the same
-  three calls per file directly with httpx (POST /ingestion, POST .../upload/server multipart,
-  POST .../upload/complete): sequentially with ``httpx.Client`` (the target's baseline), and with
-  4 concurrent tasks on ``httpx.AsyncClient`` (the sandbox's ceiling, for context). Rounds are
-  interleaved; ratios come from the same round. Target: daemon >= 0.8x the sequential loop.
+* **throughput**: 5,000 files of 4 KiB are written to a staging folder, then ``os.rename``-d
+  into the inbox of an idle daemon (``settle_seconds = 0.1``). Measured from the last rename to
+  the 5,000th successful ``POST /ingestion/{id}/upload/complete`` in the *sandbox's* request
+  log, for the daemon at its defaults (``[upload] workers`` plus the small-file lane
+  ``small_files``) and with ``workers`` = N and the lane off (N files in flight; ``--workers``).
+  The baseline is a tight loop in its own process making the same three calls per file directly
+  with httpx (POST /ingestion, POST .../upload/server multipart, POST .../upload/complete):
+  sequentially with ``httpx.Client`` (the target's baseline), and with 4 concurrent tasks on
+  ``httpx.AsyncClient`` (the sandbox's ceiling, for context). Rounds are interleaved; ratios
+  come from the same round. Target: daemon >= 0.8x the sequential loop.
 * **latency**: idle daemon with ``settle_seconds = 1.0``; files renamed in one by one, a second
   apart; per file ``(arrival of its POST /ingestion at the sandbox) - (rename time) - settle``.
   Target p50 <= 200 ms.
