@@ -703,10 +703,15 @@ def client_env(ctx: Ctx, pythonpath: str | None = None) -> dict[str, str]:
     return env
 
 
+def is_tls(ctx: Ctx, tool: str) -> bool:
+    """Whether a run goes to the TLS sink (with ``--tls``, variants do too)."""
+    return tool.endswith("-tls") or (tool.startswith("inboxd:") and bool(ctx.args.tls))
+
+
 def run_inboxd(ctx: Ctx, rnd: int, tool: str = "inboxd", pythonpath: str | None = None) -> Run:
     result = ctx.workdir / "result.json"
     result.unlink(missing_ok=True)
-    config = ctx.tls_config if tool == "inboxd-tls" else None
+    config = ctx.tls_config if is_tls(ctx, tool) else None
     argv = inboxd_argv(ctx, result, dataset_name(ctx, tool, rnd), config)
     return _driver_run(tool, ctx, rnd, argv, result, client_env(ctx, pythonpath))
 
@@ -1015,7 +1020,7 @@ def render(
             L.append(f"| {label} | failed | | | | | | | | | |")
             continue
         # TLS rows are compared with the TLS curl (same connections), the others with curl -T
-        base = summary.get("curl-tls", {}).get("gbps") if tool.endswith("-tls") else curl
+        base = summary.get("curl-tls", {}).get("gbps") if is_tls(ctx, tool) else curl
         ratio = f"{s['gbps'] / base:.2f}" if base else DASH
         L.append(
             f"| {label} | {s['gbps']:.2f} | {s['gbps_min']:.2f}{DASH}{s['gbps_max']:.2f} | "
@@ -1085,7 +1090,8 @@ def render(
         L.append(
             "- Rows 'inboxd + ...' run a copy of the `daemon` package with a candidate change "
             "applied (`--variant LABEL=PATCH`, patches in `bench/variants/`), measured in the "
-            "same run; the repo's code is the 'inboxd push' row."
+            "same run; the repo's code is the 'inboxd push' row (with --tls they go to the TLS "
+            "sink)."
         )
     if a.tls:
         L.append(

@@ -15,6 +15,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import httpx
@@ -380,3 +381,42 @@ async def test_many_requests_in_flight_share_kept_alive_connections_in_linear_ti
     # 96 requests, two pool passes each over at most 32 connections: linear is ~6,000 calls;
     # httpcore's quadratic count would be ~100,000.
     assert calls < 15_000, calls
+
+
+async def test_file_bodies_go_to_https_in_cache_sized_chunks(tmp_path: Path) -> None:
+    """A file PUT to an https:// URL is read and sent in chunks of at most TLS_CHUNK_SIZE
+    (asyncio's TLS layer copies each chunk whole); to http:// in CHUNK_SIZE chunks. The bytes
+    that arrive are the file's either way."""
+    from pydantic import SecretStr
+
+    from daemon.client import CHUNK_SIZE, TLS_CHUNK_SIZE, FileSlice, MarpleClient
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    data = bytes(range(256)) * (5 * MiB // 256)
+    path = tmp_path / "part.bin"
+    path.write_bytes(data)
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, body = await read_request(reader)
+            received.append(body)
+            writer.write(answer(b""))
+            await writer.drain()
+
+    sizes: dict[str, list[int]] = {"https": [], "http": []}
+    async with MarpleClient("http://127.0.0.1:9/api/v1", SecretStr("t"), ca_file=ca_file) as marple:
+        for scheme, tls in (("https", server_ctx), ("http", None)):
+            async with serve(handler, tls=tls) as srv:
+                source = FileSlice(path, 0, len(data))
+                await marple.storage_put(
+                    f"{srv.url}/part?sig=x", source, progress=sizes[scheme].append
+                )
+    assert received == [data, data]
+    assert max(sizes["https"]) == TLS_CHUNK_SIZE < CHUNK_SIZE
+    assert max(sizes["http"]) == CHUNK_SIZE
