@@ -114,8 +114,8 @@ class Net:
         self.sb.stop()
 
 
-def run_loop(a: argparse.Namespace, rtt: float, tag: str) -> dict[str, Any]:
-    run = db._fresh(f"wan-loop-{rtt:g}-{tag}")
+def run_loop(a: argparse.Namespace, rtt: float, tag: str, netio: bool = False) -> dict[str, Any]:
+    run = db._fresh(f"wan-loop{'-netio' if netio else ''}-{rtt:g}-{tag}")
     db.make_files(run / "files", a.files, a.file_kib * KiB)
     net = Net(run, rtt)
     out = run / "loop.json"
@@ -137,6 +137,7 @@ def run_loop(a: argparse.Namespace, rtt: float, tag: str) -> dict[str, Any]:
                 str(a.loop_concurrency),
                 "--out",
                 str(out),
+                *(["--netio"] if netio else []),
             ],
             log=run / "loop.log",
             cpu=db.CTX.client_cpu,
@@ -156,7 +157,7 @@ def run_loop(a: argparse.Namespace, rtt: float, tag: str) -> dict[str, Any]:
     wall = res["t_end"] - res["t_begin"]
     db._cleanup_run(run)
     return {
-        "kind": "loop",
+        "kind": "loop-netio" if netio else "loop",
         "rtt": rtt,
         "tag": tag,
         "rate": a.files / elapsed,
@@ -282,13 +283,15 @@ def bench(a: argparse.Namespace) -> list[dict[str, Any]]:
         for rtt in a.rtt_ms:
             order: list[tuple[str, str]] = [("loop", "")]
             order += [("daemon", label) for label in a.daemons]
+            if a.loop_netio:
+                order.append(("loop-netio", ""))
             if rnd % 2 == 0:
                 order.reverse()
             order.append(("sdk", ""))
             for kind, label in order:
                 tag = f"r{rnd}"
-                if kind == "loop":
-                    r = run_loop(a, rtt, tag)
+                if kind in ("loop", "loop-netio"):
+                    r = run_loop(a, rtt, tag, netio=kind == "loop-netio")
                 elif kind == "daemon":
                     r = run_daemon(a, rtt, label, a.daemons[label], tag)
                 else:
@@ -351,6 +354,17 @@ def report(a: argparse.Namespace, runs: list[dict[str, Any]], facts: dict[str, s
             f"{_med([r['proxy_util'] for r in lr]):.0%}"
             f" | {lr[0]['load']} |"
         )
+        fast = {r["tag"]: r for r in runs if r["kind"] == "loop-netio" and r["rtt"] == rtt}
+        if fast:
+            fr = list(fast.values())
+            fratio = _med([r["rate"] / loops[r["tag"]]["rate"] for r in fr if r["tag"] in loops])
+            L.append(
+                f"| {rtt:g} ms | same loop on inboxd's socket layer (`daemon.netio`) | "
+                f"{_med([r['rate'] for r in fr]):.1f} | {fratio:.2f} | context | "
+                f"{_med([r['cpu_ms'] for r in fr]):.2f} | "
+                f"{_med([r['sandbox_util'] for r in fr]):.0%} / "
+                f"{_med([r['proxy_util'] for r in fr]):.0%} | {fr[0]['load']} |"
+            )
         for i, label in enumerate(a.daemons):
             ds = [
                 r for r in runs if r["kind"] == "daemon" and r["label"] == label and r["rtt"] == rtt
@@ -362,6 +376,9 @@ def report(a: argparse.Namespace, runs: list[dict[str, Any]], facts: dict[str, s
             verdict = (
                 ("met" if ratio >= 0.8 else "**MISSED**") + " (≥ 0.8x)" if i == 0 else "candidate"
             )
+            vs_fast = [r["rate"] / fast[r["tag"]]["rate"] for r in ds if r["tag"] in fast]
+            if vs_fast:
+                verdict += f"; {_med(vs_fast):.2f}x the netio loop"
             name = "inboxd run, defaults" if label == "defaults" else f"inboxd run, {label}"
             L.append(
                 f"| {rtt:g} ms | {name} | {_med([r['rate'] for r in ds]):.1f} | {ratio:.2f} | "
@@ -422,6 +439,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--rtt-ms", type=lambda t: [float(x) for x in t.split(",") if x], default=[40.0, 10.0]
     )
     p.add_argument("--loop-concurrency", type=int, default=32)
+    p.add_argument(
+        "--no-loop-netio",
+        dest="loop_netio",
+        action="store_false",
+        help="leave out the context loop on daemon.netio",
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--settle", type=float, default=0.1)
     p.add_argument("--sdk-files", type=int, default=100)
