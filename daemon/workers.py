@@ -183,6 +183,7 @@ class Workers:
             base=settings.backoff_base,
             cap=settings.outage_cap,
             max_retry_after=settings.max_retry_after,
+            trial_every=settings.probe_seconds,
         )
         self._wake = anyio.Event()
         #: whether a loop polls the queue for due jobs (the other idle loops wait on it)
@@ -239,9 +240,11 @@ class Workers:
             if self.windows is not None and not self.windows.always_open:
                 await self.windows.wait_open(on_wait=self._window_closed)
                 self._window_open()
-            if self.hold.left > 0:
+            if self.hold.left > 0 or self.hold.suspect:
                 await self.hold.wait()
-                continue
+                if not self.hold.suspect:
+                    continue
+                # The trial: claim and send (its outcome releases or holds the others).
             job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS, max_size=max_size)
             if job is None:
                 await self._idle()
@@ -475,7 +478,7 @@ class Workers:
             while hold.left > 0:
                 if hold.left <= every:
                     # It ends by itself before another probe would be due.
-                    await hold.wait()
+                    await hold.wait_over()
                     break
                 await hold.wait_over_or(every)
                 if hold.left <= 0:
