@@ -179,13 +179,16 @@ class ServiceHold:
         """Start or extend the hold after ``exc`` (see the class docstring)."""
         self.suspect = True
         self._settle()
-        self.failures += 1
+        now = time.monotonic()
+        if self.until <= now:
+            # Requests in flight together fail together: the hold grows once per hold (a
+            # failed trial, a retry after it), not once per request that was in flight.
+            self.failures += 1
         ceiling = min(self.cap, self.base * 2 ** min(self.failures - 1, 30))
         delay = max(
             random.uniform(ceiling / 2, ceiling),
             bounded_wait(retry_after_of(exc), self.max_retry_after),
         )
-        now = time.monotonic()
         if now + delay <= self.until:
             return
         if self.until <= now:

@@ -240,11 +240,9 @@ class Workers:
             if self.windows is not None and not self.windows.always_open:
                 await self.windows.wait_open(on_wait=self._window_closed)
                 self._window_open()
-            if self.hold.left > 0 or self.hold.suspect:
-                await self.hold.wait()
-                if not self.hold.suspect:
-                    continue
-                # The trial: claim and send (its outcome releases or holds the others).
+            if self.hold.left > 0:
+                await self.hold.wait_over()
+                continue
             job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS, max_size=max_size)
             if job is None:
                 await self._idle()
@@ -354,6 +352,10 @@ class Workers:
         log.debug("upload.start", size=ident.size, attempt=job.attempts + 1, stage=resume.stage)
         started = time.monotonic()
         try:
+            if self.hold.suspect:
+                # The service was in trouble and nothing succeeded since: one trial at a time
+                # (only tasks with a file to send take one; see ServiceHold).
+                await self.hold.wait()
             if job.stream_id == 0 and self.resolve_stream is not None:
                 # Here, not at intake: an outage or an unknown name then meets the same
                 # backoff, pause and failure handling as the upload itself.
