@@ -237,6 +237,10 @@ def cmd_sandbox(ns: argparse.Namespace) -> int:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=2,
+            # uvicorn closes a kept-alive connection after 5 s idle by default; behind the WAN
+            # bench's delay line its FIN reaches a client RTT/2 late, which then sends on a
+            # closed connection ("Server disconnected"). Load balancers keep 60 s and more.
+            timeout_keep_alive=120,
         )
     )
     tmp = Path(ns.port_file + ".tmp")

@@ -161,6 +161,9 @@ class ServiceHold:
         self._begun = anyio.Event()
         #: trouble was seen and no request succeeded since: after the hold, one trial at a time
         self.suspect = False
+        #: set while the service is known to answer: a file succeeded since the start and
+        #: since the last trouble (the small-file lane starts only then: ``wait_proven``)
+        self._proven = anyio.Event()
         self._trial_at = -math.inf  # time.monotonic() the last trial was let through
         self._settled = anyio.Event()
 
@@ -175,10 +178,21 @@ class ServiceHold:
         self._settled.set()
         self._settled = anyio.Event()
 
+    @property
+    def proven(self) -> bool:
+        """Whether a file succeeded since the start and since the last trouble."""
+        return self._proven.is_set()
+
+    async def wait_proven(self) -> None:
+        """Return once the service is known to answer (see ``proven``)."""
+        await self._proven.wait()
+
     def trouble(self, exc: InboxdError) -> None:
         """Start or extend the hold after ``exc`` (see the class docstring)."""
         self.suspect = True
         self._settle()
+        if self._proven.is_set():
+            self._proven = anyio.Event()
         now = time.monotonic()
         if self.until <= now:
             # Requests in flight together fail together: the hold grows once per hold (a
@@ -206,6 +220,7 @@ class ServiceHold:
     def succeeded(self) -> None:
         """A request went through: the next trouble starts small again, everyone may send."""
         self.failures = 0
+        self._proven.set()
         if self.suspect:
             self.suspect = False
             self._settle()

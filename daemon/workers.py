@@ -243,6 +243,13 @@ class Workers:
             if self.hold.left > 0:
                 await self.hold.wait_over()
                 continue
+            if max_size is not None and not self.hold.proven:
+                # The small-file lane starts once a file went through (after start-up and
+                # after trouble): a service that is down is not asked by dozens of loops at
+                # once, only by the `workers` ones, and then by one trial at a time.
+                with anyio.move_on_after(_IDLE_POLL):
+                    await self.hold.wait_proven()
+                continue
             job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS, max_size=max_size)
             if job is None:
                 await self._idle()

@@ -94,3 +94,21 @@ async def test_a_probe_that_finds_the_service_back_releases_everyone() -> None:
     with anyio.fail_after(5):
         await hold.wait_over()
     assert hold.suspect
+
+
+async def test_proven_once_a_file_succeeds_and_until_the_next_trouble() -> None:
+    hold = _hold()
+    assert not hold.proven  # at start-up nothing is known about the service
+    hold.succeeded()
+    assert hold.proven
+    with anyio.fail_after(1):
+        await hold.wait_proven()
+    hold.trouble(TransportError("no answer"))
+    assert not hold.proven
+    with anyio.move_on_after(0.2) as scope:
+        await hold.wait_proven()
+    assert scope.cancelled_caught
+    hold.end()  # a probe answered: the service is back, but no file went through yet
+    assert not hold.proven
+    hold.succeeded()
+    assert hold.proven
