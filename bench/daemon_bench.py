@@ -1622,17 +1622,18 @@ def _detail_tp(rs: list[dict[str, Any]]) -> str:
     )
 
 
-def write_doc(section: str) -> None:
-    """Replace only the text between our markers (re-read right before writing)."""
+def write_doc(section: str, start: str = START, end: str = END, heading: str = HEADING) -> None:
+    """Replace only the text between our markers (re-read right before writing); also the
+    writer of ``bench/wan_bench.py``'s section, with its own markers."""
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    body = f"{START}\n{section.rstrip()}\n{END}"
-    s, e = text.find(START), text.find(END)
+    body = f"{start}\n{section.rstrip()}\n{end}"
+    s, e = text.find(start), text.find(end)
     if s != -1 and e != -1 and e > s:
-        new = text[:s] + body + text[e + len(END) :]
+        new = text[:s] + body + text[e + len(end) :]
     else:
         # A "## " heading before our start marker: a writer that replaces "its heading up to
         # the next ## heading" then stops before our markers instead of eating them.
-        new = text.rstrip("\n") + f"\n\n{HEADING}\n\n{body}\n"
+        new = text.rstrip("\n") + f"\n\n{heading}\n\n{body}\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(new)
 

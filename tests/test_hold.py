@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import anyio
+from anyio.abc import TaskGroup
 
 from daemon.errors import TransportError
 from daemon.retry import ServiceHold
@@ -16,17 +17,22 @@ def _hold(trial_every: float = 0.5) -> ServiceHold:
     return ServiceHold(base=0.1, cap=0.1, max_retry_after=1.0, trial_every=trial_every)
 
 
-async def _passed_within(hold: ServiceHold, n: int, seconds: float) -> list[int]:
-    """Start ``n`` waiters; which of them got through ``hold.wait()`` within ``seconds``."""
-    through: list[int] = []
+def _start_waiters(tg: TaskGroup, hold: ServiceHold, n: int, through: list[int]) -> None:
+    """``n`` tasks that each wait for the hold, then note their number in ``through``."""
 
     async def waiter(i: int) -> None:
         await hold.wait()
         through.append(i)
 
+    for i in range(n):
+        tg.start_soon(waiter, i)
+
+
+async def _passed_within(hold: ServiceHold, n: int, seconds: float) -> list[int]:
+    """Start ``n`` waiters; which of them got through ``hold.wait()`` within ``seconds``."""
+    through: list[int] = []
     async with anyio.create_task_group() as tg:
-        for i in range(n):
-            tg.start_soon(waiter, i)
+        _start_waiters(tg, hold, n, through)
         await anyio.sleep(seconds)
         tg.cancel_scope.cancel()
     return through
@@ -41,14 +47,8 @@ async def test_after_the_hold_one_trial_then_everyone_once_it_succeeds() -> None
     hold.trouble(TransportError("no answer"))
     started = time.monotonic()
     through: list[int] = []
-
-    async def waiter(i: int) -> None:
-        await hold.wait()
-        through.append(i)
-
     async with anyio.create_task_group() as tg:
-        for i in range(10):
-            tg.start_soon(waiter, i)
+        _start_waiters(tg, hold, 10, through)
         with anyio.fail_after(5):
             while not through:
                 await anyio.sleep(0.01)
@@ -76,14 +76,8 @@ async def test_a_probe_that_finds_the_service_back_releases_everyone() -> None:
     hold = _hold(trial_every=60.0)
     hold.trouble(TransportError("no answer"))
     through: list[int] = []
-
-    async def waiter(i: int) -> None:
-        await hold.wait()
-        through.append(i)
-
     async with anyio.create_task_group() as tg:
-        for i in range(10):
-            tg.start_soon(waiter, i)
+        _start_waiters(tg, hold, 10, through)
         await anyio.sleep(0.01)
         hold.end()
         with anyio.fail_after(5):
