@@ -2,6 +2,7 @@
 
     python bench/_push_driver.py inboxd RESULT_JSON -- <inboxd CLI arguments>
     python bench/_push_driver.py sdk RESULT_JSON URL TOKEN STREAM FILE NAME CONCURRENCY
+    python bench/_push_driver.py sdk-loop RESULT_JSON URL TOKEN STREAM DIR COUNT
 
 ``inboxd`` runs exactly what the ``inboxd`` console script runs (``daemon.cli.main``) with the
 given arguments; ``sdk`` runs the official ``marpledata`` SDK's ``DataStream.push_file``.
@@ -77,6 +78,46 @@ def _sdk(result: Path, url: str, token: str, stream: str, file: str, name: str, 
     return 0 if error is None else 1
 
 
+def _sdk_loop(result: Path, url: str, token: str, stream: str, folder: str, count: str) -> int:
+    """``push_file`` for the first COUNT files of DIR, one after the other (bench/wan_bench.py).
+
+    ``upload_s`` runs from the first ``push_file`` to the return of the last; CPU time is read
+    around the same window (the caller's ``/usr/bin/time`` would count imports too)."""
+    import resource
+
+    from marple import DB, __version__
+
+    files = sorted(Path(folder).iterdir())[: int(count)]
+    error = None
+    db = DB(token, url)
+    target = db.get_stream(int(stream))
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    done = 0
+    try:
+        for path in files:
+            target.push_file(str(path), file_name=path.name)
+            done += 1
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    t1 = time.perf_counter()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    result.write_text(
+        json.dumps(
+            {
+                "upload_s": t1 - t0,
+                "files": done,
+                "cpu_s": cpu,
+                "ok": error is None,
+                "error": error,
+                "sdk_version": __version__,
+            }
+        )
+    )
+    return 0 if error is None else 1
+
+
 def main(argv: list[str]) -> int:
     kind, result = argv[0], Path(argv[1])
     if kind == "inboxd":
@@ -86,6 +127,8 @@ def main(argv: list[str]) -> int:
         return _inboxd(result, rest)
     if kind == "sdk":
         return _sdk(result, *argv[2:8])
+    if kind == "sdk-loop":
+        return _sdk_loop(result, *argv[2:7])
     raise SystemExit(f"unknown driver {kind!r}")
 
 

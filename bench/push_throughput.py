@@ -14,6 +14,13 @@ nginx discard sink (``location / { return 200; }``), so the client is the bottle
 * the three are interleaved (a, b, c, a, b, c, ...) after one uncounted warm-up round, and
   medians and ratios come from the same run.
 
+``--tls`` (issue #14) adds the same sink behind TLS (nginx with a private CA made by ``trustme``,
+a second sandbox handing out its ``https://`` URLs) and two more clients, with the same number
+of connections: (d) ``curl --parallel --parallel-max N`` (N = ``--concurrency``) PUTting the
+same parts, split once into files on tmpfs (``/dev/shm``), one URL each; (e) ``inboxd push``
+with ``[api] ca_file`` naming the private CA. Its table goes to its own section
+(``## Push throughput over TLS (issue #14)``); the plain-HTTP and SDK rows stay in it.
+
 Run it through ``bench/run.sh`` (installs nginx-light and the SDK when missing), e.g.
 ``bench/run.sh --size 256M`` for a quick check; the full run writes its table to
 ``docs/benchmarks.md`` under ``## Push throughput (issue #2)``.
@@ -45,15 +52,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "_push_driver.py"
 SECTION = "## Push throughput (issue #2)"
+TLS_SECTION = "## Push throughput over TLS (issue #14)"
 MiB = 1024 * 1024
 TOKEN = "bench-token"  # the sandbox's token for this run only
 TIME_FORMAT = "%M %e %U %S"  # peak RSS KiB, wall s, user s, sys s
-TOOLS = ("curl", "inboxd", "sdk")
+TOOLS = ("curl", "inboxd", "sdk", "curl-tls", "inboxd-tls")
 DASH, TIMES = "\u2013", "\u00d7"  # en dash, multiplication sign (for the Markdown table)
 LABELS = {
     "curl": "curl -T (baseline 1)",
     "inboxd": "inboxd push",
     "sdk": "marpledata SDK push_file (baseline 2)",
+    "curl-tls": "TLS: curl --parallel (baseline 3)",
+    "inboxd-tls": "TLS: inboxd push",
 }
 
 
@@ -179,7 +189,17 @@ http {{
         listen 127.0.0.1:{port};
         location / {{ return 200; }}
     }}
-}}
+{tls}}}
+"""
+
+NGINX_TLS = """\
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {pem};
+        ssl_certificate_key {pem};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{ return 200; }}
+    }}
 """
 
 
@@ -188,6 +208,9 @@ class Sink:
     url: str
     access_log: Path
     offset: int = 0
+    #: the same sink behind TLS (``--tls``), and the private CA that signed its certificate
+    tls_url: str | None = None
+    ca_file: Path | None = None
 
     def take_requests(self) -> list[dict[str, object]]:
         """Access-log lines written since the last call."""
@@ -214,17 +237,34 @@ class Sink:
         return rows
 
 
-def start_nginx(procs: Processes, workdir: Path, server_cpu: int) -> Sink:
+def make_tls(d: Path) -> tuple[Path, Path]:
+    """A private CA and a certificate for localhost/127.0.0.1 (``trustme``, a dev dependency):
+    returns (the CA's PEM, the server's key + chain PEM)."""
+    import trustme
+
+    d.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    ca_pem, server_pem = d / "ca.pem", d / "server.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    return ca_pem, server_pem
+
+
+def start_nginx(procs: Processes, workdir: Path, server_cpu: int, tls: bool = False) -> Sink:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         raise RuntimeError("nginx not found: run bench/run.sh (it installs nginx-light)")
     d = workdir / "nginx"
+    ca_pem, server_pem = make_tls(d / "tls") if tls else (None, None)
     last_error = ""
     for _ in range(3):  # a freshly picked free port can be taken in between: try again
         d.mkdir(exist_ok=True)
         port = free_port()
+        tls_port = free_port() if tls else 0
         conf = d / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(d=d, port=port))
+        tls_block = NGINX_TLS.format(port=tls_port, pem=server_pem) if tls else ""
+        conf.write_text(NGINX_CONF.format(d=d, port=port, tls=tls_block))
         (d / "access.log").write_bytes(b"")
         log = d / "stdout.log"
         argv = [
@@ -246,7 +286,14 @@ def start_nginx(procs: Processes, workdir: Path, server_cpu: int) -> Sink:
         except RuntimeError as exc:
             last_error = str(exc)
             continue
-        return Sink(f"http://127.0.0.1:{port}", d / "access.log")
+        if tls:
+            wait_port(tls_port, proc, "nginx (TLS)", d / "error.log")
+        return Sink(
+            f"http://127.0.0.1:{port}",
+            d / "access.log",
+            tls_url=f"https://localhost:{tls_port}" if tls else None,
+            ca_file=ca_pem,
+        )
     raise RuntimeError(f"nginx did not start: {last_error}")
 
 
@@ -257,11 +304,12 @@ def start_sandbox(
     procs: Processes,
     workdir: Path,
     server_cpu: int,
-    sink: Sink,
+    sink_url: str,
     part_size: int,
     single_max: int,
+    name: str = "sandbox",
 ) -> str:
-    d = workdir / "sandbox"
+    d = workdir / name
     (d / "data").mkdir(parents=True, exist_ok=True)
     log = d / "sandbox.log"
     argv = [
@@ -284,7 +332,7 @@ def start_sandbox(
         "--storage",
         "discard",
         "--discard-url",
-        sink.url,
+        sink_url,
         "--server-max-bytes",
         str(min(MiB, single_max)),
         "--single-max-bytes",
@@ -570,7 +618,59 @@ def dataset_name(ctx: Ctx, tool: str, rnd: int) -> str:
     return f"bench-{tool.replace(':', '-')}-{rnd}-{ctx.stats.names}"
 
 
-def inboxd_argv(ctx: Ctx, result: Path, name: str) -> list[str]:
+def run_curl_parallel(ctx: Ctx, rnd: int) -> Run:
+    """``curl --parallel`` PUTting every part to the TLS sink, as many at once as inboxd."""
+    assert ctx.sink.tls_url is not None and ctx.sink.ca_file is not None
+    cfg = ctx.workdir / "curl-parts.cfg"
+    lines = []
+    for n, part in enumerate(ctx.part_files, 1):
+        lines += [
+            f'upload-file = "{part}"',
+            f'url = "{ctx.sink.tls_url}/curl-tls/{rnd}/part-{n:05d}"',
+            'output = "/dev/null"',
+        ]
+    cfg.write_text("\n".join(lines) + "\n")
+    argv = [
+        "curl",
+        "-sS",
+        "--parallel",
+        "--parallel-max",
+        str(ctx.args.concurrency),
+        "--cacert",
+        str(ctx.sink.ca_file),
+        "-w",
+        "%{http_code} %{size_upload}\\n",
+        "-K",
+        str(cfg),
+    ]
+    res, wall, t = timed(argv, ctx.args.client_cpu, ctx.workdir, ctx.timeout)
+    rows = [line.split() for line in res.stdout.decode().splitlines() if line.strip()]
+    sent = sum(int(float(r[1])) for r in rows if len(r) == 2)
+    ok = res.returncode == 0 and len(rows) == ctx.parts and all(r[0] == "200" for r in rows)
+    ok = ok and sent == ctx.size
+    err = None if ok else f"rc={res.returncode} sent={sent} err={res.stderr[-300:]!r}"
+    # No per-run transfer time from curl for a batch: the process's wall time (a few ms more)
+    return Run("curl-tls", rnd, ok, wall, wall, int(t["rss_kib"]), t["cpu"], err, user_s=t["user"])
+
+
+def split_parts(ctx: Ctx) -> list[Path]:
+    """The file cut into ``--part-size`` pieces on tmpfs (memory, like the page-cached file)."""
+    d = Path(tempfile.mkdtemp(prefix="inboxd-bench-parts-", dir="/dev/shm"))
+    out = []
+    with ctx.file.open("rb") as src:
+        for n in range(1, ctx.parts + 1):
+            part = d / f"part-{n:05d}"
+            with part.open("wb") as dst:
+                left = min(ctx.args.part_size, ctx.size - (n - 1) * ctx.args.part_size)
+                while left:
+                    chunk = src.read(min(left, 16 * MiB))
+                    dst.write(chunk)
+                    left -= len(chunk)
+            out.append(part)
+    return out
+
+
+def inboxd_argv(ctx: Ctx, result: Path, name: str, config: Path | None = None) -> list[str]:
     return [
         sys.executable,
         str(DRIVER),
@@ -582,7 +682,7 @@ def inboxd_argv(ctx: Ctx, result: Path, name: str) -> list[str]:
         "--no-wait",
         "--json",
         "--config",
-        str(ctx.inboxd_config),
+        str(config or ctx.inboxd_config),
         "--name",
         name,
     ]
@@ -603,10 +703,16 @@ def client_env(ctx: Ctx, pythonpath: str | None = None) -> dict[str, str]:
     return env
 
 
+def is_tls(ctx: Ctx, tool: str) -> bool:
+    """Whether a run goes to the TLS sink (with ``--tls``, variants do too)."""
+    return tool.endswith("-tls") or (tool.startswith("inboxd:") and bool(ctx.args.tls))
+
+
 def run_inboxd(ctx: Ctx, rnd: int, tool: str = "inboxd", pythonpath: str | None = None) -> Run:
     result = ctx.workdir / "result.json"
     result.unlink(missing_ok=True)
-    argv = inboxd_argv(ctx, result, dataset_name(ctx, tool, rnd))
+    config = ctx.tls_config if is_tls(ctx, tool) else None
+    argv = inboxd_argv(ctx, result, dataset_name(ctx, tool, rnd), config)
     return _driver_run(tool, ctx, rnd, argv, result, client_env(ctx, pythonpath))
 
 
@@ -700,7 +806,7 @@ def find_py_spy(explicit: str | None) -> str:
 
 
 def profile_inboxd(ctx: Ctx, out: Path, py_spy: str | None) -> None:
-    """One more inboxd run, sampled by py-spy (itself on the server core)."""
+    """One more inboxd run (over TLS with ``--tls``), sampled by py-spy (on the server core)."""
     exe = find_py_spy(py_spy)
     out.mkdir(parents=True, exist_ok=True)
     result = ctx.workdir / "result.json"
@@ -724,7 +830,7 @@ def profile_inboxd(ctx: Ctx, out: Path, py_spy: str | None) -> None:
         "taskset",
         "-c",
         str(ctx.args.client_cpu),
-        *inboxd_argv(ctx, result, "bench-profile"),
+        *inboxd_argv(ctx, result, "bench-profile", ctx.tls_config),
     ]
     subprocess.run(argv, cwd=ctx.workdir, check=True, capture_output=True, timeout=ctx.timeout)
     ctx.sink.take_requests()
@@ -795,6 +901,9 @@ class Ctx:
     timeout: float
     variants: dict[str, Path] = field(default_factory=dict)
     stats: Stats = field(default_factory=lambda: Stats())
+    #: --tls: inboxd's config for the TLS sandbox, and the parts for curl --parallel
+    tls_config: Path | None = None
+    part_files: list[Path] = field(default_factory=list)
 
 
 def cpu_model() -> str:
@@ -867,7 +976,7 @@ def render(
 ) -> str:
     L: list[str] = []
     a = ctx.args
-    L.append(SECTION)
+    L.append(TLS_SECTION if a.tls else SECTION)
     L.append("")
     L.append(
         f"Run {facts['date']} on `{facts['host']}`: {facts['nproc']} CPUs "
@@ -900,21 +1009,24 @@ def render(
     L.append("")
     L.append(
         f"| client | median GB/s | min{DASH}max GB/s | {TIMES} curl | median transfer s "
-        "| process s (incl. start) | peak RSS MiB | CPU s | PUTs | other load |"
+        "| process s (incl. start) | peak RSS MiB | CPU s | CPU s/GiB | PUTs | other load |"
     )
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     curl = summary.get("curl", {}).get("gbps")
     for tool in dict.fromkeys(r.tool for r in runs):
         s = summary.get(tool)
         label = LABELS.get(tool) or variant_label(a.variant, tool.split(":", 1)[1])
         if s is None:
-            L.append(f"| {label} | failed | | | | | | | | |")
+            L.append(f"| {label} | failed | | | | | | | | | |")
             continue
-        ratio = f"{s['gbps'] / curl:.2f}" if curl else DASH
+        # TLS rows are compared with the TLS curl (same connections), the others with curl -T
+        base = summary.get("curl-tls", {}).get("gbps") if is_tls(ctx, tool) else curl
+        ratio = f"{s['gbps'] / base:.2f}" if base else DASH
         L.append(
             f"| {label} | {s['gbps']:.2f} | {s['gbps_min']:.2f}{DASH}{s['gbps_max']:.2f} | "
             f"{ratio} | {s['transfer_s']:.3f} | {s['process_s']:.3f} | {s['rss_mib']:.1f} | "
-            f"{s['cpu_s']:.2f} | {s['requests']:g} | {s['other']:.0%} |"
+            f"{s['cpu_s']:.2f} | {s['cpu_s'] * 2**30 / ctx.size:.2f} | {s['requests']:g} | "
+            f"{s['other']:.0%} |"
         )
     L.append("")
     ib, sdk = summary.get("inboxd"), summary.get("sdk")
@@ -935,6 +1047,24 @@ def render(
         checks.append(
             f"inboxd peak RSS = **{ib['rss_mib']:.1f} MiB** (target ≤ 100 MiB: "
             f"{'met' if ib['rss_mib'] <= 100 else 'MISSED'})"
+        )
+    ib_tls, curl_tls = summary.get("inboxd-tls"), summary.get("curl-tls")
+    if ib_tls and curl_tls:
+        r = ib_tls["gbps"] / curl_tls["gbps"]
+        checks.append(
+            f"TLS: inboxd / curl --parallel = **{r:.2f}{TIMES}** (target ≥ 0.95{TIMES}: "
+            f"{'met' if r >= 0.95 else 'MISSED'})"
+        )
+        c = ib_tls["cpu_s"] / curl_tls["cpu_s"]
+        per_gib = [x["cpu_s"] * 2**30 / ctx.size for x in (ib_tls, curl_tls)]
+        verdict = "met" if c <= 1.2 else "MISSED"
+        checks.append(
+            f"TLS: client CPU per GiB, inboxd / curl = **{c:.2f}{TIMES}** ({per_gib[0]:.2f} vs "
+            f"{per_gib[1]:.2f} s/GiB; target ≤ 1.2{TIMES}: {verdict})"
+        )
+        checks.append(
+            f"TLS: inboxd peak RSS = **{ib_tls['rss_mib']:.1f} MiB** (target ≤ 64 MiB: "
+            f"{'met' if ib_tls['rss_mib'] <= 64 else 'MISSED'})"
         )
     for c in checks:
         L.append(f"- {c}")
@@ -960,7 +1090,19 @@ def render(
         L.append(
             "- Rows 'inboxd + ...' run a copy of the `daemon` package with a candidate change "
             "applied (`--variant LABEL=PATCH`, patches in `bench/variants/`), measured in the "
-            "same run; the repo's code is the 'inboxd push' row."
+            "same run; the repo's code is the 'inboxd push' row (with --tls they go to the TLS "
+            "sink)."
+        )
+    if a.tls:
+        L.append(
+            "- TLS rows: the same nginx sink on a second port with TLS (a certificate for "
+            "localhost from a private CA made by `trustme`; TLS 1.2/1.3, nginx's and OpenSSL's "
+            "default ciphers), and a second sandbox handing out its `https://` URLs. curl "
+            f"PUTs the same {ctx.parts} parts (split once into files on tmpfs) with "
+            f"`--parallel --parallel-max {a.concurrency} --cacert CA`, the same number of "
+            "connections as inboxd's part concurrency; its transfer time is its process's "
+            "wall time. inboxd trusts the CA through `[api] ca_file`; the ratio of a TLS row is "
+            "against the TLS curl."
         )
     L.append("")
     L.append(
@@ -977,10 +1119,10 @@ def render(
     return "\n".join(L)
 
 
-def write_doc(path: Path, section: str) -> None:
+def write_doc(path: Path, section: str, heading: str = SECTION) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == heading), None)
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     else:
@@ -1077,6 +1219,12 @@ def main(argv: list[str] | None = None) -> int:
         "core) and write DIR/inboxd.txt (collapsed stacks) and a summary",
     )
     p.add_argument("--py-spy", default=None, help="py-spy executable (default: auto)")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="also the sink behind TLS: curl --parallel and inboxd over the same parts with "
+        "the same number of connections (writes its own section)",
+    )
     p.add_argument(
         "--max-foreign",
         type=float,
@@ -1175,8 +1323,21 @@ def _bench(
             file=sys.stderr,
         )
     variants = prepare_variants(args.variant, workdir)  # fail early on a bad patch
-    sink = start_nginx(procs, workdir, args.server_cpu)
-    api_url = start_sandbox(procs, workdir, args.server_cpu, sink, args.part_size, args.single_max)
+    sink = start_nginx(procs, workdir, args.server_cpu, tls=args.tls)
+    api_url = start_sandbox(
+        procs, workdir, args.server_cpu, sink.url, args.part_size, args.single_max
+    )
+    tls_api_url = None
+    if sink.tls_url is not None:
+        tls_api_url = start_sandbox(
+            procs,
+            workdir,
+            args.server_cpu,
+            sink.tls_url,
+            args.part_size,
+            args.single_max,
+            name="sandbox-tls",
+        )
     # This process only waits; keep it off the client's core.
     os.sched_setaffinity(0, {args.server_cpu})
     print(
@@ -1210,9 +1371,34 @@ def _bench(
     timeout = 60 + size / 50e6
     ctx = Ctx(args, workdir, file, size, parts, sink, api_url, cfg, sdk_python, timeout)
     ctx.variants = variants
+    if tls_api_url is not None:
+        assert sink.ca_file is not None
+        ctx.tls_config = workdir / "inboxd-tls.toml"
+        ctx.tls_config.write_text(
+            cfg.read_text()
+            .replace(api_url, tls_api_url)
+            .replace("[api]\n", f'[api]\nca_file = "{sink.ca_file}"\n', 1)
+        )
+        ctx.part_files = split_parts(ctx)
+        print(f"split into {parts} part files on tmpfs for curl --parallel")
+    try:
+        return _rounds(ctx, sink, procs, command)
+    finally:
+        if ctx.part_files:
+            shutil.rmtree(ctx.part_files[0].parent, ignore_errors=True)
+
+
+def _rounds(ctx: Ctx, sink: Sink, procs: Processes, command: str) -> int:
+    args, size = ctx.args, ctx.size
     prime_bytecode(ctx)
-    runners = {"curl": run_curl, "inboxd": run_inboxd, "sdk": run_sdk}
-    tools = [t for t in TOOLS if t not in args.skip]
+    runners = {
+        "curl": run_curl,
+        "inboxd": run_inboxd,
+        "sdk": run_sdk,
+        "curl-tls": run_curl_parallel,
+        "inboxd-tls": functools.partial(run_inboxd, tool="inboxd-tls"),
+    }
+    tools = [t for t in TOOLS if t not in args.skip and (args.tls or not t.endswith("-tls"))]
     for label, path in ctx.variants.items():
         name = f"inboxd:{label}"
         runners[name] = functools.partial(run_inboxd, tool=name, pythonpath=str(path))
@@ -1287,9 +1473,10 @@ def _bench(
     section = render(ctx, runs, summary, facts, command)
     print()
     print(section)
+    heading = TLS_SECTION if args.tls else SECTION
     if not args.no_write:
-        write_doc(args.out, section)
-        print(f"written to {os.path.relpath(args.out, Path.cwd())} under {SECTION!r}")
+        write_doc(args.out, section, heading)
+        print(f"written to {os.path.relpath(args.out, Path.cwd())} under {heading!r}")
     return 0 if all(r.ok for r in runs) else 1
 
 

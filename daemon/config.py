@@ -202,6 +202,12 @@ class UploadSettings(_Section):
     # is what hides the server's and the network's latency (bench/daemon_bench.py: 4 KiB
     # files on loopback, 0.75x → 0.86x of a tight httpx loop; on a WAN it scales with RTT).
     workers: int = Field(default=4, ge=1, le=64)
+    # Files of at most small_file_bytes uploaded at once on top of `workers`: on a real
+    # network a small file is three round trips of waiting, so many must be in flight
+    # (bench/wan_bench.py: 40 ms RTT, 16 KiB files). Their bytes in flight stay below
+    # small_files x small_file_bytes (32 MiB by default); 0 = no small-file lane.
+    small_files: int = Field(default=32, ge=0, le=256)
+    small_file_bytes: int = Field(default=1024 * 1024, ge=1, le=64 * 1024 * 1024)
     # What to do when a dataset of the same name exists and was not made from this file.
     on_name_clash: Literal["rename", "fail", "overwrite"] = "rename"
     # A delivered file that grows by appending (its delivered bytes unchanged): "same-dataset"

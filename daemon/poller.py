@@ -64,7 +64,7 @@ class Poller:
         streak = 0  # passes in a row that failed unexpectedly
         while True:
             if self.hold is not None:
-                await self.hold.wait()
+                await self.hold.wait_over()
             if await self._pass_failed_unexpectedly():
                 streak += 1
                 pause = min(self.interval * 2 ** min(streak, 20), max(self.interval, MAX_BACKOFF))

@@ -139,32 +139,70 @@ class ServiceHold:
     runs in through ``CURRENT_HOLD``), so an outage costs the service a few requests, not
     one per worker, per step and per queued file. ``end`` (a probe found the service back)
     releases everyone at once; ``succeeded`` resets the growth.
+
+    A hold that runs out by itself (no probe said the service is back) lets one task through
+    (a trial) and the others only once a request succeeded (``succeeded``, ``end``), once the
+    trial failed (``trouble``: the next hold), or after ``trial_every`` seconds (the next
+    trial): with dozens of files in flight (the small-file lane) they would otherwise all
+    send their retry in the same instant, every time a hold ran out.
     """
 
-    def __init__(self, *, base: float, cap: float, max_retry_after: float) -> None:
+    def __init__(
+        self, *, base: float, cap: float, max_retry_after: float, trial_every: float = 3.0
+    ) -> None:
         self.base = base
         self.cap = cap
         self.max_retry_after = max_retry_after
+        self.trial_every = trial_every
         self.failures = 0
         self.until = 0.0  # time.monotonic()
         self._over = anyio.Event()
         self._over.set()
         self._begun = anyio.Event()
+        #: trouble was seen and no request succeeded since: after the hold, one trial at a time
+        self.suspect = False
+        #: set while the service is known to answer: a file succeeded since the start and
+        #: since the last trouble (the small-file lane starts only then: ``wait_proven``)
+        self._proven = anyio.Event()
+        self._trial_at = -math.inf  # time.monotonic() the last trial was let through
+        self._settled = anyio.Event()
 
     @property
     def left(self) -> float:
         """Seconds the hold still lasts (0 when there is none)."""
         return max(0.0, self.until - time.monotonic())
 
+    def _settle(self) -> None:
+        """The trial (if any) is over: wake the tasks waiting for its outcome."""
+        self._trial_at = -math.inf
+        self._settled.set()
+        self._settled = anyio.Event()
+
+    @property
+    def proven(self) -> bool:
+        """Whether a file succeeded since the start and since the last trouble."""
+        return self._proven.is_set()
+
+    async def wait_proven(self) -> None:
+        """Return once the service is known to answer (see ``proven``)."""
+        await self._proven.wait()
+
     def trouble(self, exc: InboxdError) -> None:
         """Start or extend the hold after ``exc`` (see the class docstring)."""
-        self.failures += 1
+        self.suspect = True
+        self._settle()
+        if self._proven.is_set():
+            self._proven = anyio.Event()
+        now = time.monotonic()
+        if self.until <= now:
+            # Requests in flight together fail together: the hold grows once per hold (a
+            # failed trial, a retry after it), not once per request that was in flight.
+            self.failures += 1
         ceiling = min(self.cap, self.base * 2 ** min(self.failures - 1, 30))
         delay = max(
             random.uniform(ceiling / 2, ceiling),
             bounded_wait(retry_after_of(exc), self.max_retry_after),
         )
-        now = time.monotonic()
         if now + delay <= self.until:
             return
         if self.until <= now:
@@ -180,16 +218,37 @@ class ServiceHold:
         )
 
     def succeeded(self) -> None:
-        """A request went through: the next trouble starts small again."""
+        """A request went through: the next trouble starts small again, everyone may send."""
         self.failures = 0
+        self._proven.set()
+        if self.suspect:
+            self.suspect = False
+            self._settle()
 
     def end(self) -> None:
         """The service answers again: release everyone now."""
         self.until = 0.0
         self._over.set()
+        self.suspect = False
+        self._settle()
 
     async def wait(self) -> None:
-        """Return once no hold is in force."""
+        """Return once no hold is in force and this task may send: everyone, or after trouble
+        that no success has cleared yet, one trial at a time (see the class docstring)."""
+        while True:
+            await self.wait_over()
+            if not self.suspect:
+                return
+            now = time.monotonic()
+            if now - self._trial_at >= self.trial_every:
+                self._trial_at = now
+                return  # this task is the trial
+            settled = self._settled
+            with anyio.move_on_after(self._trial_at + self.trial_every - now):
+                await settled.wait()
+
+    async def wait_over(self) -> None:
+        """Return once no hold is in force (the timer only: for the probe and the poller)."""
         while (left := self.left) > 0:
             with anyio.move_on_after(left):
                 await self._over.wait()

@@ -181,6 +181,8 @@ class Service:
                     follow_symlinks=s.inbox.follow_symlinks,
                     on_append=s.upload.on_append,
                     fresh_state=queue.created,
+                    small_files=s.upload.small_files,
+                    small_file_bytes=s.upload.small_file_bytes,
                 ),
                 pause=self.pause,
                 inbox_trouble=self._inbox_trouble,
@@ -249,6 +251,7 @@ class Service:
                     version=__version__,
                     inbox=str(self.inbox),
                     workers=s.upload.workers,
+                    small_files=s.upload.small_files,
                 )
                 self.notifier.ready(await self.summary())
                 self._ready = True

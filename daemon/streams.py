@@ -32,6 +32,9 @@ class StreamDirectory:
 
     async def get(self, stream_id: int) -> Stream:
         """The stream with this id; NotFoundError when the server (for this token) has none."""
+        known = self._by_id.get(stream_id)
+        if known is not None:
+            return known  # every file asks: no lock (and no event-loop turn) when cached
         async with self._lock:
             if stream_id not in self._by_id:
                 await self._refresh()

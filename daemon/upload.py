@@ -553,7 +553,7 @@ class _Flow:
                 part_digests={},
                 fell_back=False,
             )
-            self.log.info("ingestion.created", ingestion_id=ing.ingestion_id, mode=ing.mode)
+            self.log.debug("ingestion.created", ingestion_id=ing.ingestion_id, mode=ing.mode)
             return None
 
     def _is_appended_to(self, ds: Dataset | None) -> bool:

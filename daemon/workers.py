@@ -76,6 +76,9 @@ class WorkerSettings:
     #: the state database was created at this start: once the queue is idle, say how many
     #: files the service turned out to hold already (a restore over a lost database)
     fresh_state: bool = False
+    #: [upload] small_files: more loops that take only files of at most ``small_file_bytes``
+    small_files: int = 0
+    small_file_bytes: int = 1024 * 1024
 
 
 class Pause:
@@ -147,7 +150,15 @@ class _Journal:
 
 
 class Workers:
-    """``count`` upload loops over one queue."""
+    """Upload loops over one queue, in two lanes.
+
+    ``count`` loops take any file; ``small_files`` more take only files of at most
+    ``small_file_bytes``. A small file is latency-bound (three round trips of waiting, little
+    to send), so on a real network many of them must be in flight to keep the link busy,
+    while large files stay bounded by ``count`` x ``part_concurrency`` parts in flight. The
+    pause, the upload windows, the outage hold and the bandwidth limit are checked by every
+    loop, so they hold for the total.
+    """
 
     def __init__(
         self,
@@ -186,8 +197,11 @@ class Workers:
             base=settings.backoff_base,
             cap=settings.outage_cap,
             max_retry_after=settings.max_retry_after,
+            trial_every=settings.probe_seconds,
         )
         self._wake = anyio.Event()
+        #: whether a loop polls the queue for due jobs (the other idle loops wait on it)
+        self._polling = False
         self.active: dict[int, Job] = {}
         self._sent: dict[int, _ProgressSaver] = {}
         #: files found already on the server (``on_server``) in this run, and whether the
@@ -227,10 +241,13 @@ class Workers:
             async with anyio.create_task_group() as tg:
                 for i in range(self.settings.count):
                     tg.start_soon(self._loop, i)
+                small = self.settings.small_file_bytes
+                for i in range(self.settings.small_files):
+                    tg.start_soon(self._loop, f"s{i}", small)
                 task_status.started()
             outer.cancel_scope.cancel()  # the loops are done: nothing left to keep
 
-    async def _loop(self, index: int) -> None:
+    async def _loop(self, index: int | str, max_size: int | None = None) -> None:
         log = _log.bind(worker=index)
         CURRENT_HOLD.set(self.hold)  # a step's retries inside this task wait for the hold
         while not self.stopping.is_set():
@@ -242,12 +259,19 @@ class Workers:
                 await self.windows.wait_open(on_wait=self._window_closed)
                 self._window_open()
             if self.hold.left > 0:
-                await self.hold.wait()
+                await self.hold.wait_over()
                 continue
             if self._inbox_held():
                 await anyio.sleep(_IDLE_POLL)  # every file is in there: nothing can upload
                 continue
-            job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS)
+            if max_size is not None and not self.hold.proven:
+                # The small-file lane starts once a file went through (after start-up and
+                # after trouble): a service that is down is not asked by dozens of loops at
+                # once, only by the `workers` ones, and then by one trial at a time.
+                with anyio.move_on_after(_IDLE_POLL):
+                    await self.hold.wait_proven()
+                continue
+            job = await self.queue.claim(f"{self.owner}/{index}", LEASE_SECONDS, max_size=max_size)
             if job is None:
                 self._fresh_summary()
                 await self._idle()
@@ -276,10 +300,26 @@ class Workers:
         )
 
     async def _idle(self) -> None:
-        due = await self.queue.next_due_at()
-        wait = _IDLE_POLL if due is None else min(_IDLE_POLL, max(0.0, due - time.time()))
-        with anyio.move_on_after(wait):
+        """Wait for work: new files (``wake``), a backoff that ends, or another process's
+        ``inboxd retry``. One idle loop polls the queue for the latter two and wakes the rest
+        when something is due: with dozens of loops, each polling on its own would cost the
+        database dozens of reads a second while nothing happens."""
+        if self._polling:
             await self._wake.wait()
+        else:
+            self._polling = True
+            try:
+                while not self._wake.is_set():
+                    due = await self.queue.next_due_at()
+                    now = time.time()
+                    if due is not None and due <= now:
+                        break
+                    wait = _IDLE_POLL if due is None else min(_IDLE_POLL, due - now)
+                    with anyio.move_on_after(wait):
+                        await self._wake.wait()
+            finally:
+                self._polling = False
+            self._wake.set()  # something is due (or new): every idle loop tries to claim
         if self._wake.is_set():
             self._wake = anyio.Event()
 
@@ -351,7 +391,9 @@ class Workers:
             previous_refs=previous_refs,
         )
         log = _log.bind(job_id=job.id, path=ident.rel)
-        log.info("upload.start", size=ident.size, attempt=job.attempts + 1, stage=resume.stage)
+        # At debug: a line per step of every file drowns the journal (and costs CPU per file);
+        # upload.done and import.done tell the story at info, warnings say what went wrong.
+        log.debug("upload.start", size=ident.size, attempt=job.attempts + 1, stage=resume.stage)
         started = time.monotonic()
         try:
             change = await self._change(job, ref, prior) if prior is not None else "new"
@@ -367,6 +409,10 @@ class Workers:
                 work = replace(work, append=prior)
             if prior is not None:
                 work = replace(work, delivered_before=True)
+            if self.hold.suspect:
+                # The service was in trouble and nothing succeeded since: one trial at a time
+                # (only tasks with a file to send take one; see ServiceHold).
+                await self.hold.wait()
             if job.stream_id == 0 and self.resolve_stream is not None:
                 # Here, not at intake: an outage or an unknown name then meets the same
                 # backoff, pause and failure handling as the upload itself.
@@ -536,7 +582,7 @@ class Workers:
             while hold.left > 0:
                 if hold.left <= every:
                     # It ends by itself before another probe would be due.
-                    await hold.wait()
+                    await hold.wait_over()
                     break
                 await hold.wait_over_or(every)
                 if hold.left <= 0:

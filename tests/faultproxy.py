@@ -7,6 +7,7 @@
         proxy.refuse_connections()                  # "API down": connection refused
         proxy.accept_connections()                  # back
         proxy.freeze(); proxy.thaw()                # every connection goes quiet (timeouts)
+        proxy.set_latency(0.040)                    # a 40 ms round trip, as on a WAN link
 
 It listens on 127.0.0.1, port 0 by default, and forwards each accepted connection to the
 target. What happens to a connection is decided when it is accepted: the next scripted fault
@@ -35,6 +36,14 @@ that long (an orderly FIN both ways, as load balancers do), so pools keep openin
 non-listening socket), so clients get ECONNREFUSED — a server that is down. ``reset_all()`` resets
 the connections open now (a keep-alive pool must not outlive an outage).
 
+``set_latency(rtt)`` makes the proxy a link with that round-trip time (netem without root): every
+byte is delivered ``rtt / 2`` after it arrived, in each direction, in order and pipelined (a
+delay line, so bandwidth is not cut), and a new connection's first bytes also wait for the
+TCP handshake a real link would cost (one more ``rtt``). A request and its answer therefore
+take one ``rtt``, and the first on a new connection two. At most ``_DELAY_BUFFER`` bytes wait in
+each direction's line; the proxy stops reading that way meanwhile. Faults apply to the bytes as
+they leave the line.
+
 The proxy runs its own asyncio loop in a background thread (like ``running_sandbox``), so it
 serves daemons in other processes and tests of any flavour; control methods are thread-safe.
 ``stats()`` counts connections, bytes and the faults that actually fired (a fault whose byte count
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import select
 import socket
@@ -60,6 +70,8 @@ Kind = Literal["pass", "reset", "stall", "throttle", "half_close", "refuse"]
 KINDS: tuple[Kind, ...] = ("pass", "reset", "stall", "throttle", "half_close", "refuse")
 Direction = Literal["up", "down", "any"]
 _CHUNK = 64 * 1024
+#: most bytes held back per direction of a connection by ``set_latency`` before reading pauses
+_DELAY_BUFFER = 4 * 1024 * 1024
 _START_TIMEOUT = 10.0
 # Linux reports a peer's FIN with POLLRDHUP even while unread bytes are buffered.
 _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
@@ -274,6 +286,8 @@ class FaultProxy:
         self._stopping: asyncio.Event | None = None
         #: close a connection (FIN both ways) after this many seconds without a byte; None: never
         self.idle_timeout: float | None = None
+        #: round-trip time the proxy adds (``set_latency``); 0 = none
+        self.latency = 0.0
 
     # ------------------------------------------------------------------------------ control
 
@@ -294,6 +308,13 @@ class FaultProxy:
         """Script the faults of the next connections, in order (before chaos and default)."""
         with self._lock:
             self._script.extend(faults)
+
+    def set_latency(self, rtt: float) -> None:
+        """Add a round-trip time of ``rtt`` seconds to new connections (see the module doc)."""
+        if not rtt >= 0:
+            raise ValueError("latency must be >= 0 seconds")
+        with self._lock:
+            self.latency = rtt
 
     def set_chaos(self, chaos: Chaos | None) -> None:
         with self._lock:
@@ -481,7 +502,16 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        accepted = time.monotonic()
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP (ours is
+            # 0): without it, an answer written in two pieces waits for a delayed ACK (40 ms).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         cid, fault, chaos = self._choose()
+        with self._lock:
+            rtt = self.latency
         conn = _Conn(self, cid, fault)
         conn.chaos = chaos
         conn.client = writer
@@ -501,10 +531,17 @@ class FaultProxy:
             self._conns[cid] = conn
             idle = asyncio.create_task(self._idle_watch(conn))
             try:
-                await asyncio.gather(
-                    self._pump(conn, reader, up_writer, "up"),
-                    self._pump(conn, up_reader, writer, "down"),
-                )
+                if rtt > 0:
+                    # The client's first bytes wait for the handshake a real link costs.
+                    await asyncio.gather(
+                        self._delayed_pump(conn, reader, up_writer, "up", rtt, accepted + rtt),
+                        self._delayed_pump(conn, up_reader, writer, "down", rtt, 0.0),
+                    )
+                else:
+                    await asyncio.gather(
+                        self._pump(conn, reader, up_writer, "up"),
+                        self._pump(conn, up_reader, writer, "down"),
+                    )
             finally:
                 idle.cancel()
                 self._conns.pop(cid, None)
@@ -538,6 +575,64 @@ class FaultProxy:
             # One side went away abruptly: so does the other (as a real middlebox would).
             conn.reset()
         finally:
+            if conn.dead and other is not None:
+                _rst(other)
+
+    async def _delayed_pump(
+        self,
+        conn: _Conn,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        direction: Literal["up", "down"],
+        rtt: float,
+        not_before: float,
+    ) -> None:
+        """``_pump`` through a delay line: each chunk leaves ``rtt / 2`` after it came in."""
+        line: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        held = 0
+        room = asyncio.Event()
+        room.set()
+        other = conn.server if direction == "down" else conn.client
+
+        async def deliver() -> None:
+            nonlocal held
+            while True:
+                due, data = await line.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if not data:
+                    if direction not in conn.shut and not dst.transport.is_closing():
+                        with contextlib.suppress(OSError):
+                            dst.write_eof()
+                    return
+                try:
+                    await self._forward(conn, data, dst, direction)
+                except (ConnectionError, OSError):
+                    conn.reset()
+                    return
+                held -= len(data)
+                if held <= _DELAY_BUFFER:
+                    room.set()
+                if conn.dead:
+                    return
+
+        sender = asyncio.create_task(deliver())
+        try:
+            while not conn.dead:
+                data = await src.read(_CHUNK)
+                line.put_nowait((max(time.monotonic(), not_before) + rtt / 2, data))
+                if not data:
+                    break
+                held += len(data)
+                if held > _DELAY_BUFFER:
+                    room.clear()
+                    await room.wait()
+            await sender
+        except (ConnectionError, OSError):
+            conn.reset()
+        finally:
+            sender.cancel()
             if conn.dead and other is not None:
                 _rst(other)
 
@@ -649,4 +744,36 @@ def running_proxy(target_host: str, target_port: int, **kw: Any) -> Iterator[Fau
         proxy.stop()
 
 
-__all__ = ["KINDS", "Chaos", "Fault", "FaultEvent", "FaultProxy", "running_proxy"]
+def main(argv: list[str] | None = None) -> int:
+    """Run a proxy as its own process (benchmarks pin it to a core and read its CPU time):
+    ``python tests/faultproxy.py --target 127.0.0.1:8787 --rtt-ms 40 --port-file F``.
+    Writes the port it listens on to ``--port-file`` and serves until SIGTERM or SIGINT."""
+    import argparse
+    import signal
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--target", required=True, help="HOST:PORT to forward to")
+    p.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip time to add")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--port-file", default=None)
+    ns = p.parse_args(argv)
+    host, _, port = ns.target.rpartition(":")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with running_proxy(host, int(port), port=ns.port) as proxy:
+        proxy.set_latency(ns.rtt_ms / 1000)
+        if ns.port_file:
+            with open(ns.port_file + ".tmp", "w") as fh:
+                fh.write(str(proxy.port))
+            os.replace(ns.port_file + ".tmp", ns.port_file)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
+__all__ = ["KINDS", "Chaos", "Fault", "FaultEvent", "FaultProxy", "main", "running_proxy"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

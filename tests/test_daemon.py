@@ -107,6 +107,44 @@ async def test_file_changed_during_upload_is_restarted_and_lands_once(
     assert "changed" in (aborted[0].abort_reason or "")
 
 
+async def test_small_files_pass_large_ones_in_their_own_lane(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """One slot for any file, four for small ones: small files keep landing while both large
+    files crawl through storage, and never more than one large file is in flight."""
+    sandbox.faults.storage_delay_per_mib = 3.0  # ~0.75 s per 256 KiB part
+    upload = {"workers": 1, "small_files": 4, "small_file_bytes": 64 * KiB, "part_concurrency": 1}
+    config = write_config(tmp_path, sandbox, upload=upload)
+    inbox = tmp_path / "inbox"
+    expected = {f"big{i}.mf4": write_file(inbox / f"big{i}.mf4", 1024 * KiB, i) for i in (1, 2)}
+    seen_large: list[int] = []
+    seen_small: list[int] = []
+    async with running_service(config) as svc:
+        await wait_until(lambda: svc.workers is not None and svc.workers.active)
+        for i in range(12):
+            expected[f"s{i:02d}.csv"] = write_file(inbox / f"s{i:02d}.csv", 4 * KiB, 10 + i)
+        workers = svc.workers
+        assert workers is not None
+
+        async def all_small_done() -> bool:
+            active = list(workers.active.values())
+            seen_large.append(sum(1 for j in active if j.identity.size > 64 * KiB))
+            seen_small.append(sum(1 for j in active if j.identity.size <= 64 * KiB))
+            c = await counts(config)
+            return c.get("done", 0) + c.get("importing", 0) >= 12
+
+        await wait_until(all_small_done, timeout=30)
+        queue: Queue = svc.queue  # type: ignore[assignment]
+        bigs = [j for name in ("big1.mf4", "big2.mf4") for j in await queue.find_by_rel(name)]
+        # The large files are still on their way: the small ones did not queue behind them.
+        assert [j.state for j in bigs].count(JobState.DONE) == 0
+        sandbox.faults.storage_delay_per_mib = 0.0
+        await wait_until(_all_done(14, config), timeout=60)
+    assert max(seen_large) == 1
+    assert max(seen_small) >= 2  # small files went in parallel
+    _assert_exactly_once(sandbox, expected)
+
+
 async def test_file_deleted_during_upload_fails_with_reason_others_unaffected(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:

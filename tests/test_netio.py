@@ -15,6 +15,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import httpx
@@ -327,3 +328,95 @@ async def test_cancelled_upload_does_not_reach_the_server_whole() -> None:
         with anyio.fail_after(10):
             await finished.wait()
     assert received < total
+
+
+async def test_many_requests_in_flight_share_kept_alive_connections_in_linear_time() -> None:
+    """32 requests in flight, 32 kept-alive connections: every request reuses one, and the
+    pool's bookkeeping per request grows with the pool (httpcore's own is quadratic)."""
+    import httpcore
+
+    from daemon.netio import _POOL_FIX_APPLIES
+
+    assert _POOL_FIX_APPLIES, f"httpcore {httpcore.__version__}: check netio._assign_requests"
+    gate = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await gate.wait()  # hold answers until all 32 are in flight
+            writer.write(answer(b"ok"))
+            await writer.drain()
+
+    calls = 0
+    real = httpcore.AsyncHTTP11Connection.is_idle
+
+    def counting(self: httpcore.AsyncHTTP11Connection) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(self)
+
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    async with serve(handler) as srv, adopt(httpx.AsyncClient(limits=limits, timeout=5.0)) as http:
+
+        async def one() -> None:
+            r = await http.get(srv.url)
+            assert r.content == b"ok"
+
+        async def rounds() -> None:
+            for _ in range(3):
+                gate.clear()
+                async with anyio.create_task_group() as tg:
+                    for _ in range(32):
+                        tg.start_soon(one)
+                    while len(http._transport._pool._requests) < 32:  # type: ignore[attr-defined]
+                        await asyncio.sleep(0.005)
+                    gate.set()
+
+        pytest.MonkeyPatch().setattr(httpcore.AsyncHTTP11Connection, "is_idle", counting)
+        try:
+            await rounds()
+        finally:
+            httpcore.AsyncHTTP11Connection.is_idle = real  # type: ignore[method-assign]
+    assert srv.connections == 32  # opened once, then reused by rounds 2 and 3
+    # 96 requests, two pool passes each over at most 32 connections: linear is ~6,000 calls;
+    # httpcore's quadratic count would be ~100,000.
+    assert calls < 15_000, calls
+
+
+async def test_file_bodies_go_to_https_in_cache_sized_chunks(tmp_path: Path) -> None:
+    """A file PUT to an https:// URL is read and sent in chunks of at most TLS_CHUNK_SIZE
+    (asyncio's TLS layer copies each chunk whole); to http:// in CHUNK_SIZE chunks. The bytes
+    that arrive are the file's either way."""
+    from pydantic import SecretStr
+
+    from daemon.client import CHUNK_SIZE, TLS_CHUNK_SIZE, FileSlice, MarpleClient
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    data = bytes(range(256)) * (5 * MiB // 256)
+    path = tmp_path / "part.bin"
+    path.write_bytes(data)
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, body = await read_request(reader)
+            received.append(body)
+            writer.write(answer(b""))
+            await writer.drain()
+
+    sizes: dict[str, list[int]] = {"https": [], "http": []}
+    async with MarpleClient("http://127.0.0.1:9/api/v1", SecretStr("t"), ca_file=ca_file) as marple:
+        for scheme, tls in (("https", server_ctx), ("http", None)):
+            async with serve(handler, tls=tls) as srv:
+                source = FileSlice(path, 0, len(data))
+                await marple.storage_put(
+                    f"{srv.url}/part?sig=x", source, progress=sizes[scheme].append
+                )
+    assert received == [data, data]
+    assert max(sizes["https"]) == TLS_CHUNK_SIZE < CHUNK_SIZE
+    assert max(sizes["http"]) == CHUNK_SIZE

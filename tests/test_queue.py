@@ -361,6 +361,20 @@ async def test_claim_order_and_next_attempt_at(q: Queue) -> None:
     assert await q.next_due_at() is None
 
 
+async def test_claim_with_max_size_takes_only_small_files_in_order(q: Queue) -> None:
+    big, small1, huge, small2 = await q.enqueue_many(
+        [new("big", size=5000), new("s1", size=100), new("huge", size=10**9), new("s2", size=1000)]
+    )
+    now = time.time()
+    # The small-file lane passes over the large files ahead of it, in queue order.
+    first = await q.claim("lane", 30, now=now, max_size=1000)
+    second = await q.claim("lane", 30, now=now, max_size=1000)
+    assert (first and first.id, second and second.id) == (small1, small2)
+    assert await q.claim("lane", 30, now=now, max_size=1000) is None
+    # The large files wait for a loop without a size limit.
+    assert [(await q.claim("any", 30, now=now)).id for _ in range(2)] == [big, huge]  # type: ignore[union-attr]
+
+
 async def test_concurrent_claims_from_two_connections(db_path: Path) -> None:
     total = 300
     async with await Queue.open(db_path) as one, await Queue.open(db_path) as two:
@@ -1085,3 +1099,49 @@ async def test_v3_database_gains_the_change_column(
         assert job.change is None and job.content_hash == "xxh3-128:10:" + "00" * 16
         assert await q.part_digests(job_id) == {1: None}
     assert raw(db_path).execute("PRAGMA user_version").fetchone()[0] == 4
+
+
+async def test_concurrent_writes_share_commits_and_fail_alone(q: Queue, db_path: Path) -> None:
+    """Many tasks writing at once: their statements go to the database thread in shared
+    transactions (fewer trips than writes), each caller returns once its own write is
+    committed, and a statement that fails (a part of a job that does not exist violates a
+    foreign key) fails only its caller."""
+    ids = await q.enqueue_many(many(40))
+    trips = 0
+    db = q._conn()
+    real = db._execute
+
+    async def counting(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal trips
+        trips += 1
+        return await real(fn, *args, **kwargs)
+
+    db._execute = counting  # type: ignore[method-assign]
+    failed: list[BaseException] = []
+
+    async def write(job_id: int) -> None:
+        await q.save_progress(job_id, bytes_sent=job_id * 10, stage=Stage.CREATING)
+        # Committed when it returns: another connection sees it at once.
+        other = raw(db_path)
+        try:
+            row = other.execute("SELECT bytes_sent FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        finally:
+            other.close()
+        assert row[0] == job_id * 10
+
+    async def bad() -> None:
+        try:
+            await q.mark_part_done(10**9, 1)
+        except QueueError as exc:
+            failed.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for job_id in ids:
+            tg.start_soon(write, job_id)
+        tg.start_soon(bad)
+    del db._execute
+    assert len(failed) == 1 and "FOREIGN KEY" in str(failed[0]), failed
+    assert trips < len(ids) / 2, trips  # 41 statements
+    for job_id in ids:
+        job = await get(q, job_id)
+        assert (job.bytes_sent, job.stage) == (job_id * 10, Stage.CREATING)

@@ -19,7 +19,7 @@ async def open_target(settings: Settings, options: UploadOptions) -> AsyncIterat
     if kind == "marple-db":
         from daemon.targets.marple_db import MarpleDbTarget
 
-        async with MarpleClient.from_settings(settings.api) as client:
+        async with MarpleClient.from_settings(settings.api, settings.upload) as client:
             yield MarpleDbTarget(
                 client,
                 options,
@@ -32,7 +32,7 @@ async def open_target(settings: Settings, options: UploadOptions) -> AsyncIterat
         from daemon.targets.marple_legacy import MarpleLegacyTarget
 
         # The same [api] url and token; MarpleClient carries the transport and error mapping.
-        async with MarpleClient.from_settings(settings.api) as client:
+        async with MarpleClient.from_settings(settings.api, settings.upload) as client:
             yield MarpleLegacyTarget(
                 client, options, settings.marple, batch_size=settings.poll.batch_size
             )

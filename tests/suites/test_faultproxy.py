@@ -262,3 +262,38 @@ def test_idle_timeout_closes_quiet_connections_with_a_fin(proxy: FaultProxy) -> 
     assert (got, err) == (b"", None)  # EOF: an orderly close
     assert 0.25 <= time.monotonic() - started < 2
     assert proxy.stats()["idle_closes"] == 1
+
+
+def test_latency_costs_one_rtt_per_round_trip_and_one_for_the_handshake(
+    proxy: FaultProxy,
+) -> None:
+    rtt = 0.1
+    proxy.set_latency(rtt)
+    started = time.monotonic()
+    with _connect(proxy) as sock:
+        sock.sendall(b"ping")
+        assert _recv_exactly(sock, 4) == b"ping"
+        first = time.monotonic() - started
+        # Later round trips on the same connection cost one RTT each, no handshake.
+        t0 = time.monotonic()
+        for _ in range(3):
+            sock.sendall(b"pong")
+            assert _recv_exactly(sock, 4) == b"pong"
+        later = (time.monotonic() - t0) / 3
+    assert first >= 2 * rtt * 0.95, first
+    assert rtt * 0.95 <= later < 2 * rtt, later
+
+
+def test_latency_is_a_delay_line_not_a_bandwidth_cap(proxy: FaultProxy) -> None:
+    rtt = 0.1
+    proxy.set_latency(rtt)
+    payload = bytes(range(256)) * 4096  # 1 MiB, many reads: each must not cost an RTT
+    with _connect(proxy, timeout=10) as sock:
+        t0 = time.monotonic()
+        sender = threading.Thread(target=sock.sendall, args=(payload,))
+        sender.start()
+        echoed = _recv_exactly(sock, len(payload))
+        sender.join()
+        took = time.monotonic() - t0
+    assert echoed == payload  # in order, whole
+    assert took < 10 * rtt, took  # 16+ chunks of 64 KiB: a per-chunk RTT would be >= 1.6 s
