@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 import anyio
 
 from daemon import __version__, logs
+from daemon.compat import BaseExceptionGroup
 from daemon.config import Settings, config_path, load_settings
 from daemon.errors import (
     ConfigError,

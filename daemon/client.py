@@ -51,7 +51,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
@@ -70,6 +70,7 @@ from pydantic import (
 )
 
 from daemon import __version__, netio
+from daemon.compat import UTC
 from daemon.config import ApiSettings
 from daemon.errors import (
     ApiError,

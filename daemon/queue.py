@@ -76,7 +76,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import Enum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, TypedDict
@@ -84,6 +84,7 @@ from typing import Any, Final, Literal, TypedDict
 import aiosqlite
 import anyio
 
+from daemon.compat import StrEnum
 from daemon.errors import StateDataError, StateError, StateFullError
 
 __all__ = [

@@ -53,6 +53,7 @@ import structlog
 import watchfiles
 
 from daemon import inotify
+from daemon.compat import BaseExceptionGroup
 from daemon.queue import FileIdentity
 
 __all__ = ["DEFAULT_EXCLUDES", "MAX_BATCH", "WatchRules", "Watcher"]
