@@ -51,7 +51,6 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
@@ -70,7 +69,7 @@ from pydantic import (
 )
 
 from daemon import __version__, netio
-from daemon.compat import UTC
+from daemon.compat import UTC, fromisoformat
 from daemon.config import ApiSettings
 from daemon.errors import (
     ApiError,
@@ -132,7 +131,7 @@ def _epoch_seconds(value: object) -> float | None:
         return float(value) if math.isfinite(value) else None
     if isinstance(value, str):
         try:
-            when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+            when = fromisoformat(value.strip())
         except ValueError:
             return None
         if when.tzinfo is None:

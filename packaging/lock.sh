@@ -13,13 +13,14 @@
 # The dev lock is made first and keeps the versions it already holds (uv prefers the pins of an
 # existing output file: nothing is bumped needlessly); the others are constrained by it, so a
 # field install runs exactly the versions the tests ran. To upgrade one package on purpose:
-# `UV_ARGS="--upgrade-package httpx" bash packaging/lock.sh`. uv itself is pinned below and
-# installed into a throw-away venv (uv writes its version into each file's header).
+# `UV_ARGS="--upgrade-package httpx" bash packaging/lock.sh`. uv itself is the version the dev
+# lock pins (the one CI uses), installed into a throw-away venv; its version is in each header.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-UV_VERSION=0.13.9
+UV_VERSION=$(sed -n 's/^uv==\([^ ]*\) .*/\1/p' requirements-dev.lock 2>/dev/null)
+UV_VERSION=${UV_VERSION:-0.13.9}
 tool=$(mktemp -d)
 trap 'rm -rf "$tool"' EXIT
 python3 -m venv "$tool/venv"

@@ -110,7 +110,7 @@ from daemon.client import (
     send_request,
     tls_verify,
 )
-from daemon.compat import UTC
+from daemon.compat import UTC, fromisoformat
 from daemon.config import ApiSettings, DataServiceGrant, DataServiceSettings, RouteSettings
 from daemon.errors import (
     AuthError,
@@ -305,7 +305,7 @@ def _epoch(text: str | None) -> float | None:
     if not text:
         return None
     try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        when = fromisoformat(text)
     except ValueError:
         return None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
