@@ -37,20 +37,15 @@ from pathlib import Path
 try:  # the maintained library when it is installed (the dev venv has it) ...
     from packaging.markers import Marker
 except ImportError:  # ... else the copy every pip carries: this script needs pip anyway
-    from pip._vendor.packaging.markers import Marker  # type: ignore[no-redef]
+    from pip._vendor.packaging.markers import Marker  # type: ignore[assignment]
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the shipped files' list, from the package (standard library only)
+from daemon.install_files import SHIPPED  # noqa: E402
+
 SUPPORTED = ("3.10", "3.11", "3.12", "3.13")
 #: the first glibc with manylinux wheels per architecture (manylinux1 / manylinux2014)
 _FIRST_GLIBC = {"x86_64": 5, "aarch64": 17}
-#: the shipped files, as ``inboxd install-files`` names them (daemon/install_files.py)
-_SHARE = {
-    "inboxd.service": "systemd/inboxd.service",
-    "inboxd.sysusers": "systemd/inboxd.sysusers",
-    "config.example.toml": "config.example.toml",
-    "README.md": "README.md",
-    "LICENSE": "LICENSE",
-}
 
 
 class BundleError(Exception):
@@ -134,7 +129,7 @@ def build(python: str, extras: list[str], arch: str, glibc: str, out: Path) -> P
         _write_install_script(stage / "install.sh", python)
         share = stage / "share"
         share.mkdir()
-        for target, source in _SHARE.items():
+        for target, source in SHIPPED.items():
             shutil.copy2(REPO / source, share / target)
         out.mkdir(parents=True, exist_ok=True)
         tarball = out / f"{name}.tar.gz"

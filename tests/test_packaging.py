@@ -378,8 +378,12 @@ def test_sqlite_errors_are_named_on_every_python(tmp_path: Path) -> None:
     3.10 only the message)."""
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"not a database at all\n" * 100)
-    with pytest.raises(sqlite3.DatabaseError) as caught:
-        sqlite3.connect(garbage).execute("SELECT * FROM sqlite_master").fetchall()
+    con = sqlite3.connect(garbage)
+    try:
+        with pytest.raises(sqlite3.DatabaseError) as caught:
+            con.execute("SELECT * FROM sqlite_master").fetchall()
+    finally:
+        con.close()
     assert sqlite_errorname(caught.value) == "SQLITE_NOTADB"
     with pytest.raises(sqlite3.OperationalError) as missing:
         sqlite3.connect(f"file:{tmp_path / 'none' / 'x.db'}?mode=ro", uri=True)
