@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from daemon.errors import NotThereError
+from daemon.errors import NoPermissionError, NotThereError
 
 _HERE = Path(__file__).resolve().parent
 
@@ -120,7 +120,12 @@ def install(
             continue
         print(f"{'replace' if exists else 'write':<10} {path}", file=out)
         if not dry_run:
-            _write(path, data)
+            try:
+                _write(path, data)
+            except PermissionError:
+                raise NoPermissionError(
+                    f"may not write {path}", advice="run it with sudo (or give --prefix DIR)"
+                ) from None
     if not dry_run and prefix == Path("/"):
         print(
             "next: `sudo systemd-sysusers && sudo systemctl daemon-reload`, then edit "
