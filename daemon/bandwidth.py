@@ -16,11 +16,13 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from typing import Final
 
 import anyio
 import anyio.lowlevel
+
+from daemon.compat import UTC
 
 __all__ = [
     "RateLimiter",

@@ -35,7 +35,8 @@ from typing import Any, NoReturn
 
 import anyio
 
-from daemon import __version__, logs
+from daemon import __version__, extras, logs
+from daemon.compat import BaseExceptionGroup
 from daemon.config import Settings, config_path, load_settings
 from daemon.errors import (
     ConfigError,
@@ -181,6 +182,13 @@ _EXAMPLES = {
           inboxd sandbox                          # http://127.0.0.1:8787, prints a config
           inboxd sandbox --port 0 --api-503-rate 0.2 --drop-response-rate 0.05
         Rates are shares of requests from 0 to 1.""",
+    "install-files": """\
+        examples:
+          sudo inboxd install-files --dry-run     # what it would write, and where
+          sudo inboxd install-files               # then: systemd-sysusers, daemon-reload
+          inboxd install-files --prefix ./root    # under ./root instead of /
+        Writes /etc/inboxd/config.toml only when there is none (never overwrites a config);
+        the unit, sysusers file, completions and docs are replaced by this version's.""",
     "completion": """\
         examples:
           inboxd completion bash | sudo tee /etc/bash_completion.d/inboxd
@@ -347,6 +355,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     completion.add_argument("shell", choices=("bash", "zsh"))
     completion.set_defaults(func=_cmd_completion)
+
+    install_files = _sub(
+        sub,
+        "install-files",
+        "install the config, systemd unit, sysusers file and completions (run with sudo)",
+        "Write the files a service install needs from this installation of inboxd (no "
+        "checkout needed): /etc/inboxd/config.toml (only if absent), "
+        "/etc/systemd/system/inboxd.service (ExecStart= this inboxd), "
+        "/usr/lib/sysusers.d/inboxd.conf, the bash and zsh completions, and "
+        "/usr/share/doc/inboxd/ (README, example config, licence).",
+    )
+    install_files.add_argument(
+        "--prefix",
+        type=Path,
+        default=Path("/"),
+        metavar="DIR",
+        help="write under DIR as if it were / (default: /)",
+    )
+    install_files.add_argument(
+        "--dry-run", action="store_true", help="only print what would be written"
+    )
+    install_files.set_defaults(func=_cmd_install_files)
     return p
 
 
@@ -380,6 +410,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     if args.overwrite:
         overrides.setdefault("upload", {})["on_name_clash"] = "overwrite"
     settings, _, _ = _settings(args, overrides, require_token=True)
+    extras.require_for_kind(settings.api.kind)
     logs.configure(settings.log.level, settings.log.format)
     if args.name and len(args.files) > 1:
         raise UsageError("--name: only with a single FILE (each file needs its own name)")
@@ -427,6 +458,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from daemon.check import Line, find_unit, local_checks, storage_line
 
     settings, path, source = _settings(args)
+    extras.require_for_kind(settings.api.kind)
     shown = {
         "--config": f"{path} (--config)",
         "INBOXD_CONFIG": f"{path} ($INBOXD_CONFIG)",
@@ -489,6 +521,7 @@ async def _check_service(settings: Settings) -> bool:
 
 
 def _cmd_sandbox(args: argparse.Namespace) -> int:
+    extras.require("sandbox", "`inboxd sandbox`")
     from daemon.check import address_in_use
     from daemon.sandbox import config_from_args, ready_message, serve_forever
 
@@ -521,6 +554,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     catch_early_signals()  # already done by daemon.__main__; here for other entry points
     settings, _, _ = _settings(args, require_token=True)
+    extras.require_for_kind(settings.api.kind)
     logs.configure(settings.log.level, settings.log.format)
     anyio.run(Service(settings, grace_seconds=args.grace).run)
     return EXIT_OK
@@ -667,6 +701,7 @@ _NOT_FAILED = {
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    extras.require("sandbox", "`inboxd demo`")
     from daemon.demo import run_demo
 
     return run_demo(keep=args.keep)
@@ -676,4 +711,12 @@ def _cmd_completion(args: argparse.Namespace) -> int:
     from daemon.completion import script
 
     print(script(args.shell, _parser()))
+    return EXIT_OK
+
+
+def _cmd_install_files(args: argparse.Namespace) -> int:
+    from daemon.completion import script
+    from daemon.install_files import install
+
+    install(args.prefix, lambda shell: script(shell, _parser()), dry_run=args.dry_run)
     return EXIT_OK

@@ -52,7 +52,6 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
@@ -72,6 +71,7 @@ from pydantic import (
 )
 
 from daemon import __version__, netio
+from daemon.compat import UTC, fromisoformat
 from daemon.config import ApiSettings, UploadSettings
 from daemon.errors import (
     ApiError,
@@ -139,7 +139,7 @@ def _epoch_seconds(value: object) -> float | None:
         return float(value) if math.isfinite(value) else None
     if isinstance(value, str):
         try:
-            when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+            when = fromisoformat(value.strip())
         except ValueError:
             return None
         if when.tzinfo is None:

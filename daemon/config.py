@@ -9,7 +9,6 @@ else ``$INBOXD_CONFIG``, else ``/etc/inboxd/config.toml``) → defaults.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -33,6 +32,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from daemon.compat import tomllib
 from daemon.errors import ConfigError
 
 _DEFAULT_EXCLUDES = (".*", "*.tmp", "*.part", "*.partial", "~$*", "*.swp", "*.crdownload")

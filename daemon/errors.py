@@ -7,6 +7,7 @@
     ├── UsageError                   a bad flag or value on the command line (64)
     ├── NotThereError                a file or job named on the command line is not there (66)
     ├── NoPermissionError            this user may not (77): join the group, or use sudo
+    ├── MissingExtraError            an optional part (an extra) is not installed (78)
     ├── StateError                   the state database is unusable; fix or move it
     │   ├── StateDataError           not a usable inboxd database: restore or move it (exit 65)
     │   └── StateFullError           its filesystem is full: free space (exit 74)
@@ -94,6 +95,15 @@ class NoPermissionError(InboxdError):
 
     kind = "permission"
     exit_status: ClassVar[int] = 77
+
+
+class MissingExtraError(InboxdError):
+    """A command or ``[api] kind`` needs an optional part of inboxd (an extra of
+    ``pyproject.toml``) that this installation lacks: install it (exit status 78, EX_CONFIG:
+    the installation does not fit the configuration, and restarting never fixes it)."""
+
+    kind = "missing_extra"
+    exit_status: ClassVar[int] = 78
 
 
 class StateError(InboxdError):

@@ -81,7 +81,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import Enum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, TypedDict
@@ -89,6 +89,7 @@ from typing import Any, Final, Literal, TypedDict
 import aiosqlite
 import anyio
 
+from daemon.compat import StrEnum, sqlite_errorname
 from daemon.errors import StateDataError, StateError, StateFullError
 
 __all__ = [
@@ -702,7 +703,7 @@ def state_os_error(path: Path, exc: OSError, action: str) -> QueueError:
 
 def _sqlite_error(path: Path, exc: sqlite3.Error) -> QueueError | None:
     """The QueueError for a full filesystem or an unusable file, or None for anything else."""
-    name = getattr(exc, "sqlite_errorname", None) or ""
+    name = sqlite_errorname(exc)
     if name == "SQLITE_NOTADB":
         return QueueError(
             f"state database {path} is not a valid SQLite database ({exc}); {_UNUSABLE_ADVICE}",

@@ -19,12 +19,12 @@ import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import UTC
 from typing import TypeVar
 
 import anyio
 import structlog
 
+from daemon.compat import UTC
 from daemon.config import RetrySettings
 from daemon.errors import InboxdError, RateLimitedError, TransportError
 

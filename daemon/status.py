@@ -365,10 +365,10 @@ def parse_since(text: str, now: float | None = None) -> float:
     value = text.strip()
     if value and value[-1].lower() in _UNITS and value[:-1].replace(".", "", 1).isdigit():
         return now - float(value[:-1]) * _UNITS[value[-1].lower()]
-    from datetime import datetime
+    from daemon.compat import fromisoformat
 
     try:
-        return datetime.fromisoformat(value).timestamp()
+        return fromisoformat(value).timestamp()
     except ValueError:
         raise ValueError(
             f"--since {text!r}: give a time ago such as 30m, 2h or 3d, or a date such as "

@@ -44,6 +44,7 @@ from daemon.client import (
     Stream,
     Throttle,
 )
+from daemon.compat import BaseExceptionGroup
 from daemon.errors import (
     ApiError,
     AuthError,

@@ -68,6 +68,7 @@ import structlog
 import watchfiles
 
 from daemon import inotify, writers
+from daemon.compat import BaseExceptionGroup
 from daemon.queue import FileIdentity
 
 __all__ = [

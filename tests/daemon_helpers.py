@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -110,12 +110,19 @@ async def counts(settings_or_config: Settings | Path) -> dict[str, int]:
         await queue.close()
 
 
-def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """``inboxd run`` as a real child process (for signals and SIGKILL)."""
+#: How the tests start ``inboxd``: this checkout, with the test venv's Python.
+THIS_INBOXD = (sys.executable, "-m", "daemon")
+
+
+def start_daemon(
+    config: Path, log: Path, *, program: Sequence[str] = THIS_INBOXD
+) -> subprocess.Popen[bytes]:
+    """``inboxd run`` as a real child process (for signals and SIGKILL); ``program`` is
+    another ``inboxd`` to start (an installed one)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("ab") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", "--config", str(config), "--grace", "3"],
+            [*program, "run", "--config", str(config), "--grace", "3"],
             stdout=fh,
             stderr=subprocess.STDOUT,
             cwd=REPO,
@@ -151,11 +158,14 @@ def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
 
 
 def inboxd(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    program: Sequence[str] = THIS_INBOXD,
 ) -> subprocess.CompletedProcess[str]:
-    """Run an ``inboxd`` command to completion, as a user would."""
+    """Run an ``inboxd`` command to completion, as a user would (``program``: see above)."""
     return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
+        [*program, *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
 
+from daemon.compat import ExceptionGroup, tomllib
 from daemon.config import Settings, load_settings
 from daemon.errors import ConfigError
 from daemon.sandbox import Sandbox

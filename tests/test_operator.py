@@ -475,11 +475,12 @@ def test_check_reports_what_run_would_refuse(sandbox: Sandbox, tmp_path: Path) -
 
 
 def test_install_sequence_from_the_readme(sandbox: Sandbox, tmp_path: Path) -> None:
-    """The README's install block, in order, with /opt and /etc moved under a temporary
-    folder and without what needs systemd (sysusers, the unit, systemctl)."""
+    """The README's install blocks (from a checkout, then install-files and the set-up), in
+    order, with /opt and /etc moved under a temporary folder and without what needs systemd
+    (sysusers, systemctl)."""
     readme = (REPO / "README.md").read_text()
-    block = readme.split("## Install on a logging PC", 1)[1].split("```sh\n", 1)[1]
-    block = block.split("```", 1)[0]
+    section = readme.split("## Install on a logging PC", 1)[1].split("\n### ", 1)[0]
+    block = "".join(part.split("```", 1)[0] for part in section.split("```sh\n")[1:])
     root = tmp_path / "root"
     (root / "srv").mkdir(parents=True)
     steps = []
@@ -496,10 +497,11 @@ def test_install_sequence_from_the_readme(sandbox: Sandbox, tmp_path: Path) -> N
         cmd = re.sub(
             r"(?<![\w.])/(opt|etc|srv|usr/share|usr/local)/", lambda m: f"{root}/{m[1]}/", cmd
         )
+        if cmd.endswith("inboxd install-files"):
+            cmd += f" --prefix {root}"
         steps.append(cmd)
     assert any("pip install" in s for s in steps) and any("inboxd check" in s for s in steps)
-    (root / "etc").mkdir()
-    (root / "usr" / "share" / "bash-completion" / "completions").mkdir(parents=True)
+    assert any("install-files" in s for s in steps)
     (root / "usr" / "local" / "bin").mkdir(parents=True)  # as on every Debian system
     env = {**os.environ, "INBOXD_API__URL": sandbox.url}
     env.pop("INBOXD_CONFIG", None)
@@ -512,12 +514,13 @@ def test_install_sequence_from_the_readme(sandbox: Sandbox, tmp_path: Path) -> N
                 cfg.read_text().replace('path = "/srv/inbox"', f'path = "{root}/srv/inbox"')
             )
             (root / "etc" / "inboxd" / "token").write_text(TOKEN + "\n")
-            # The unit as installed, its paths moved like the commands' (and its user root:
-            # the inboxd user would come from systemd-sysusers).
+            # The unit install-files installed, its paths moved like the commands' (and its
+            # user root: the inboxd user would come from systemd-sysusers).
+            installed = root / "etc" / "systemd" / "system" / "inboxd.service"
+            assert f"\nExecStart={root}/opt/inboxd/bin/inboxd run " in installed.read_text()
             unit = root / "etc" / "inboxd.service"
             unit.write_text(
-                (REPO / "systemd" / "inboxd.service")
-                .read_text()
+                installed.read_text()
                 .replace("/etc/inboxd/", f"{root}/etc/inboxd/")
                 .replace("/srv/", f"{root}/srv/")
                 .replace("User=inboxd", "User=root")
@@ -531,6 +534,12 @@ def test_install_sequence_from_the_readme(sandbox: Sandbox, tmp_path: Path) -> N
             assert f"✓ token: read from {root}/etc/inboxd/token (the unit's" in done.stdout
             assert "✓ token accepted" in done.stdout and "✗" not in done.stdout
     assert (root / "usr" / "share" / "bash-completion" / "completions" / "inboxd").exists()
+    assert (root / "usr" / "lib" / "sysusers.d" / "inboxd.conf").exists()
+    # The venv the README makes holds the core install only: no sandbox, no OAuth.
+    probe = subprocess.run(
+        [f"{root}/opt/inboxd/bin/python", "-c", "import starlette"], capture_output=True
+    )
+    assert probe.returncode != 0
 
 
 # ---- 5. push through every target -----------------------------------------------------------

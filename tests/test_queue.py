@@ -7,6 +7,7 @@ import sqlite3
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import closing
 from pathlib import Path
 from typing import TypeVar
 
@@ -962,7 +963,8 @@ async def test_upgrade_on_a_full_filesystem_asks_for_space_not_a_bug_report(
         assert "report this" not in str(caught.value)
         assert caught.value.as_state_error().exit_status == 74
         holder.close()
-        assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        with closing(raw(db)) as con:  # closed: Python 3.13 warns of an unclosed connection
+            assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     finally:
         await anyio.run_process(["umount", "-l", str(state)], check=False)
 

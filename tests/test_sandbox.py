@@ -6,7 +6,6 @@ import argparse
 import hashlib
 import socket
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from daemon.compat import tomllib
 from daemon.sandbox import (
     Faults,
     Sandbox,

@@ -355,9 +355,10 @@ async def test_client_reads_times_as_epoch_seconds_or_iso_text(
     client_factory, tmp_path: Path
 ) -> None:
     """The service sends epoch seconds (what the sandbox sends now); ISO 8601 text is read too."""
-    from datetime import UTC, datetime
+    from datetime import datetime
 
     from daemon.client import Dataset
+    from daemon.compat import UTC
 
     write_file(tmp_path / "t.bin", 100)
     async with client_factory() as client:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
 
 import anyio
+
+from daemon.compat import UTC
 
 #: Ingestion states.
 UPLOADING = "UPLOADING"

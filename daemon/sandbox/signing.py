@@ -16,8 +16,10 @@ import hmac
 import math
 import secrets
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from urllib.parse import quote, urlencode
+
+from daemon.compat import UTC
 
 #: The SAS version the sandbox signs with.
 SAS_VERSION = "2025-01-05"

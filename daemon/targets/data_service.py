@@ -89,7 +89,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -110,6 +110,7 @@ from daemon.client import (
     send_request,
     tls_verify,
 )
+from daemon.compat import UTC, fromisoformat
 from daemon.config import ApiSettings, DataServiceGrant, DataServiceSettings, RouteSettings
 from daemon.errors import (
     AuthError,
@@ -304,7 +305,7 @@ def _epoch(text: str | None) -> float | None:
     if not text:
         return None
     try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        when = fromisoformat(text)
     except ValueError:
         return None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()

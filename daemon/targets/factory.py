@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from daemon.client import MarpleClient
 from daemon.config import Settings
 from daemon.errors import ConfigError
+from daemon.extras import require_for_kind
 from daemon.targets import Target
 from daemon.upload import UploadOptions
 
@@ -38,6 +39,7 @@ async def open_target(settings: Settings, options: UploadOptions) -> AsyncIterat
             )
         return
     if kind == "data-service":
+        require_for_kind(kind)  # authlib is an extra: one line naming it, not an ImportError
         from daemon.targets.data_service import DataServiceTarget
 
         # Its own client: OAuth 1.0 signing, the version header and the call-rate limiter.

@@ -67,7 +67,6 @@ import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any, TypeGuard, TypeVar
 from urllib.parse import urlsplit
@@ -78,6 +77,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from daemon import retry
 from daemon.client import FileSlice, MarpleClient, Progress, _parse, multipart_file_body
+from daemon.compat import UTC, fromisoformat
 from daemon.config import MarpleSettings
 from daemon.errors import (
     AuthError,
@@ -514,7 +514,7 @@ def _utc_seconds(name: str, value: Any) -> int:
         except (ValueError, OverflowError):  # not a number, or nan/inf
             pass
         try:
-            when = datetime.fromisoformat(text)
+            when = fromisoformat(text)
         except ValueError:
             when = None
         if when is not None:

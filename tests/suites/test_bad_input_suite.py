@@ -42,6 +42,7 @@ import pytest
 import structlog
 
 from daemon.cli import main as cli_main
+from daemon.compat import BaseExceptionGroup
 from daemon.queue import Job, JobState, Queue
 from daemon.sandbox import Sandbox
 from tests.conftest import TOKEN, write_file

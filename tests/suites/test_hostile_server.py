@@ -43,6 +43,7 @@ from daemon.client import (
     Stream,
     send_request,
 )
+from daemon.compat import BaseExceptionGroup
 from daemon.errors import (
     InboxdError,
     ProtocolError,
