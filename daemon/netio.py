@@ -358,6 +358,11 @@ def _assign_requests(pool: Any) -> list[Any]:
             pool_request.assign_to_connection(available)
             continue
         if len(conns) >= pool._max_connections:
+            # At the limit, closed connections must not count: httpcore drops them on every
+            # call, and the next sweep here may be a second away (a request queued behind a
+            # closed connection would wait for nothing and end in a PoolTimeout).
+            conns[:] = [c for c in conns if not c.is_closed()]
+        if len(conns) >= pool._max_connections:
             idle = next((c for c in conns if c.is_idle()), None)
             if idle is None:
                 continue  # stays queued until a connection frees up

@@ -420,3 +420,26 @@ async def test_file_bodies_go_to_https_in_cache_sized_chunks(tmp_path: Path) -> 
     assert received == [data, data]
     assert max(sizes["https"]) == TLS_CHUNK_SIZE < CHUNK_SIZE
     assert max(sizes["http"]) == CHUNK_SIZE
+
+
+async def test_a_closed_connection_at_the_pool_limit_makes_room_at_once() -> None:
+    """A pool at its connection limit whose one connection the server closed ("Connection:
+    close") serves the next request straight away with a new connection: the closed one
+    does not hold the slot until the next sweep (a request queued behind it would end in a
+    PoolTimeout, as a hypothesis example of the hostile-server suite once found)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(b"ok", close=True))
+        await writer.drain()
+
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    timeout = httpx.Timeout(5.0, pool=1.0)
+    async with (
+        serve(handler) as srv,
+        adopt(httpx.AsyncClient(limits=limits, timeout=timeout)) as http,
+    ):
+        for _ in range(3):  # well within one sweep interval
+            r = await http.get(srv.url)
+            assert r.content == b"ok"
+    assert srv.connections == 3

@@ -1100,7 +1100,11 @@ async def test_v3_database_gains_the_change_column(
         job = await get(q, job_id)
         assert job.change is None and job.content_hash == "xxh3-128:10:" + "00" * 16
         assert await q.part_digests(job_id) == {1: None}
-    assert raw(db_path).execute("PRAGMA user_version").fetchone()[0] == 4
+    con = raw(db_path)
+    try:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 4
+    finally:
+        con.close()
 
 
 async def test_concurrent_writes_share_commits_and_fail_alone(q: Queue, db_path: Path) -> None:
