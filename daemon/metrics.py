@@ -51,6 +51,7 @@ import contextlib
 import errno
 import re
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -327,6 +328,13 @@ class _Server(ThreadingWSGIServer):
         self._changed = threading.Condition()
         self._stopping = False
         super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer would ask the resolver for the address's name (socket.getfqdn): on an
+        # offline PC whose DNS is unreachable that can stall the start; the name is unused.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+        self.setup_environ()
 
     # A TCP server's request is its connected socket (typeshed allows a UDP one too).
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
