@@ -686,7 +686,7 @@ def _cross_checks(settings: Settings) -> list[str]:
     except ValueError as exc:
         problems.append(f"bandwidth.windows = {bw.windows!r}: {exc}")
     if settings.metrics.listen:
-        from daemon.metrics import parse_listen
+        from daemon.listen import parse_listen
 
         try:
             parse_listen(settings.metrics.listen, key="metrics.listen")

@@ -1,5 +1,9 @@
 """A minimal inotify watcher for one folder tree that never follows a symlink (Linux only).
 
+Why no library: ``watchfiles`` follows symlinked folders, and ``inotify_simple``/``asyncinotify``
+only wrap the three system calls (``_Libc`` below); what this module is for — watching only
+folders a scan vetted, and what the events say about writers — none of them offers.
+
 ``watchfiles.awatch(recursive=True)`` (the notify crate) walks the tree itself and follows
 symlinked folders: ``inbox/x -> /`` would make it list and watch the whole file system, and
 watchfiles has no option to stop that. Here nothing walks the tree: the caller says which

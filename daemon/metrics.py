@@ -3,9 +3,11 @@
 Enabled by ``[metrics] listen = "127.0.0.1:9464"``. The endpoint answers two paths:
 
 ``GET /metrics``
-    200, ``text/plain; version=0.0.4; charset=utf-8``: every metric below in the Prometheus
-    text exposition format 0.0.4. The queue gauges are read from the state database at scrape
-    time, so they are current without a background loop.
+    200, the metrics below as ``prometheus_client`` exposes them: the text format 0.0.4
+    (``text/plain; version=0.0.4; charset=utf-8``) unless the scraper asks for OpenMetrics;
+    gzip when the scraper accepts it; ``?name[]=`` selects metrics. The queue gauges are read
+    from the state database on the daemon's event loop just before each exposition, so they
+    are current without a background loop, and one scrape sees one reading of the queue.
 ``GET /healthz``
     200 ``ok`` when the daemon is alive and the API reachable, 503 with the reason otherwise.
 
@@ -36,51 +38,61 @@ with a note in the changelog::
 ``importing``, ``done``, ``failed``, ``superseded``).
 Counters start at 0 with each daemon process, as Prometheus expects (``rate()`` handles resets).
 
-The registry is a small in-process one (no dependency): :class:`Counter`, :class:`Gauge` and
-:class:`Histogram` in a :class:`Registry` whose :meth:`Registry.render` writes the text format.
+The registry and the exposition are ``prometheus_client``'s, with a private registry per
+:class:`Metrics` (several daemons may run in one test process). The endpoint is its WSGI app
+behind the standard library's threaded WSGI server, in threads of its own: a slow or hostile
+client costs a thread, never the event loop.
 """
 
 from __future__ import annotations
 
-import bisect
-import email.utils
+import concurrent.futures
+import contextlib
 import errno
-import http
-import ipaddress
-import itertools
-import math
 import re
+import socket
+import socketserver
+import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import ClassVar, Final, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final, Protocol
+from wsgiref.simple_server import WSGIRequestHandler
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import structlog
+from anyio.from_thread import BlockingPortal
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
 
 from daemon import __version__
+from daemon.errors import ConfigError
+from daemon.listen import parse_listen
 
-__all__ = [
-    "CONTENT_TYPE",
-    "UPLOAD_DURATION_BUCKETS",
-    "Counter",
-    "Gauge",
-    "HealthCheck",
-    "Histogram",
-    "Metrics",
-    "MetricsServer",
-    "QueueStats",
-    "Registry",
-    "format_value",
-    "parse_listen",
-]
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["UPLOAD_DURATION_BUCKETS", "HealthCheck", "Metrics", "MetricsServer", "QueueStats"]
 
 _log = structlog.get_logger(__name__)
 
-#: The Content-Type of ``/metrics`` (text exposition format 0.0.4).
-CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+# Without this every counter and histogram gets a second series, ``<name>_created``: the
+# metric names are an interface, and Prometheus handles counter resets without it. The switch
+# is process-wide; the daemon is the only user of prometheus_client in its process.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Buckets of ``inboxd_upload_duration_seconds``: a small file over loopback takes ~50 ms, a
 #: multi-gigabyte file over a slow link hours; a factor of 2 to 3 per step keeps the quantile
@@ -91,287 +103,6 @@ UPLOAD_DURATION_BUCKETS: Final[tuple[float, ...]] = (
     1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 21600.0,  # to 6 h
 )
 # fmt: on
-
-# ---------------------------------------------------------------------------------------------
-# Text format helpers
-
-_METRIC_NAME: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
-_LABEL_NAME: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
-# Above this a float no longer holds every integer, so "%d" would print digits it does not have.
-_EXACT_INT_LIMIT: Final = 2.0**53
-
-
-def format_value(value: float) -> str:
-    """``value`` as the text format writes it: ``+Inf``/``-Inf``/``NaN``, whole numbers without
-    a fraction, anything else as the shortest string that round-trips (``0.05``, ``1e-07``).
-
-    Every form is accepted by Prometheus (Go's ``strconv.ParseFloat``) and by Python's float().
-    """
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < _EXACT_INT_LIMIT:
-        return str(int(value))
-    return repr(value)
-
-
-def _utf8_safe(text: str) -> str:
-    # Lone surrogates (how os.fsdecode spells undecodable bytes) cannot be encoded as UTF-8;
-    # replace them rather than fail the whole scrape.
-    return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def _escape_label_value(value: str) -> str:
-    return _utf8_safe(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return _utf8_safe(text).replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _format_labels(labels: Sequence[tuple[str, str]]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{name}="{_escape_label_value(value)}"' for name, value in labels)
-    return "{" + inner + "}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-
-_Sample = tuple[str, tuple[tuple[str, str], ...], float]  # (name suffix, labels, value)
-
-
-class _Metric:
-    """Common part of the three metric types: name, help, label names, a lock."""
-
-    kind: ClassVar[str]
-    _reserved_labels: ClassVar[frozenset[str]] = frozenset()
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
-        if not _METRIC_NAME.match(name):
-            raise ValueError(f"invalid metric name {name!r}")
-        names = tuple(labelnames)
-        for label in names:
-            if not _LABEL_NAME.match(label) or label.startswith("__"):
-                raise ValueError(f"{name}: invalid label name {label!r}")
-            if label in self._reserved_labels:
-                raise ValueError(f"{name}: label name {label!r} is reserved for a {self.kind}")
-        if len(set(names)) != len(names):
-            raise ValueError(f"{name}: duplicate label names in {names}")
-        self.name = name
-        self.help = help
-        self.labelnames = names
-        # The event loop is single-threaded, but a worker thread (anyio.to_thread) may update a
-        # metric too; a lock makes every update and every render consistent.
-        self._lock = threading.Lock()
-
-    def _key(self, labels: Mapping[str, object]) -> tuple[str, ...]:
-        if len(labels) != len(self.labelnames) or not all(n in labels for n in self.labelnames):
-            raise ValueError(
-                f"{self.name} takes labels {list(self.labelnames)}, got {sorted(labels)}"
-            )
-        return tuple(str(labels[n]) for n in self.labelnames)
-
-    def _pairs(self, key: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-        return tuple(zip(self.labelnames, key, strict=True))
-
-    def samples(self) -> list[_Sample]:
-        """The samples to render, in a stable order (sorted by label values)."""
-        raise NotImplementedError
-
-
-class _ValueMetric(_Metric):
-    """A metric with one number per label set: the common part of Counter and Gauge."""
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help, labelnames)
-        # An unlabelled metric is a single series that exists (as 0) from the start; labelled
-        # series appear when first touched, since their label values are not known up front.
-        self._values: dict[tuple[str, ...], float] = {} if self.labelnames else {(): 0.0}
-
-    def value(self, **labels: str) -> float:
-        """The current value for ``labels`` (0 for a series never touched)."""
-        key = self._key(labels)
-        with self._lock:
-            return self._values.get(key, 0.0)
-
-    def samples(self) -> list[_Sample]:
-        """One sample per label set."""
-        with self._lock:
-            items = sorted(self._values.items())
-        return [("", self._pairs(key), value) for key, value in items]
-
-
-class Counter(_ValueMetric):
-    """A number that only goes up (per label set): things that happened, since start."""
-
-    kind = "counter"
-
-    def inc(self, amount: float = 1.0, /, **labels: str) -> None:
-        """Add ``amount`` (≥ 0) to the series for ``labels``."""
-        amount = float(amount)
-        if not amount >= 0:  # also refuses NaN
-            raise ValueError(f"{self.name}: a counter cannot change by {amount!r}")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-
-class Gauge(_ValueMetric):
-    """A number that goes up and down (per label set): a current state."""
-
-    kind = "gauge"
-
-    def set(self, value: float, /, **labels: str) -> None:
-        """Set the series for ``labels`` to ``value``."""
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
-
-    def inc(self, amount: float = 1.0, /, **labels: str) -> None:
-        """Add ``amount`` to the series for ``labels``."""
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + float(amount)
-
-    def dec(self, amount: float = 1.0, /, **labels: str) -> None:
-        """Subtract ``amount`` from the series for ``labels``."""
-        self.inc(-float(amount), **labels)
-
-
-@dataclass
-class _HistogramSeries:
-    counts: list[int]  # per bucket, not cumulative; the last one is the +Inf bucket
-    sum: float = 0.0
-    count: int = 0
-
-
-class Histogram(_Metric):
-    """Observations counted into fixed buckets; renders ``_bucket{le=...}``, ``_sum``, ``_count``.
-
-    ``buckets`` are the finite upper bounds (inclusive, strictly increasing); ``+Inf`` is
-    always added.
-    """
-
-    kind = "histogram"
-    _reserved_labels = frozenset({"le"})
-
-    def __init__(
-        self, name: str, help: str, buckets: Sequence[float], labelnames: Sequence[str] = ()
-    ) -> None:
-        super().__init__(name, help, labelnames)
-        bounds = [float(b) for b in buckets]
-        if bounds and bounds[-1] == math.inf:
-            bounds.pop()
-        if not bounds:
-            raise ValueError(f"{name}: a histogram needs at least one finite bucket")
-        if any(not math.isfinite(b) for b in bounds) or any(
-            a >= b for a, b in itertools.pairwise(bounds)
-        ):
-            raise ValueError(f"{name}: buckets must be finite and strictly increasing: {buckets}")
-        self.buckets: tuple[float, ...] = tuple(bounds)
-        self._series: dict[tuple[str, ...], _HistogramSeries] = {}
-        if not self.labelnames:
-            self._series[()] = self._new_series()
-
-    def _new_series(self) -> _HistogramSeries:
-        return _HistogramSeries(counts=[0] * (len(self.buckets) + 1))
-
-    def observe(self, value: float, /, **labels: str) -> None:
-        """Count one observation of ``value`` for ``labels``."""
-        value = float(value)
-        if math.isnan(value):
-            raise ValueError(f"{self.name}: cannot observe NaN")
-        key = self._key(labels)
-        # bisect_left: the first bound >= value, since "le" means less than or equal.
-        index = bisect.bisect_left(self.buckets, value)
-        with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = self._new_series()
-            series.counts[index] += 1
-            series.sum += value
-            series.count += 1
-
-    def count(self, **labels: str) -> int:
-        """How many observations ``labels`` has had."""
-        key = self._key(labels)
-        with self._lock:
-            series = self._series.get(key)
-            return 0 if series is None else series.count
-
-    def sum(self, **labels: str) -> float:
-        """The sum of the observations for ``labels``."""
-        key = self._key(labels)
-        with self._lock:
-            series = self._series.get(key)
-            return 0.0 if series is None else series.sum
-
-    def samples(self) -> list[_Sample]:
-        """Cumulative buckets, then ``_sum`` and ``_count``, per label set."""
-        with self._lock:
-            items = sorted((key, list(s.counts), s.sum, s.count) for key, s in self._series.items())
-        out: list[_Sample] = []
-        for key, counts, total, count in items:
-            pairs = self._pairs(key)
-            cumulative = 0
-            for bound, n in zip((*self.buckets, math.inf), counts, strict=True):
-                cumulative += n
-                out.append(("_bucket", (*pairs, ("le", format_value(bound))), float(cumulative)))
-            out.append(("_sum", pairs, total))
-            out.append(("_count", pairs, float(count)))
-        return out
-
-
-_M = TypeVar("_M", bound=_Metric)
-
-
-class Registry:
-    """An ordered set of metrics with unique names; :meth:`render` writes them all."""
-
-    def __init__(self) -> None:
-        self._metrics: dict[str, _Metric] = {}
-
-    def register(self, metric: _M) -> _M:
-        """Add ``metric``; its name must not be taken. Returns it, for chaining."""
-        if metric.name in self._metrics:
-            raise ValueError(f"metric {metric.name!r} is already registered")
-        self._metrics[metric.name] = metric
-        return metric
-
-    def counter(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Counter:
-        """Create and register a :class:`Counter`."""
-        return self.register(Counter(name, help, labelnames))
-
-    def gauge(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Gauge:
-        """Create and register a :class:`Gauge`."""
-        return self.register(Gauge(name, help, labelnames))
-
-    def histogram(
-        self, name: str, help: str, buckets: Sequence[float], labelnames: Sequence[str] = ()
-    ) -> Histogram:
-        """Create and register a :class:`Histogram`."""
-        return self.register(Histogram(name, help, buckets, labelnames))
-
-    def __iter__(self) -> Iterator[_Metric]:
-        return iter(list(self._metrics.values()))
-
-    def render(self) -> str:
-        """Every metric in the text exposition format 0.0.4 (HELP, TYPE, samples)."""
-        lines: list[str] = []
-        for metric in self:
-            lines.append(f"# HELP {metric.name} {_escape_help(metric.help)}")
-            lines.append(f"# TYPE {metric.name} {metric.kind}")
-            for suffix, labels, value in metric.samples():
-                lines.append(f"{metric.name}{suffix}{_format_labels(labels)} {format_value(value)}")
-        return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# The daemon's metric set
 
 
 class QueueStats(Protocol):
@@ -386,6 +117,28 @@ class QueueStats(Protocol):
         ...
 
 
+class _QueueCollector(Collector):
+    """The queue gauges, from the last reading of the queue (one tuple, replaced whole, so a
+    scrape never mixes two readings)."""
+
+    def __init__(self) -> None:
+        self.reading: tuple[dict[str, int], float] = ({}, 0.0)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts, oldest_age = self.reading
+        jobs = GaugeMetricFamily(
+            "inboxd_queue_jobs", "Jobs in the queue per state.", labels=["state"]
+        )
+        for state, n in counts.items():
+            jobs.add_metric([state], n)
+        yield jobs
+        yield GaugeMetricFamily(
+            "inboxd_oldest_queued_age_seconds",
+            "Seconds since the oldest job still queued was enqueued (0 when none is queued).",
+            value=oldest_age,
+        )
+
+
 # A reason label is an error kind ("rate_limited"). Anything else (a message, a path passed by
 # mistake) becomes "other", and so does every new kind past the cap: a label value is a time
 # series in Prometheus, so their number must stay bounded whatever the callers do.
@@ -397,8 +150,8 @@ _OTHER_REASON: Final = "other"
 class Metrics:
     """The daemon's metrics: created once at start-up and handed to the parts that count.
 
-    Attributes are the metric objects (see the module docstring for their names); the
-    convenience methods are what the workers, the poller and the service call.
+    Attributes are the metric objects (see the module docstring for their names), all in
+    :attr:`registry`; the methods are what the workers, the poller and the service call.
     """
 
     def __init__(
@@ -407,65 +160,64 @@ class Metrics:
         """``clock`` gives Unix time (the oldest-queued age and the last-success timestamp)."""
         self._clock = clock
         self._reasons: set[str] = set()
-        r = self.registry = Registry()
-        self.files_uploaded = r.counter(
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        counter, gauge = partial(Counter, registry=r), partial(Gauge, registry=r)
+        self.files_uploaded = counter(
             "inboxd_files_uploaded_total", "Files whose upload completed."
         )
-        self.bytes_uploaded = r.counter(
+        self.bytes_uploaded = counter(
             "inboxd_bytes_uploaded_total", "Bytes of the files whose upload completed."
         )
-        self.retries = r.counter(
+        self.retries = counter(
             "inboxd_retries_total",
             "Upload tries that ended in trouble and were put back in the queue, by error kind.",
             ["reason"],
         )
-        self.failures = r.counter(
+        self.failures = counter(
             "inboxd_failures_total", "Jobs that ended failed, by error kind.", ["reason"]
         )
-        self.queue_jobs = r.gauge("inboxd_queue_jobs", "Jobs in the queue per state.", ["state"])
-        self.oldest_queued_age = r.gauge(
-            "inboxd_oldest_queued_age_seconds",
-            "Seconds since the oldest job still queued was enqueued (0 when none is queued).",
-        )
-        self.upload_duration = r.histogram(
+        self._queue = _QueueCollector()
+        r.register(self._queue)
+        self.upload_duration = Histogram(
             "inboxd_upload_duration_seconds",
             "Time from the start of a file's upload try to its completion.",
-            UPLOAD_DURATION_BUCKETS,
+            buckets=UPLOAD_DURATION_BUCKETS,
+            registry=r,
         )
-        self.imports = r.counter(
+        self.imports = counter(
             "inboxd_imports_total", "Imports that ended, by outcome (finished|failed).", ["outcome"]
         )
-        self.last_upload_success = r.gauge(
+        self.last_upload_success = gauge(
             "inboxd_last_upload_success_timestamp_seconds",
             "Unix time of the last completed upload (0 = none since start).",
         )
-        self.paused = r.gauge(
+        self.paused = gauge(
             "inboxd_paused", "1 while uploads are paused because the API refused the token."
         )
-        self.upload_window_open = r.gauge(
+        self.upload_window_open = gauge(
             "inboxd_upload_window_open", "1 while uploads are allowed by the upload window."
         )
-        self.inbox_free_bytes = r.gauge(
+        self.inbox_free_bytes = gauge(
             "inboxd_inbox_free_bytes", "Free bytes on the inbox filesystem (0 until checked)."
         )
-        self.disk_low = r.gauge(
+        self.disk_low = gauge(
             "inboxd_disk_low", "1 while the inbox free space is under the warning threshold."
         )
-        self.up = r.gauge("inboxd_up", "Always 1 while the daemon runs.")
-        self.build_info = r.gauge(
+        self.up = gauge("inboxd_up", "Always 1 while the daemon runs.")
+        self.build_info = gauge(
             "inboxd_build_info", "Always 1; the version label says which inboxd.", ["version"]
         )
 
         # Known label values start at 0, so that rate() and absent() work before the first
         # event instead of the series appearing out of nothing.
         for outcome in ("finished", "failed"):
-            self.imports.inc(0, outcome=outcome)
+            self.imports.labels(outcome=outcome)
         # No window configured means always open.
         self.upload_window_open.set(1)
         self.up.set(1)
-        self.build_info.set(1, version=version)
+        self.build_info.labels(version=version).set(1)
 
-    # -- convenience methods ---------------------------------------------------------------------
+    # -- what the daemon's parts call --------------------------------------------------------
 
     def upload_succeeded(self, size: int, seconds: float) -> None:
         """A file of ``size`` bytes finished uploading after ``seconds``."""
@@ -476,15 +228,15 @@ class Metrics:
 
     def retried(self, reason: str) -> None:
         """A try ended in trouble of kind ``reason`` and the job went back to the queue."""
-        self.retries.inc(reason=self._reason(reason))
+        self.retries.labels(reason=self._reason(reason)).inc()
 
     def failed(self, reason: str) -> None:
         """A job ended FAILED because of trouble of kind ``reason``."""
-        self.failures.inc(reason=self._reason(reason))
+        self.failures.labels(reason=self._reason(reason)).inc()
 
     def import_finished(self, ok: bool) -> None:
         """An import reached a terminal status: finished (``ok``) or failed."""
-        self.imports.inc(outcome="finished" if ok else "failed")
+        self.imports.labels(outcome="finished" if ok else "failed").inc()
 
     def set_paused(self, paused: bool) -> None:
         """Uploads are (or are no longer) paused by a refused token."""
@@ -508,210 +260,173 @@ class Metrics:
             self._reasons.add(reason)
         return reason
 
-    # -- scrape time ------------------------------------------------------------------------------
+    # -- scrape time -------------------------------------------------------------------------
 
     async def refresh(self, queue: QueueStats) -> None:
-        """Set the queue gauges from the queue (called at scrape time)."""
+        """Read the queue gauges from ``queue`` (before each exposition)."""
         counts = await queue.counts()
         oldest = await queue.oldest_queued_at()
-        for state, n in counts.items():
-            self.queue_jobs.set(n, state=state)
         age = 0.0 if oldest is None else max(0.0, self._clock() - oldest)
-        self.oldest_queued_age.set(age)
-
-    def render(self) -> str:
-        """All metrics in the text exposition format (without refreshing first)."""
-        return self.registry.render()
+        self._queue.reading = (dict(counts), age)
 
 
 # ---------------------------------------------------------------------------------------------
-# Listen address
-
-_PORT: Final = re.compile(r"[0-9]{1,5}\Z")
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost."):
-        return True  # RFC 6761: always the loopback interface, so safe without a DNS lookup
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False  # a host name could resolve anywhere; never resolve it to decide
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
-def parse_listen(
-    listen: str, *, allow_remote: bool = False, key: str = "metrics listen"
-) -> tuple[str, int]:
-    """Split ``"host:port"`` (or ``"[v6addr]:port"``) into ``(host, port)``.
-
-    The endpoint has no authentication, so unless ``allow_remote`` the host must be a loopback
-    address (127.0.0.0/8, ``::1``) or ``localhost``. With ``allow_remote`` an empty host
-    (``":9464"``) means every interface. Raises :class:`ValueError` with a message fit for a
-    configuration error, starting with ``<key> = '<listen>':`` (the config passes its key).
-    """
-    text = listen.strip()
-    where = f"{key} = {listen!r}"
-    if text.startswith("["):
-        close = text.find("]")
-        if close == -1 or text[close + 1 : close + 2] != ":":
-            raise ValueError(f"{where}: expected '[address]:port'")
-        host, port_text = text[1:close], text[close + 2 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{where}: {host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"{where}: expected 'host:port', e.g. 127.0.0.1:9464")
-        if ":" in host:
-            raise ValueError(f"{where}: write an IPv6 address in brackets, e.g. [::1]:9464")
-    if not _PORT.match(port_text) or int(port_text) > 65535:
-        raise ValueError(f"{where}: the port must be a number 0-65535")
-    if not allow_remote and not _is_loopback(host):
-        host_shown = repr(host) if host else "every interface"
-        raise ValueError(
-            f"{where}: {host_shown} is not a loopback address. The metrics"
-            " endpoint has no authentication, so it listens only on 127.0.0.1, [::1] or"
-            " localhost unless remote access is explicitly allowed"
-        )
-    return host, int(port_text)
-
-
-# ---------------------------------------------------------------------------------------------
-# HTTP server
+# The HTTP endpoint
 
 HealthCheck = Callable[[], Awaitable[tuple[bool, str]]]
 
-_MAX_HEAD: Final = 8 * 1024
-_RECEIVE_CHUNK: Final = 4096
-_LINGER_SECONDS: Final = 1.0
-_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_VERSION: Final = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
 _PATHS: Final = ("/metrics", "/healthz")
+#: how often the accepting thread looks up from waiting (stop requests, overdue clients)
+_POLL_SECONDS: Final = 0.1
+#: most bytes of a request body read (and thrown away) before answering
+_MAX_DISCARDED: Final = 64 * 1024
 
 
-class _HttpError(Exception):
-    """Answer the request with ``status`` and a one-line ``message``."""
+class _Handler(WSGIRequestHandler):
+    """One connection, one request (HTTP/1.0 answers, then close), said nowhere."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    server_version = "inboxd"
+    sys_version = ""
 
+    def setup(self) -> None:
+        assert isinstance(self.server, _Server)
+        # Bounds each read and write on the socket; the server bounds the head as a whole.
+        self.request.settimeout(self.server.io_timeout)
+        super().setup()
 
-@dataclass(frozen=True)
-class _Request:
-    method: str
-    path: str
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        assert isinstance(self.server, _Server)
+        self.server.head_read(self.connection)
+        return parsed
 
-
-@dataclass(frozen=True)
-class _Response:
-    status: int
-    body: bytes
-    content_type: str = "text/plain; charset=utf-8"
-    headers: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def text(cls, status: int, text: str, headers: tuple[tuple[str, str], ...] = ()) -> _Response:
-        """A plain-text answer; the body always ends with a newline."""
-        body = _utf8_safe(text if text.endswith("\n") else text + "\n").encode("utf-8")
-        return cls(status, body, headers=headers)
+    def log_message(self, format: str, *args: object) -> None:
+        # One line per request on stderr is noise in the journal; what a client sent is not
+        # the daemon's to log.
+        pass
 
 
-def _head_end(buffer: bytes | bytearray, start: int) -> int | None:
-    """Index just past the blank line that ends the head, or None if it has not arrived."""
-    ends = []
-    for marker in (b"\r\n\r\n", b"\n\n"):  # bare LF line ends are tolerated (RFC 9112 §2.2)
-        found = buffer.find(marker, start)
-        if found != -1:
-            ends.append(found + len(marker))
-    return min(ends) if ends else None
+class _Server(ThreadingWSGIServer):
+    """prometheus_client's thread-per-connection WSGI server, bounded: at most
+    ``max_connections`` served at once (more wait in the kernel's backlog), and a client that
+    has not sent its request head within ``read_timeout`` seconds is cut off."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        family: socket.AddressFamily,
+        *,
+        read_timeout: float,
+        io_timeout: float,
+        max_connections: int,
+    ) -> None:
+        self.address_family = family
+        self.io_timeout = io_timeout
+        self._read_timeout = read_timeout
+        self._max_connections = max_connections
+        self._open: dict[socket.socket, float] = {}  # connection -> deadline for its head
+        self._changed = threading.Condition()
+        self._stopping = False
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer would ask the resolver for the address's name (socket.getfqdn): on an
+        # offline PC whose DNS is unreachable that can stall the start; the name is unused.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+        self.setup_environ()
+
+    # A TCP server's request is its connected socket (typeshed allows a UDP one too).
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        with self._changed:
+            while len(self._open) >= self._max_connections and not self._stopping:
+                self._cut_overdue()
+                self._changed.wait(_POLL_SECONDS)
+            if self._stopping:
+                self.shutdown_request(request)
+                return
+            self._open[request] = time.monotonic() + self._read_timeout
+        super().process_request(request, client_address)
+
+    def head_read(self, connection: socket.socket) -> None:
+        """The request head has arrived: the rest is bounded by the endpoint's own timeouts."""
+        with self._changed:
+            if connection in self._open:
+                self._open[connection] = float("inf")
+
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        # Forgotten under the lock before it is closed: _cut_overdue never touches a socket
+        # whose descriptor may already belong to something else.
+        with self._changed:
+            self._open.pop(request, None)
+            self._changed.notify_all()
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        with self._changed:
+            self._cut_overdue()
+
+    def _cut_overdue(self, *, everyone: bool = False) -> None:
+        now = time.monotonic()
+        for connection, deadline in self._open.items():
+            if everyone or deadline <= now:
+                # The handler's blocked read returns at once: it sees the end of the stream.
+                with contextlib.suppress(OSError):  # already gone
+                    connection.shutdown(socket.SHUT_RDWR)
+                self._open[connection] = float("inf")
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A timed-out, reset or cut-off client: its trouble alone, not a traceback on stderr.
+        _log.debug("metrics.connection_error", error=repr(sys.exc_info()[1]))
+
+    def stop(self) -> None:
+        """Stop accepting, cut every open connection off, close the listener (blocking)."""
+        with self._changed:
+            self._stopping = True
+            self._cut_overdue(everyone=True)
+            self._changed.notify_all()
+        self.shutdown()  # returns once serve_forever() has
+        self.server_close()
 
 
-def _parse_head(head: bytes) -> _Request:
-    # Empty lines before the request line are ignored, as RFC 9112 §2.2 asks of a server.
-    lines = [line.removesuffix(b"\r") for line in head.lstrip(b"\r\n").split(b"\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    if not lines:
-        raise _HttpError(400, "empty request")
-    try:
-        request_line = lines[0].decode("ascii")
-    except UnicodeDecodeError:
-        raise _HttpError(400, "malformed request line") from None
-    parts = request_line.split(" ")
-    if len(parts) != 3 or not all(parts):
-        raise _HttpError(400, "malformed request line")
-    method, target, version_text = parts
-    if not _TOKEN.match(method.encode("ascii")):
-        raise _HttpError(400, "malformed method")
-    version = _VERSION.match(version_text)
-    if version is None:
-        raise _HttpError(400, "malformed HTTP version")
-    if version.group(1) != "1":
-        raise _HttpError(505, "only HTTP/1.x is supported")
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in target):
-        raise _HttpError(400, "malformed request target")
-
-    hosts = 0
-    for line in lines[1:]:
-        if line[:1] in (b" ", b"\t"):
-            raise _HttpError(400, "obsolete header line folding")
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
-            raise _HttpError(400, "malformed header line")
-        if any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in value):
-            raise _HttpError(400, "control character in a header value")
-        if name.lower() == b"host":
-            hosts += 1
-    # RFC 9112 §3.2: a 1.1 request without exactly one Host, or with several, gets 400.
-    if hosts > 1 or (version.group(2) != "0" and hosts != 1):
-        raise _HttpError(400, "exactly one Host header is required")
-
-    if target.startswith("/"):
-        path = target.split("?", 1)[0]
-    elif target.lower().startswith(("http://", "https://")):
-        # absolute-form (RFC 9112 §3.2.2): a server must accept it.
-        rest = target.split("://", 1)[1]
-        slash = rest.find("/")
-        path = "/" if slash == -1 else rest[slash:].split("?", 1)[0]
-    else:
-        raise _HttpError(400, "malformed request target")
-    return _Request(method, path)
+def _bind_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    if not host:  # every interface (only with allow_remote): both IPv4 and IPv6 where possible
+        if socket.has_dualstack_ipv6():
+            return socket.AF_INET6, ("::", port)
+        return socket.AF_INET, ("0.0.0.0", port)
+    # "localhost" may name 127.0.0.1 and ::1; one socket serves one of them: IPv4 first, which
+    # every client tries.
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, _, _, _, address = min(infos, key=lambda info: info[0] != socket.AF_INET)
+    return family, (str(address[0]), port)
 
 
-async def _read_head(stream: anyio.abc.ByteReceiveStream) -> bytes | None:
-    """The request head (request line and headers); None if the client closed without one."""
-    buffer = bytearray()
-    while True:
-        try:
-            chunk = await stream.receive(_RECEIVE_CHUNK)
-        except anyio.EndOfStream:
-            if buffer.strip():
-                raise _HttpError(400, "the request ended before its headers did") from None
-            return None
-        # Resume the search a few bytes back: the blank line may straddle two chunks.
-        start = max(0, len(buffer) - 3)
-        buffer += chunk
-        end = _head_end(buffer, start)
-        if end is not None and end <= _MAX_HEAD:
-            return bytes(buffer[:end])
-        if len(buffer) > _MAX_HEAD:
-            raise _HttpError(431, f"the request line and headers exceed {_MAX_HEAD} bytes")
+def _discard_body(environ: WSGIEnvironment) -> None:
+    # Read (a bounded amount of) what came with the request: closing a socket with unread data
+    # resets the connection, which can destroy the answer before the client has read it.
+    length = str(environ.get("CONTENT_LENGTH") or "0")
+    if length.isdigit():
+        environ["wsgi.input"].read(min(int(length), _MAX_DISCARDED))
+
+
+def _text(
+    start_response: StartResponse, status: int, text: str, *headers: tuple[str, str]
+) -> list[bytes]:
+    start_response(
+        f"{status} {HTTPStatus(status).phrase}",
+        [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store"), *headers],
+    )
+    return [(text if text.endswith("\n") else text + "\n").encode("utf-8", "replace")]
 
 
 class MetricsServer:
     """The HTTP endpoint: ``/metrics`` and ``/healthz`` on a loopback address.
 
-    A deliberately small HTTP/1.1 server: GET only, one request per connection
-    (``Connection: close``), the head limited to 8 KiB and to ``read_timeout`` seconds, at most
-    ``max_connections`` served at once. Whatever a client sends or fails to send, the worst
-    outcome is an error answer or a closed connection for that client alone.
+    GET only; one request per connection. The server runs in threads (one accepting, one per
+    connection, at most ``max_connections``); a client must send its request head within
+    ``read_timeout`` seconds and each read or write on its socket may take ``write_timeout``.
+    The queue reading and the health check run on the daemon's event loop, bounded by
+    ``refresh_timeout`` and ``health_timeout``.
     """
 
     def __init__(
@@ -728,7 +443,8 @@ class MetricsServer:
         health_timeout: float = 10.0,
         max_connections: int = 32,
     ) -> None:
-        """Check ``listen`` (see :func:`parse_listen`; raises :class:`ValueError`); no I/O yet."""
+        """Check ``listen`` (see :func:`daemon.listen.parse_listen`; raises
+        :class:`ValueError`); no I/O yet."""
         self.listen = listen
         self.host, self.port = parse_listen(listen, allow_remote=allow_remote)
         self.metrics = metrics
@@ -741,6 +457,8 @@ class MetricsServer:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.max_connections = max_connections
+        #: the accepting thread while :meth:`run` runs (tests check that it ends)
+        self.thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -757,91 +475,87 @@ class MetricsServer:
 
         Raises :class:`~daemon.errors.ConfigError` before starting if the address cannot be
         bound (a port in use is a setting to change, not a reason to restart: exit 78, which
-        the unit does not restart on). Cancelling closes the listener and every connection.
+        the unit does not restart on). Cancelling stops the server's threads, closes the
+        listener and cuts every connection off.
         """
+        server = await anyio.to_thread.run_sync(self._bind)
+        self.port = server.server_address[1]
         try:
-            listener = await anyio.create_tcp_listener(
-                local_host=self.host or None, local_port=self.port
+            async with BlockingPortal() as portal:
+                server.set_app(self._app(portal))
+                self.thread = threading.Thread(
+                    target=server.serve_forever,
+                    args=(_POLL_SECONDS,),
+                    name="inboxd-metrics",
+                    daemon=True,
+                )
+                self.thread.start()
+                _log.info("metrics.listening", url=self.url)
+                try:
+                    task_status.started()
+                    await anyio.sleep_forever()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(server.stop)
+                        # Requests still waiting for the loop answer 503 and end.
+                        await portal.stop(cancel_remaining=True)
+        finally:
+            server.server_close()  # also when cancelled before serving began
+
+    def _bind(self) -> _Server:
+        try:
+            family, address = _bind_address(self.host, self.port)
+            return _Server(
+                address,
+                family,
+                read_timeout=self.read_timeout,
+                io_timeout=self.write_timeout,
+                max_connections=self.max_connections,
             )
         except OSError as exc:
-            from daemon.errors import ConfigError
-
             why = "in use by another program" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise ConfigError(
                 f"metrics.listen = {self.listen!r}: cannot listen for metrics on {self.listen}"
                 f" ({why or exc}) — stop the program using that port (`ss -ltnp | grep"
                 f" :{self.port}`), or set [metrics] listen to a free port"
             ) from None
-        async with listener:
-            # (S610 is about Django's QuerySet.extra, not anyio's typed attributes.)
-            self.port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
-            _log.info("metrics.listening", url=self.url)
-            # One slot per connection being served: a flood of clients waits in the kernel's
-            # backlog instead of using up the daemon's file descriptors.
-            slots = anyio.Semaphore(self.max_connections)
-            async with anyio.create_task_group() as tg:
-                for sub in listener.listeners:
-                    assert isinstance(sub, anyio.abc.SocketListener)
-                    tg.start_soon(self._accept_loop, sub, slots, tg)
-                task_status.started()
 
-    async def _accept_loop(
-        self,
-        listener: anyio.abc.SocketListener,
-        slots: anyio.Semaphore,
-        tg: anyio.abc.TaskGroup,
-    ) -> None:
-        while True:
-            await slots.acquire()
+    def _app(self, portal: BlockingPortal) -> WSGIApplication:
+        exposition: WSGIApplication = make_wsgi_app(self.metrics.registry)
+
+        def on_loop(func: Callable[[], Awaitable[tuple[bool, str]]]) -> tuple[bool, str]:
             try:
-                stream = await listener.accept()
-            except OSError as exc:
-                # EMFILE, ECONNABORTED...: transient, and no reason to stop serving.
-                slots.release()
-                _log.warning("metrics.accept_failed", error=str(exc))
-                await anyio.sleep(0.1)
-                continue
-            except BaseException:
-                slots.release()
-                raise
-            tg.start_soon(self._serve_connection, stream, slots)
+                return portal.call(func)
+            except (RuntimeError, concurrent.futures.CancelledError):
+                return False, "the daemon is stopping"
 
-    async def _serve_connection(
-        self, stream: anyio.abc.SocketStream, slots: anyio.Semaphore
-    ) -> None:
-        try:
-            async with stream:
-                await self._handle(stream)
-        except Exception as exc:  # one client's trouble must never reach the daemon
-            _log.debug("metrics.connection_error", error=repr(exc))
-        finally:
-            slots.release()
-
-    async def _handle(self, stream: anyio.abc.SocketStream) -> None:
-        try:
+        def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
             try:
-                with anyio.fail_after(self.read_timeout):
-                    head = await _read_head(stream)
-            except TimeoutError:
-                raise _HttpError(408, "timed out waiting for the request") from None
-            if head is None:
-                return  # connected and closed without a word (a port probe)
-            response = await self._respond(_parse_head(head))
-        except _HttpError as exc:
-            headers = (("Allow", "GET"),) if exc.status == 405 else ()
-            response = _Response.text(exc.status, exc.message, headers=headers)
-        await self._send(stream, response)
+                return answer(environ, start_response)
+            except Exception as exc:  # our bug: one 500, not a traceback on stderr
+                _log.error("metrics.request_failed", error=repr(exc))
+                return _text(start_response, 500, "internal error; see the daemon's log")
 
-    async def _respond(self, request: _Request) -> _Response:
-        if request.path not in _PATHS:
-            raise _HttpError(404, "not found; the paths are /metrics and /healthz")
-        if request.method != "GET":
-            raise _HttpError(405, f"method {request.method} not allowed; use GET")
-        if request.path == "/metrics":
-            return await self._metrics()
-        return await self._health()
+        def answer(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+            path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
+            if path not in _PATHS:
+                return _text(start_response, 404, "not found; the paths are /metrics and /healthz")
+            if method != "GET":
+                _discard_body(environ)
+                return _text(
+                    start_response, 405, f"method {method} not allowed; use GET", ("Allow", "GET")
+                )
+            if path == "/healthz":
+                ok, reason = on_loop(self._health)
+                return (
+                    _text(start_response, 200, "ok") if ok else _text(start_response, 503, reason)
+                )
+            on_loop(self._refresh)
+            return list(exposition(environ, start_response))
 
-    async def _metrics(self) -> _Response:
+        return app
+
+    async def _refresh(self) -> tuple[bool, str]:
         try:
             with anyio.fail_after(self.refresh_timeout):
                 await self.metrics.refresh(self.queue)
@@ -849,42 +563,15 @@ class MetricsServer:
             # A busy or broken database must not hide the other metrics: serve the queue
             # gauges as last read (the log says why they are stale).
             _log.warning("metrics.refresh_failed", error=str(exc) or type(exc).__name__)
-        body = self.metrics.render().encode("utf-8")
-        return _Response(200, body, content_type=CONTENT_TYPE)
+            return False, str(exc)
+        return True, ""
 
-    async def _health(self) -> _Response:
+    async def _health(self) -> tuple[bool, str]:
         try:
             with anyio.fail_after(self.health_timeout):
                 ok, reason = await self.health()
         except TimeoutError:
-            ok, reason = False, f"health check timed out after {self.health_timeout:g} s"
+            return False, f"health check timed out after {self.health_timeout:g} s"
         except Exception as exc:
-            ok, reason = False, f"health check failed: {str(exc) or type(exc).__name__}"
-        if ok:
-            return _Response.text(200, "ok")
-        return _Response.text(503, reason or "unhealthy")
-
-    async def _send(self, stream: anyio.abc.SocketStream, response: _Response) -> None:
-        status = http.HTTPStatus(response.status)
-        lines = [
-            f"HTTP/1.1 {status.value} {status.phrase}",
-            f"Content-Type: {response.content_type}",
-            f"Content-Length: {len(response.body)}",
-            f"Date: {email.utils.formatdate(usegmt=True)}",
-            "Cache-Control: no-store",
-            "Connection: close",
-            *(f"{name}: {value}" for name, value in response.headers),
-        ]
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + response.body
-        with anyio.fail_after(self.write_timeout):
-            await stream.send(data)
-        # Lingering close: half-close, then drain what the client still sends (a body we never
-        # read). Closing with unread data makes the kernel send a reset, which can destroy the
-        # answer before the client has read it.
-        with anyio.move_on_after(_LINGER_SECONDS):
-            await stream.send_eof()
-            try:
-                while await stream.receive(65536):
-                    pass
-            except anyio.EndOfStream:
-                pass
+            return False, f"health check failed: {str(exc) or type(exc).__name__}"
+        return ok, reason or ("ok" if ok else "unhealthy")

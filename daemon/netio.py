@@ -1,5 +1,10 @@
 """The socket layer under httpx on asyncio: one protocol object per connection, no extra layers.
 
+Why no library: httpcore ships only its anyio backend for asyncio (a plain-asyncio one was
+declined upstream, encode/httpcore#930) and that backend cost a fifth of the daemon's CPU
+(docs/benchmarks.md); ``httpx-aiohttp`` would swap the whole HTTP stack (and its errors,
+timeouts and TLS) for aiohttp's, not just the socket layer.
+
 httpcore's default backend on asyncio goes through anyio: every read and write enters a
 ``fail_after`` cancel scope, an exception map and anyio's socket stream, and every reuse of a
 pooled connection rebuilds anyio's attribute table to ask whether the socket is readable. For

@@ -1,5 +1,9 @@
 """The systemd notify protocol, in-tree: one datagram per message to ``$NOTIFY_SOCKET``.
 
+Why no library: the pure-Python ``sdnotify`` has had no release since 2017, and
+``systemd-python``/``cysystemd`` bind libsystemd in C (a compiler and headers, or wheels a field
+PC's distribution may not match) — all for one ``sendto`` per message.
+
 ``READY=1``, ``STATUS=…``, ``WATCHDOG=1``, ``STOPPING=1`` and ``EXTEND_TIMEOUT_USEC=…`` are
 newline-separated ``KEY=VALUE`` lines sent over an ``AF_UNIX`` datagram socket. A socket path
 that starts with ``@`` names an abstract socket (a leading NUL byte). Without

@@ -479,8 +479,7 @@ async def test_faults_and_lost_answers_make_exactly_one_source_per_file(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:
     f = sandbox.faults
-    f.seed = 11
-    sandbox._rng.seed(11)
+    sandbox.reseed_faults(11)
     f.api_503_rate, f.api_429_rate, f.drop_response_rate = 0.12, 0.08, 0.12
     f.retry_after = 0.05
     # The first two imports: a lost answer (done on the server), then a 503 (not done).

@@ -6,9 +6,11 @@ Used by the tests, the demo and `inboxd sandbox`:
         httpx.get(f"{sb.url}/streams", headers={"Authorization": f"Bearer {sb.config.token}"})
 
 Layout: `config` (settings and CLI options), `models` (datasets, ingestions, request log),
-`app` (the ASGI app and its routes), `injection` (lost responses, canned errors), `server`
-(running it), `signing` (signed URLs, Azure SAS), `backends` (S3 and Azure), `formdata` and
-`files` (streaming bodies to disk).
+`app` (the ASGI app and the Marple DB routes), `legacy` (the older Marple API beside it),
+`dataservice` (the spreadsheet data service under /data-service), `common` (what those three
+share: the request log, fault gates, route keys, JSON bodies, error answers), `injection`
+(lost responses, canned errors), `server` (running it), `signing` (signed URLs, Azure SAS),
+`backends` (S3 and Azure), `formdata` and `files` (streaming bodies to disk).
 """
 
 from __future__ import annotations

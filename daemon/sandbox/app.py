@@ -13,27 +13,34 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-import json
-import logging
 import math
-import random
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Match, Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from daemon.sandbox import files
 from daemon.sandbox.backends import AzureBackend, S3Backend, StorageError
+from daemon.sandbox.common import (
+    ERROR_HANDLERS,
+    FaultGate,
+    RouteKeys,
+    SandboxError,
+    drain,
+    is_int,
+    read_json,
+    recorded,
+    route_key,
+    storage_delay,
+)
 from daemon.sandbox.config import Faults, GiB, MiB, SandboxConfig, StreamDef
 from daemon.sandbox.dataservice import PREFIX as DATA_SERVICE_PREFIX
 from daemon.sandbox.dataservice import DataService
@@ -45,15 +52,7 @@ from daemon.sandbox.formdata import (
     PartStart,
     boundary_from_content_type,
 )
-from daemon.sandbox.injection import (
-    DROPPING,
-    Control,
-    Sender,
-    install_log_filter,
-    retry_after_header,
-    s3_error,
-    storage_fault,
-)
+from daemon.sandbox.injection import Control, install_log_filter, s3_error, storage_fault
 from daemon.sandbox.legacy import LegacyApi
 from daemon.sandbox.models import (
     ABORTED,
@@ -68,12 +67,8 @@ from daemon.sandbox.models import (
 )
 from daemon.sandbox.signing import UrlSigner
 
-log = logging.getLogger("inboxd.sandbox")
-
 API_PREFIX = "/api/v1"
 MAX_FILE_SIZE = 256 * GiB
-#: JSON request bodies are small; refusing big ones keeps a broken client from eating memory.
-MAX_JSON_BODY = 1 * MiB
 #: S3 allows at most 10 000 parts; the part size grows for bigger files, as a real server would.
 MAX_PARTS = 10_000
 DEFAULT_PART_URL_COUNT = 32
@@ -83,18 +78,8 @@ STREAM_VERSION = 1
 _CTL = "inboxd.sandbox"
 
 
-class ApiError(Exception):
-    """Answered as `{"error": message}` with `status`."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    # JSON true/false decode to bool, a subclass of int: not an id.
-    return isinstance(value, int) and not isinstance(value, bool)
+class ApiError(SandboxError):
+    """An error of the Marple DB API, answered as `{"error": message}` with `status`."""
 
 
 def _json_number(value: float) -> int | float:
@@ -114,7 +99,7 @@ class Sandbox:
         self.url = self.origin + API_PREFIX
         self._streams: dict[int, StreamDef] = {s.id: s for s in config.streams}
         self._signer = UrlSigner()
-        self._rng = random.Random(config.faults.seed)
+        self._gate = FaultGate(config)
         self._dataset_ids = itertools.count(1)
         self._ingestion_ids = itertools.count(1)
         self._started_at = time.time()
@@ -131,20 +116,11 @@ class Sandbox:
                 config.azure_container,
             )
         #: the older Marple API (library upload + import), served beside this one
-        self.legacy = LegacyApi(self)
+        self.legacy = LegacyApi(config, lambda: self.origin)
         #: the spreadsheet data service (OAuth 1.0, adapters), served under /data-service
         self.data_service = DataService(config)
-        self._app = Starlette(
-            routes=self._routes(),
-            exception_handlers={
-                ApiError: self._api_error,
-                HTTPException: self._http_error,
-                Exception: self._internal_error,
-            },
-        )
-        self._route_keys: list[tuple[BaseRoute, str]] = [
-            (route, self._key_of(route)) for route in self._app.routes
-        ]
+        self._app = Starlette(routes=self._routes(), exception_handlers=ERROR_HANDLERS)
+        self._route_key = RouteKeys((route, self._key_of(route)) for route in self._app.routes)
         install_log_filter()
 
     # ----------------------------------------------------------------------------- public API
@@ -157,6 +133,12 @@ class Sandbox:
     @faults.setter
     def faults(self, value: Faults) -> None:
         self.config.faults = value
+
+    def reseed_faults(self, seed: int | None) -> None:
+        """Set ``faults.seed`` and start every random fault draw over from it, the data
+        service's too (a test's reproducible run)."""
+        self._gate.reseed(seed)
+        self.data_service.gate.reseed(seed)
 
     def prepare(self) -> None:
         """Create directories, the S3 bucket and the Azure container (blocking)."""
@@ -212,25 +194,10 @@ class Sandbox:
             return
         path: str = scope["path"]
         method: str = scope["method"]
-        headers = Headers(scope=scope)
         kind = "storage" if path.startswith("/storage/") else "api"
         route = self._route_key(scope)
-        authorization = headers.get("authorization")
-        record = RequestRecord(
-            method=method,
-            path=path,
-            query=scope.get("query_string", b"").decode("latin-1"),
-            has_authorization=authorization is not None,
-            authorization=authorization,
-            kind=kind,
-            route=route,
-            headers=dict(headers.items()),
-        )
-        self.requests.append(record)
-        ctl = Control()
-        scope[_CTL] = ctl
-        sender = Sender(send, record, ctl)
-        try:
+        with recorded(scope, send, self.requests, kind=kind, route=route) as (headers, ctl, sender):
+            scope[_CTL] = ctl
             if kind == "api" and route is not None and route != "GET /health":
                 early = self._api_gate(method, path, route, headers, ctl)
                 if early is not None:
@@ -238,47 +205,18 @@ class Sandbox:
                     await early(scope, receive, sender)
                     return
             await self._app(scope, receive, sender)
-        finally:
-            if ctl.dropped:
-                DROPPING.set(True)
-                log.info("cut off the response to %s %s (injected fault)", method, path)
 
     def _api_gate(
         self, method: str, path: str, route: str, headers: Headers, ctl: Control
     ) -> Response | None:
         """Faults, then the token check (not on public routes); returns the early answer."""
-        faults = self.faults
-        forced = self._next_forced((f"{method} {path.removeprefix(API_PREFIX)}", route))
-        status = forced
-        if status is None and self._roll(faults.api_503_rate):
-            status = 503
-        if status is None and self._roll(faults.api_429_rate):
-            status = 429
-        if status:
-            extra = retry_after_header(status, faults.retry_after)
-            message = {
-                429: "Too many requests (injected fault)",
-                503: "Service unavailable (injected fault)",
-            }.get(status, f"Injected fault {status}")
-            return JSONResponse({"error": message}, status_code=status, headers=extra)
-        if forced == 0 or self._roll(faults.drop_response_rate):
-            ctl.drop = True
+        fault = self._gate.api_fault((f"{method} {path.removeprefix(API_PREFIX)}", route), ctl)
+        if fault is not None:
+            return fault
         if route in self.legacy.public_routes:
             return None  # answered without a token, as on the real server
         if headers.get("authorization") != f"Bearer {self.config.token}":
             return JSONResponse({"detail": TOKEN_ERROR}, status_code=403)
-        return None
-
-    def _roll(self, rate: float) -> bool:
-        return rate > 0 and self._rng.random() < rate
-
-    def _next_forced(self, keys: Iterable[str]) -> int | None:
-        """Pop the next scripted status for the first key with one queued (fail_next)."""
-        plan = self.faults.fail_next
-        for key in keys:
-            queue = plan.get(key)
-            if queue:
-                return queue.pop(0)
         return None
 
     @staticmethod
@@ -286,16 +224,7 @@ class Sandbox:
         assert isinstance(route, Route)
         if route.path.startswith("/storage/"):
             return "PUT storage"
-        method = sorted((route.methods or {"GET"}) - {"HEAD"})[0]
-        template = re.sub(r":\w+}", "}", route.path.removeprefix(API_PREFIX))
-        return f"{method} {template}"
-
-    def _route_key(self, scope: Scope) -> str | None:
-        for route, key in self._route_keys:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return key
-        return None
+        return route_key(route, API_PREFIX)
 
     @staticmethod
     async def _lifespan(receive: Receive, send: Send) -> None:
@@ -307,22 +236,6 @@ class Sandbox:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-    @staticmethod
-    async def _api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    @staticmethod
-    async def _http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        return JSONResponse(
-            {"error": exc.detail}, status_code=exc.status_code, headers=dict(exc.headers or {})
-        )
-
-    @staticmethod
-    async def _internal_error(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": f"internal sandbox error: {exc!r}"}, status_code=500)
 
     def _routes(self) -> list[BaseRoute]:
         Endpoint = Callable[[Request], Awaitable[Response]]
@@ -349,23 +262,6 @@ class Sandbox:
         ]
 
     # --------------------------------------------------------------------------- helpers
-
-    @staticmethod
-    async def _read_json(request: Request, *, optional: bool = False) -> Any:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_JSON_BODY:
-                raise ApiError(400, "request body too large")
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        if optional and not raw.strip():
-            return None
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"invalid JSON body: {exc}") from exc
 
     def _ingestion(self, request: Request) -> Ingestion:
         ingestion_id: int = request.path_params["id"]
@@ -481,11 +377,11 @@ class Sandbox:
         return JSONResponse(self._stream_json(self._stream(request.path_params["stream_id"])))
 
     async def _create_ingestion(self, request: Request) -> Response:
-        body = await self._read_json(request)
+        body = await read_json(request, ApiError)
         if not isinstance(body, dict):
             raise ApiError(400, "body must be a JSON object")
         stream_id = body.get("stream_id")
-        if not _is_int(stream_id):
+        if not is_int(stream_id):
             raise ApiError(400, "stream_id must be an integer")
         name = body.get("dataset_name")
         if not isinstance(name, str) or not name.strip():
@@ -495,7 +391,7 @@ class Sandbox:
         if name.startswith(("/", "\\")):
             raise ApiError(400, "dataset_name must be a relative path")
         file_size = body.get("file_size")
-        if not _is_int(file_size) or not 0 < file_size <= MAX_FILE_SIZE:
+        if not is_int(file_size) or not 0 < file_size <= MAX_FILE_SIZE:
             raise ApiError(400, "file_size must be an integer > 0 and <= 256 GiB")
         metadata = body.get("metadata")
         if metadata is None:
@@ -784,7 +680,7 @@ class Sandbox:
 
     async def _abort(self, request: Request) -> Response:
         ingestion = self._ingestion(request)
-        body = await self._read_json(request, optional=True)
+        body = await read_json(request, ApiError, optional=True)
         reason: object = None
         if body is not None:
             if not isinstance(body, dict):
@@ -807,8 +703,8 @@ class Sandbox:
     async def _datasets_status(self, request: Request) -> Response:
         stream_id: int = request.path_params["stream_id"]
         self._stream(stream_id)
-        body = await self._read_json(request)
-        if not isinstance(body, list) or not all(_is_int(i) for i in body):
+        body = await read_json(request, ApiError)
+        if not isinstance(body, list) or not all(is_int(i) for i in body):
             raise ApiError(400, "body must be a JSON array of dataset ids")
         answer = []
         for dataset_id in dict.fromkeys(body):
@@ -868,16 +764,6 @@ class Sandbox:
 
     # ------------------------------------------------------------------------------ storage
 
-    @staticmethod
-    async def _drain(request: Request) -> None:
-        # Read the body before answering an error, so the client reads our answer instead of
-        # failing to write into a connection we closed.
-        try:
-            async for _ in request.stream():
-                pass
-        except ClientDisconnect:
-            pass
-
     async def _storage_put(self, request: Request) -> Response:
         ingestion_id: int = request.path_params["id"]
         part: int | None = request.path_params.get("part")
@@ -885,30 +771,30 @@ class Sandbox:
         faults = self.faults
         ctl: Control = request.scope[_CTL]
 
-        forced = self._next_forced((f"PUT {path}", "PUT storage"))
+        forced = self._gate.next_forced((f"PUT {path}", "PUT storage"))
         if forced:
-            await self._drain(request)
+            await drain(request)
             return storage_fault(forced, faults.retry_after)
         if forced == 0:
             ctl.drop = True
         if faults.storage_fail_always:
-            await self._drain(request)
+            await drain(request)
             return storage_fault(500, faults.retry_after)
-        if self._roll(faults.storage_503_rate):
-            await self._drain(request)
+        if self._gate.roll(faults.storage_503_rate):
+            await drain(request)
             return storage_fault(503, faults.retry_after)
 
         error = self._storage_precheck(request, path)
         if error is not None:
-            await self._drain(request)
+            await drain(request)
             return error
         length = int(request.headers["content-length"])
         ingestion = self.ingestions.get(ingestion_id)
         if ingestion is None or (part is not None and not 1 <= part <= ingestion.part_count):
-            await self._drain(request)
+            await drain(request)
             return s3_error(404, "NoSuchUpload", "The specified upload does not exist.")
         if ingestion.state != UPLOADING:
-            await self._drain(request)
+            await drain(request)
             return s3_error(
                 403,
                 "AccessDenied",
@@ -923,12 +809,7 @@ class Sandbox:
             await sink.open()
             async for chunk in request.stream():
                 await sink.write(chunk)
-                delay = self.faults.storage_delay_per_mib
-                if delay > 0:
-                    owed_sleep += len(chunk) / MiB * delay
-                    if owed_sleep >= 0.005:  # sleep in slices, not per 64 KiB chunk
-                        await anyio.sleep(owed_sleep)
-                        owed_sleep = 0.0
+                owed_sleep = await storage_delay(self.faults, owed_sleep, len(chunk))
             if sink.size != length:
                 return s3_error(
                     400,

@@ -53,29 +53,35 @@ import hmac
 import html
 import io
 import itertools
-import json
-import logging
 import math
-import random
 import re
 import time
 import zipfile
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import anyio
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Match, Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from daemon.sandbox.config import Faults, MiB, SandboxConfig
+from daemon.sandbox.common import (
+    ERROR_HANDLERS,
+    FaultGate,
+    RouteKeys,
+    SandboxError,
+    read_json,
+    recorded,
+    route_key,
+)
+from daemon.sandbox.config import Faults, SandboxConfig
 from daemon.sandbox.formdata import (
     FormDataError,
     FormDataParser,
@@ -84,10 +90,9 @@ from daemon.sandbox.formdata import (
     PartStart,
     boundary_from_content_type,
 )
-from daemon.sandbox.injection import DROPPING, Control, Sender, retry_after_header
+from daemon.sandbox.injection import Control
 from daemon.sandbox.models import RequestRecord, iso8601
 
-log = logging.getLogger("inboxd.sandbox.dataservice")
 _T = TypeVar("_T")
 
 #: Where the main sandbox serves the data service.
@@ -98,8 +103,6 @@ PERMISSION_TYPES = ("account", "project", "user")
 ROLES = ("edit", "view")
 #: Adapter path segment → adapterType of the data sources it makes.
 ADAPTERS = {"csv": "CSV", "excel": "EXCEL"}
-#: JSON request bodies are small; a bigger one is a broken client.
-MAX_JSON_BODY = 1 * MiB
 _REALM = "data-service-sandbox"
 
 
@@ -256,14 +259,13 @@ class DataSet:
     modified: float = field(default_factory=time.time)
 
 
-class ServiceError(Exception):
-    """Answered as ``{"error": message}`` with ``status``."""
+class ServiceError(SandboxError):
+    """An error of the data service, answered as ``{"error": message}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
+
+def _worded(status: int, message: str) -> ServiceError:
+    # The data service starts every error message with the status's reason phrase.
+    return ServiceError(status, f"{HTTPStatus(status).phrase}: {message}")
 
 
 def oauth_encode(value: str) -> str:
@@ -403,21 +405,14 @@ class DataService:
         self.data_sets: dict[int, DataSet] = {}
         self.requests: list[RequestRecord] = []
         self._ids = {kind: itertools.count(1) for kind in ("source", "collection", "grant", "set")}
-        self._rng = random.Random(sandbox_config.faults.seed)
+        self._gate = FaultGate(sandbox_config)
         self._nonces: dict[tuple[str, str, str], float] = {}
         self._calls: dict[str, deque[float]] = {}
         #: refusals that protect the service, by rule: "refresh" (hard refresh interval),
         #: "locked" (423), "user_rate" and "account_rate" (429)
         self.refused: dict[str, int] = {}
-        self._app = Starlette(
-            routes=self._routes(),
-            exception_handlers={
-                ServiceError: self._service_error,
-                HTTPException: self._http_error,
-                Exception: self._internal_error,
-            },
-        )
-        self._route_keys = [(route, self._key_of(route)) for route in self._app.routes]
+        self._app = Starlette(routes=self._routes(), exception_handlers=ERROR_HANDLERS)
+        self._route_key = RouteKeys((route, route_key(route, PREFIX)) for route in self._app.routes)
 
     # ------------------------------------------------------------------------- for tests
 
@@ -425,6 +420,11 @@ class DataService:
     def faults(self) -> Faults:
         """The main sandbox's live fault settings."""
         return self.sandbox_config.faults
+
+    @property
+    def gate(self) -> FaultGate:
+        """The data service's fault draws (a test reseeds them for a reproducible run)."""
+        return self._gate
 
     def by_name(self) -> dict[str, list[DataSource]]:
         """Data source name → the data sources of that name (to check "exactly one")."""
@@ -450,36 +450,21 @@ class DataService:
     # --------------------------------------------------------------------------- ASGI
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = Headers(scope=scope)
         method: str = scope["method"]
         path: str = scope["path"]
         route = self._route_key(scope)
-        authorization = headers.get("authorization")
-        record = RequestRecord(
-            method=method,
-            path=path,
-            query=scope.get("query_string", b"").decode("latin-1"),
-            has_authorization=authorization is not None,
-            authorization=authorization,
-            kind="data-service",
-            route=route,
-            headers=dict(headers.items()),
-        )
-        self.requests.append(record)
-        ctl = Control()
-        sender = Sender(send, record, ctl)
-        try:
-            early = self._gate(scope, method, path, route, headers, ctl)
+        with recorded(scope, send, self.requests, kind="data-service", route=route) as (
+            headers,
+            ctl,
+            sender,
+        ):
+            early = self._check(scope, method, path, route, headers, ctl)
             if early is not None:
                 await early(scope, receive, sender)
                 return
             await self._app(scope, receive, sender)
-        finally:
-            if ctl.dropped:
-                DROPPING.set(True)
-                log.info("cut off the response to %s %s (injected fault)", method, path)
 
-    def _gate(
+    def _check(
         self,
         scope: Scope,
         method: str,
@@ -489,25 +474,9 @@ class DataService:
         ctl: Control,
     ) -> Response | None:
         """Faults, OAuth, the call rate and the version header; the early answer, if any."""
-        faults = self.faults
-        forced = self._next_forced((f"{method} {path.removeprefix(PREFIX)}", route or ""))
-        status = forced
-        if status is None and self._roll(faults.api_503_rate):
-            status = 503
-        if status is None and self._roll(faults.api_429_rate):
-            status = 429
-        if status:
-            message = {
-                429: "Too many requests (injected fault)",
-                503: "Service unavailable (injected fault)",
-            }.get(status, f"Injected fault {status}")
-            return JSONResponse(
-                {"error": message},
-                status_code=status,
-                headers=retry_after_header(status, faults.retry_after),
-            )
-        if forced == 0 or self._roll(faults.drop_response_rate):
-            ctl.drop = True
+        fault = self._gate.api_fault((f"{method} {path.removeprefix(PREFIX)}", route or ""), ctl)
+        if fault is not None:
+            return fault
         try:
             token = self._verify_oauth(scope, method, headers)
             self._count_call(token)
@@ -518,17 +487,6 @@ class DataService:
                 {"error": f"Not Acceptable: send the header 'Accept: {VERSION_MEDIA_TYPE}'"},
                 status_code=406,
             )
-        return None
-
-    def _roll(self, rate: float) -> bool:
-        return rate > 0 and self._rng.random() < rate
-
-    def _next_forced(self, keys: Iterable[str]) -> int | None:
-        plan = self.faults.fail_next
-        for key in keys:
-            queue = plan.get(key)
-            if queue:
-                return queue.pop(0)
         return None
 
     def _verify_oauth(self, scope: Scope, method: str, headers: Headers) -> str:
@@ -624,36 +582,6 @@ class DataService:
             windows.append(calls)
         for calls in windows:
             calls.append(now)
-
-    @staticmethod
-    def _key_of(route: BaseRoute) -> str:
-        assert isinstance(route, Route)
-        method = sorted((route.methods or {"GET"}) - {"HEAD"})[0]
-        template = re.sub(r":\w+}", "}", route.path.removeprefix(PREFIX)) or "/"
-        return f"{method} {template}"
-
-    def _route_key(self, scope: Scope) -> str | None:
-        for route, key in self._route_keys:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return key
-        return None
-
-    @staticmethod
-    async def _service_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ServiceError)
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
-
-    @staticmethod
-    async def _http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        return JSONResponse(
-            {"error": exc.detail}, status_code=exc.status_code, headers=dict(exc.headers or {})
-        )
-
-    @staticmethod
-    async def _internal_error(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": f"internal sandbox error: {exc!r}"}, status_code=500)
 
     def _routes(self) -> list[BaseRoute]:
         Endpoint = Callable[[Request], Awaitable[Response]]
@@ -766,20 +694,6 @@ class DataService:
         }
 
     # ---------------------------------------------------------------------------- helpers
-
-    @staticmethod
-    async def _read_json(request: Request) -> Any:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_JSON_BODY:
-                raise ServiceError(400, "Bad Request: request body too large")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ServiceError(400, f"Bad Request: invalid JSON body ({exc})") from exc
 
     def _source(self, source_id: int | None, what: str = "data source") -> DataSource:
         source = self.data_sources.get(source_id) if source_id is not None else None
@@ -1068,7 +982,7 @@ class DataService:
 
     async def _patch_source(self, request: Request) -> Response:
         source = self._source(request.path_params["id"])
-        body = await self._read_json(request)
+        body = await read_json(request, _worded)
         if not isinstance(body, dict):
             raise ServiceError(400, "Bad Request: body must be a Data Source JSON Object")
         name = body.get("name", body.get("Name"))
@@ -1181,7 +1095,7 @@ class DataService:
 
     async def _patch_properties(self, request: Request) -> Response:
         collection = self._unlocked(self._collection(request.path_params["id"]))
-        changes = _property_object(await self._read_json(request), "Collection Property")
+        changes = _property_object(await read_json(request, _worded), "Collection Property")
         header = changes.get("headerRow")
         if header is not None and not (header.isdigit() and int(header) >= 1):
             raise ServiceError(400, "Bad Request: headerRow must be a row number (1 or more)")
@@ -1214,7 +1128,7 @@ class DataService:
         return JSONResponse(self._grant_json(self._base(request), grant))
 
     async def _create_grant(self, request: Request) -> Response:
-        body = await self._read_json(request)
+        body = await read_json(request, _worded)
         if not isinstance(body, dict):
             raise ServiceError(400, "Bad Request: body must be a JSON object")
         link = body.get("dataSource")
@@ -1248,7 +1162,7 @@ class DataService:
         return self._listing(request, "dataSets", list(self.data_sets.values()), self._set_json)
 
     async def _create_set(self, request: Request) -> Response:
-        body = await self._read_json(request)
+        body = await read_json(request, _worded)
         if not isinstance(body, dict):
             raise ServiceError(400, "Bad Request: body must be a JSON object")
         name = body.get("name")
@@ -1275,7 +1189,7 @@ class DataService:
 
     async def _patch_set(self, request: Request) -> Response:
         data_set = self._data_set(request.path_params["id"])
-        body = await self._read_json(request)
+        body = await read_json(request, _worded)
         name = body.get("name") if isinstance(body, dict) else None
         if not isinstance(name, str) or not name.strip():
             raise ServiceError(400, "Bad Request: name must be a non-empty string")
@@ -1298,7 +1212,7 @@ class DataService:
 
     async def _patch_set_properties(self, request: Request) -> Response:
         data_set = self._data_set(request.path_params["id"])
-        changes = _property_object(await self._read_json(request), "Data Set Property")
+        changes = _property_object(await read_json(request, _worded), "Data Set Property")
         data_set.properties.update(changes)
         data_set.modified = time.time()
         return JSONResponse(changes)

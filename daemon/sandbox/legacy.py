@@ -50,7 +50,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import Any
 
 import anyio
 from starlette.requests import ClientDisconnect, Request
@@ -58,7 +58,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from daemon.sandbox import files
-from daemon.sandbox.config import GiB, MiB
+from daemon.sandbox.common import (
+    SandboxError,
+    drain,
+    internal_error_message,
+    is_int,
+    read_json,
+    route_key,
+    storage_delay,
+)
+from daemon.sandbox.config import GiB, SandboxConfig
 from daemon.sandbox.formdata import (
     FormDataError,
     FormDataParser,
@@ -67,9 +76,6 @@ from daemon.sandbox.formdata import (
     PartStart,
     boundary_from_content_type,
 )
-
-if TYPE_CHECKING:
-    from daemon.sandbox.app import Sandbox
 
 VERSION = "2.2.0+inboxd-sandbox"
 #: Import plugins the sandbox knows; importing with any other is a 400, as on a real server.
@@ -87,7 +93,6 @@ PLUGINS = frozenset(
 )
 IMPORTED = 100
 IMPORT_FAILED = -1
-_MAX_JSON_BODY = 1 * MiB
 _MAX_PATH = 1024
 _MAX_NAME = 255
 _MAX_STATUS_IDS = 1000
@@ -95,18 +100,8 @@ _MAX_STATUS_IDS = 1000
 Handler = Callable[[Request], Awaitable[Any]]
 
 
-class LegacyError(Exception):
+class LegacyError(SandboxError):
     """Answered as the envelope ``{"request_time", "message": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    # JSON true/false decode to bool, a subclass of int: not an id.
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def envelope(message: Any, *, status: int = 200, started: float | None = None) -> JSONResponse:
@@ -169,10 +164,15 @@ class Share:
 
 
 class LegacyApi:
-    """The older Marple API's routes and state, attached to one ``Sandbox``."""
+    """The older Marple API's routes and state, served by the sandbox beside its own.
 
-    def __init__(self, sandbox: Sandbox) -> None:
-        self.sandbox = sandbox
+    ``config`` is the sandbox's (its data folder, import time and live faults); ``origin``
+    says where the sandbox is reached, for share links.
+    """
+
+    def __init__(self, config: SandboxConfig, origin: Callable[[], str]) -> None:
+        self.config = config
+        self._origin = origin
         self.files: dict[str, LibraryFile] = {}
         #: folders of the file server ("/" always exists)
         self.folders: set[str] = {"/"}
@@ -211,9 +211,9 @@ class LegacyApi:
         ]
         out: list[BaseRoute] = []
         for path, handler, methods in table:
-            out.append(Route(prefix + path, self._enveloped(handler), methods=methods))
-            # The sandbox keys a route by its first method (see Sandbox._key_of).
-            self.route_keys.add(f"{sorted(methods)[0]} {path}")
+            route = Route(prefix + path, self._enveloped(handler), methods=methods)
+            out.append(route)
+            self.route_keys.add(route_key(route, prefix))  # as the sandbox's gate keys it
         return out
 
     def gate_answer(self, route: str | None, answer: Response) -> Response:
@@ -241,7 +241,7 @@ class LegacyApi:
             except ClientDisconnect:
                 return Response(status_code=400)  # the client is gone; nobody reads this
             except Exception as exc:  # the envelope holds even for the sandbox's own bugs
-                return envelope(f"internal sandbox error: {exc!r}", status=500, started=started)
+                return envelope(internal_error_message(exc), status=500, started=started)
             return envelope(message, started=started)
 
         return endpoint
@@ -262,7 +262,7 @@ class LegacyApi:
     # ---------------------------------------------------------------------------- helpers
 
     def _root(self) -> Path:
-        return self.sandbox.config.data_dir / "library"
+        return self.config.data_dir / "library"
 
     @staticmethod
     def _clean_path(value: object, what: str) -> str:
@@ -291,24 +291,17 @@ class LegacyApi:
         return value
 
     @staticmethod
-    async def _read_json(request: Request) -> dict[str, Any]:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > _MAX_JSON_BODY:
-                raise LegacyError(413, "request body too large")
-            chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise LegacyError(400, f"invalid JSON body: {exc}") from exc
+    async def _read_json(request: Request, *, optional: bool = False) -> dict[str, Any]:
+        """A JSON object body; with ``optional`` an empty body is an empty object."""
+        body = await read_json(request, LegacyError, too_large=413, optional=optional)
+        if body is None:
+            return {}
         if not isinstance(body, dict):
             raise LegacyError(400, "body must be a JSON object")
         return body
 
     def _source(self, value: object) -> Source:
-        if not _is_int(value):
+        if not is_int(value):
             raise LegacyError(400, "source_id must be an integer")
         source = self.sources.get(value)
         if source is None:
@@ -316,7 +309,7 @@ class LegacyApi:
         return source
 
     def _failure_for(self, path: str) -> str | None:
-        glob = self.sandbox.faults.fail_import_glob
+        glob = self.config.faults.fail_import_glob
         if glob is None:
             return None
         name = PurePosixPath(path).name
@@ -378,7 +371,7 @@ class LegacyApi:
         if raw_length is None or not raw_length.isdigit():
             raise LegacyError(411, "Content-Length required")
         if int(raw_length) > self.max_upload_bytes + 64 * 1024:
-            await _drain(request)
+            await drain(request)
             raise LegacyError(413, f"file larger than {self.max_upload_bytes} bytes")
         try:
             parser = FormDataParser(boundary_from_content_type(request.headers.get("content-type")))
@@ -409,12 +402,9 @@ class LegacyApi:
                         if sink.size > self.max_upload_bytes:
                             raise LegacyError(413, f"file larger than {self.max_upload_bytes}")
                         # The file server is this API's storage: the storage delay applies.
-                        delay = self.sandbox.faults.storage_delay_per_mib
-                        if delay > 0:
-                            owed_sleep += len(event.data) / MiB * delay
-                            if owed_sleep >= 0.005:
-                                await anyio.sleep(owed_sleep)
-                                owed_sleep = 0.0
+                        owed_sleep = await storage_delay(
+                            self.config.faults, owed_sleep, len(event.data)
+                        )
                     elif isinstance(event, PartEnd) and in_file:
                         in_file = False
                         file_done = True
@@ -455,7 +445,7 @@ class LegacyApi:
             raise LegacyError(400, f"unknown plugin {plugin!r}; this server has: {known}")
         if path not in self.files:
             raise LegacyError(404, f"no file {path!r} on the file server")
-        seconds = self.sandbox.config.import_seconds
+        seconds = self.config.import_seconds
         failure = self._failure_for(path)
         source = self.source_for(path)
         if source is None:
@@ -539,7 +529,7 @@ class LegacyApi:
         if not isinstance(workbook, str) or not workbook.strip():
             raise LegacyError(400, "workbook_name must be a non-empty string")
         ids = body.get("source_ids")
-        if not isinstance(ids, list) or not ids or not all(_is_int(i) for i in ids):
+        if not isinstance(ids, list) or not ids or not all(is_int(i) for i in ids):
             raise LegacyError(400, "source_ids must be a non-empty list of integers")
         for source_id in ids:
             self._source(source_id)
@@ -589,27 +579,9 @@ class LegacyApi:
             raise LegacyError(404, "share not found")
         base: object = request.query_params.get("url")
         if request.method == "POST":
-            raw = await request.body()
-            if raw.strip():
-                try:
-                    body = json.loads(raw)
-                except ValueError as exc:
-                    raise LegacyError(400, f"invalid JSON body: {exc}") from exc
-                if not isinstance(body, dict):
-                    raise LegacyError(400, "body must be a JSON object")
-                base = body.get("url", base)
+            base = (await self._read_json(request, optional=True)).get("url", base)
         if base is not None and not (isinstance(base, str) and base.startswith("http")):
             raise LegacyError(400, "url must be an http(s) URL")
         share.links += 1
-        root = str(base).rstrip("/") if base else self.sandbox.origin
+        root = str(base).rstrip("/") if base else self._origin()
         return f"{root}/?share={share.id}"
-
-
-async def _drain(request: Request) -> None:
-    # Read the body before answering an error, so the client reads our answer instead of
-    # failing to write into a connection we closed.
-    try:
-        async for _ in request.stream():
-            pass
-    except ClientDisconnect:
-        pass

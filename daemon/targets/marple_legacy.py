@@ -92,7 +92,7 @@ from daemon.errors import (
     TransportError,
     UploadFailed,
 )
-from daemon.metrics import _is_loopback
+from daemon.listen import is_loopback
 from daemon.queue import Job
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
 from daemon.upload import FileRef, Resume, UploadOptions, _Sent, delivered_hash
@@ -477,7 +477,7 @@ class MarpleLegacyTarget:
 def plain_http_warning(url: str) -> str | None:
     """A warning when ``url`` is plain http to another machine (the guide: always https)."""
     parts = urlsplit(url)
-    if parts.scheme != "http" or _is_loopback(parts.hostname or ""):
+    if parts.scheme != "http" or is_loopback(parts.hostname or ""):
         return None
     where = parts.netloc.rpartition("@")[2]  # never a user:password written into the URL
     return (

@@ -328,6 +328,13 @@ def test_insight_client_checks_the_token_and_searches_sources(sandbox: SandboxPr
     ``POST /sources/search`` (the older API served by the same sandbox)."""
     auth = {"Authorization": f"Bearer {TOKEN}"}
     folder = f"/sdk-{uuid.uuid4().hex[:8]}"
+    made = requests.post(  # an upload goes into a folder that exists, as on a real server
+        f"{sandbox.url}/library/folder/add",
+        json={"path": "/", "new_folder_name": folder.lstrip("/")},
+        headers=auth,
+        timeout=30,
+    )
+    assert made.status_code == 200, made.text
     uploaded = requests.post(
         f"{sandbox.url}/library/file/upload",
         params={"path": folder},

@@ -869,7 +869,8 @@ def _fuzz_one(
         raise AssertionError(f"raw {type(exc).__name__} escaped: {exc!r}") from exc
     if isinstance(result, InboxdError):
         check_error(result)
-        assert not (name == "storage_put" and 200 <= status < 300), f"a 2xx storage PUT failed: {result!r}"
+        is_2xx_put = name == "storage_put" and 200 <= status < 300
+        assert not is_2xx_put, f"a 2xx storage PUT failed: {result!r}"
     else:
         assert _result_ok(name, result), f"{name} returned {result!r}"
 
