@@ -14,10 +14,19 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PYTHONDONTWRITEBYTECODE=1
 venv=.venv-sdk
 
-python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --no-deps \
-    -r requirements-dev.lock -r tests/sdk/requirements.lock
-"$venv/bin/python" -m pip install --quiet --no-deps -e .
-"$venv/bin/python" -m pip check
+# uv (pinned in the dev lock) when the project venv has it: seconds where pip takes minutes.
+if [[ -x .venv/bin/uv ]]; then
+    .venv/bin/uv venv --quiet --clear --python python3 "$venv"
+    .venv/bin/uv pip install --quiet --python "$venv/bin/python" --no-deps --require-hashes \
+        -r requirements-dev.lock -r tests/sdk/requirements.lock
+    .venv/bin/uv pip install --quiet --python "$venv/bin/python" --no-deps -e .
+    .venv/bin/uv pip check --python "$venv/bin/python"
+else
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --no-deps \
+        -r requirements-dev.lock -r tests/sdk/requirements.lock
+    "$venv/bin/python" -m pip install --quiet --no-deps -e .
+    "$venv/bin/python" -m pip check
+fi
 "$venv/bin/python" -c 'import marple; print("marpledata", marple.__version__)'
 exec "$venv/bin/python" -m pytest -q tests/sdk "$@"
