@@ -35,7 +35,19 @@ from pydantic_settings import (
 from daemon.compat import tomllib
 from daemon.errors import ConfigError
 
-_DEFAULT_EXCLUDES = (".*", "*.tmp", "*.part", "*.partial", "~$*", "*.swp", "*.crdownload")
+#: ``[inbox] exclude`` by default, and the watcher's: dotfiles and dot-folders (a glob without
+#: '/' is tried on every path component), partial downloads and editors' temporary and lock
+#: files. ``<file>.meta.json`` is not here: it is excluded only while ``[upload]
+#: sidecar_metadata`` reads it (the service adds that glob), else it is a file like any other.
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    ".*",
+    "*.tmp",
+    "*.part",
+    "*.partial",
+    "~$*",  # Office lock files
+    "*.swp",
+    "*.crdownload",
+)
 
 # The TOML file of the load in progress; pydantic-settings builds sources from the class, so the
 # path travels here rather than through a mutable class attribute.
@@ -242,7 +254,7 @@ class InboxSettings(_Section):
     after_upload: Literal["keep", "archive", "delete"] = "keep"
     archive_path: Path | None = None
     include: list[str] = Field(default_factory=lambda: ["*"])
-    exclude: list[str] = Field(default_factory=lambda: list(_DEFAULT_EXCLUDES))
+    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDES))
     follow_symlinks: bool = False
     rescan_seconds: float = Field(default=600.0, ge=0)
     force_polling: bool | None = None

@@ -60,7 +60,7 @@ from daemon.status import HEARTBEAT_SECONDS, what_to_do
 from daemon.targets import Target
 from daemon.targets.factory import open_target
 from daemon.upload import UploadOptions
-from daemon.watcher import DEFAULT_EXCLUDES, InboxTrouble, Watcher, WatchRules
+from daemon.watcher import InboxTrouble, Watcher, WatchRules
 from daemon.workers import Pause, Workers, WorkerSettings
 
 _log = structlog.get_logger(__name__)
@@ -287,7 +287,6 @@ class Service:
         ignore: tuple[Path, ...] = ()
         if inbox.archive_path is not None:
             ignore = (inbox.archive_path.absolute(),)
-        _ = DEFAULT_EXCLUDES  # the config's default mirrors the watcher's
         return WatchRules(
             settle_seconds=inbox.settle_seconds,
             include=tuple(inbox.include),

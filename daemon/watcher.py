@@ -69,10 +69,10 @@ import watchfiles
 
 from daemon import inotify, writers
 from daemon.compat import BaseExceptionGroup
+from daemon.config import DEFAULT_EXCLUDES
 from daemon.queue import FileIdentity
 
 __all__ = [
-    "DEFAULT_EXCLUDES",
     "MAX_BATCH",
     "REPLACED_GRACE_SECONDS",
     "InboxTrouble",
@@ -83,17 +83,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_EXCLUDES: Final[tuple[str, ...]] = (
-    ".*",  # dotfiles and dot-folders (a pattern without '/' is tried on every path component)
-    "*.tmp",
-    "*.part",
-    "*.partial",
-    "~$*",  # Office lock files
-    "*.swp",
-    "*.crdownload",
-    "*.meta.json",  # sidecar metadata: read together with its data file, never uploaded alone
-)
 
 MAX_BATCH: Final = 1000
 """Most files handed to one ``on_ready`` call."""
