@@ -26,7 +26,7 @@ import structlog
 
 from daemon.compat import UTC
 from daemon.config import RetrySettings
-from daemon.errors import InboxdError, RateLimitedError, TransportError
+from daemon.errors import InboxdError, TransientApiError, TransportError
 
 T = TypeVar("T")
 _log = structlog.get_logger(__name__)
@@ -126,7 +126,7 @@ OnRetry = Callable[[str], None]
 def is_service_trouble(exc: BaseException) -> bool:
     """Whether ``exc`` says the service as a whole is not answering (no answer, 5xx, 429),
     rather than that this one request or file is wrong."""
-    return isinstance(exc, TransportError | RateLimitedError)
+    return isinstance(exc, TransportError | TransientApiError)
 
 
 class ServiceHold:

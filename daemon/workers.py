@@ -369,7 +369,7 @@ class Workers:
         ref = FileRef(path, ident.size, ident.mtime_ns, ident.inode, ident.ctime_ns)
         parts = await self.queue.part_digests(job.id) if job.ingestion_id else {}
         resume = Resume(
-            stage=job.stage.value if job.stage.value != "completed" else "completing",
+            stage=job.stage if job.stage != Stage.COMPLETED else Stage.COMPLETING,
             ingestion_id=job.ingestion_id,
             dataset_id=job.dataset_id,
             dataset_name=job.dataset_name,

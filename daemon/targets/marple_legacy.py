@@ -93,7 +93,7 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.listen import is_loopback
-from daemon.queue import Job
+from daemon.queue import Job, Stage
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
 from daemon.upload import FileRef, Resume, UploadOptions, _Sent, delivered_hash
 
@@ -554,7 +554,7 @@ class _Delivery:
     async def run(self) -> Delivered:
         st = self.state
         step = st.mode or ""
-        after_upload = st.stage in ("completing", "completed")
+        after_upload = st.stage in (Stage.COMPLETING, Stage.COMPLETED)
         recovered = after_upload
         source_id = st.dataset_id
         share_id: str | None = None
@@ -568,12 +568,12 @@ class _Delivery:
         else:
             await self._upload()
             existing = await self._step(lambda: self.api.lookup(self.plan.path), "lookup")
-            await self._save(stage="completing", mode=_IMPORT, dataset_id=existing)
+            await self._save(stage=Stage.COMPLETING, mode=_IMPORT, dataset_id=existing)
             source_id, recovered = await self._import(existing=existing, ambiguous=False)
             step = _IMPORT
         assert source_id is not None
         if step in (_IMPORT, _METADATA):
-            await self._save(stage="completed", mode=_METADATA, dataset_id=source_id)
+            await self._save(stage=Stage.COMPLETED, mode=_METADATA, dataset_id=source_id)
             if self.plan.metadata:
                 entries = self.plan.metadata
                 await self._step(lambda: self.api.add_metadata(source_id, entries), "metadata")
@@ -597,7 +597,7 @@ class _Delivery:
         )
 
     async def _upload(self) -> None:
-        await self._save(stage="uploading", mode=_UPLOAD, dataset_id=None)
+        await self._save(stage=Stage.UPLOADING, mode=_UPLOAD, dataset_id=None)
         await self.target.ensure_folder(self.plan.folder)
         f = self.work.file
         source = FileSlice(
@@ -646,7 +646,7 @@ class _Delivery:
                     raise
                 # Refused before processing (429, no connection) or perhaps done (5xx, no
                 # answer, garbage): look before importing again in the second case.
-                refused = isinstance(exc, RateLimitedError) and exc.status == 429
+                refused = isinstance(exc, RateLimitedError)  # a 429; a 5xx may have done the work
                 refused |= isinstance(exc, TransportError) and not exc.maybe_sent
                 ambiguous = not refused
                 await retry.backoff(
