@@ -50,13 +50,8 @@ class Poller:
         self.target = target
         self.interval = interval
         self.batch_size = batch_size
-        self._wake = anyio.Event()
         #: set after each pass; tests and the service wait on it
         self.passes = 0
-
-    def wake(self) -> None:
-        """Something was uploaded: poll soon rather than at the next interval."""
-        self._wake.set()
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Poll until cancelled."""
@@ -70,14 +65,11 @@ class Poller:
                 pause = min(self.interval * 2 ** min(streak, 20), max(self.interval, MAX_BACKOFF))
                 _log.info("poller.backoff", retry_in=round(pause, 2), failures=streak)
                 self.passes += 1
-                # Not cut short by wake(): every upload would turn the backoff into a busy loop.
                 await anyio.sleep(pause)
             else:
                 streak = 0
                 self.passes += 1
-                with anyio.move_on_after(self.interval):
-                    await self._wake.wait()
-            self._wake = anyio.Event()
+                await anyio.sleep(self.interval)
 
     async def _pass_failed_unexpectedly(self) -> bool:
         """One pass; errors are logged here. True when it failed in a way nobody foresaw."""
