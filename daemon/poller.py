@@ -20,7 +20,7 @@ import structlog
 from daemon.errors import AuthError, InboxdError
 from daemon.metrics import Metrics
 from daemon.queue import ImportRecord, Job, Queue, QueueError
-from daemon.retry import ServiceHold
+from daemon.retry import ServiceHold, backoff_delay
 from daemon.status import what_to_do
 from daemon.targets import ImportUpdate, Target
 
@@ -62,7 +62,8 @@ class Poller:
                 await self.hold.wait_over()
             if await self._pass_failed_unexpectedly():
                 streak += 1
-                pause = min(self.interval * 2 ** min(streak, 20), max(self.interval, MAX_BACKOFF))
+                cap = max(self.interval, MAX_BACKOFF)
+                pause = backoff_delay(streak + 1, self.interval, cap, jitter="none")
                 _log.info("poller.backoff", retry_in=round(pause, 2), failures=streak)
                 self.passes += 1
                 await anyio.sleep(pause)
