@@ -45,7 +45,6 @@ import functools
 import json
 import math
 import os
-import re
 import ssl
 import stat
 import time
@@ -87,6 +86,7 @@ from daemon.errors import (
     StorageError,
     TransportError,
     UrlExpiredError,
+    scrub_secrets,
 )
 from daemon.retry import parse_retry_after
 
@@ -112,7 +112,6 @@ _INFLATE_STEP = 64 * 1024  # most bytes one inflate step may produce: a bomb nev
 # Only what _Inflater decodes: httpx would also offer br/zstd if those packages were installed.
 _ACCEPT_ENCODING = "gzip, deflate"
 _USER_AGENT = f"inboxd/{__version__}"
-_BEARER = re.compile(r"Bearer\s+[^\s'\"]+")
 
 Progress = Callable[[int], None]
 Throttle = Callable[[int], Awaitable[None]]
@@ -809,32 +808,27 @@ async def send_request(
             )
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise TransportError(
-            f"{endpoint}: cannot connect to {server} ({_scrub(_describe_httpx(exc), secret)})",
+            f"{endpoint}: cannot connect to {server} "
+            f"({scrub_secrets(_describe_httpx(exc), secret)})",
             maybe_sent=False,
             advice=advice,
         ) from exc
     except httpx.TransportError as exc:
         raise TransportError(
             f"{endpoint}: no complete answer from the server "
-            f"({_scrub(_describe_httpx(exc), secret)})"
+            f"({scrub_secrets(_describe_httpx(exc), secret)})"
         ) from exc
     except httpx.InvalidURL as exc:
         # Not a TransportError in httpx: a malformed redirect Location (clients without the
         # _unfollowed_redirect hook) or a URL built from what the server sent.
         raise ProtocolError(
             f"the request or the server's redirect has an unusable URL "
-            f"({_scrub(_describe_httpx(exc), secret)})",
+            f"({scrub_secrets(_describe_httpx(exc), secret)})",
             endpoint=endpoint,
         ) from None
     if secret and secret.encode() in body:
         body = body.replace(secret.encode(), b"<redacted>")
     return _decode(resp, body, endpoint)
-
-
-def _scrub(text: str, secret: str) -> str:
-    """Remove a bearer token (and ``secret`` itself) from text that came from elsewhere."""
-    text = _BEARER.sub("Bearer <redacted>", text)
-    return text.replace(secret, "<redacted>") if secret else text
 
 
 def _deadline_scope(http: httpx.AsyncClient, content: Any) -> tuple[anyio.CancelScope, float, Any]:

@@ -38,7 +38,18 @@ problem that will not fix itself (``RestartPreventExitStatus=``) from one that m
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
+
+#: ``Authorization: Bearer <token>`` as httpx, a server or a bug may echo it in a message
+_BEARER = re.compile(r"Bearer\s+[^\s'\"]+")
+
+
+def scrub_secrets(text: str, secret: str = "") -> str:
+    """``text`` (from httpx, a server's answer, a bug's message) without any bearer token, nor
+    ``secret`` itself when given: the one scrub before such text reaches an error or a log."""
+    text = _BEARER.sub("Bearer <redacted>", text)
+    return text.replace(secret, "<redacted>") if secret else text
 
 
 class InboxdError(Exception):

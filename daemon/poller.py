@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 import anyio
 import structlog
 
-from daemon.errors import AuthError, InboxdError
+from daemon.errors import AuthError, InboxdError, scrub_secrets
 from daemon.metrics import Metrics
 from daemon.queue import ImportRecord, Job, Queue, QueueError
 from daemon.retry import ServiceHold, backoff_delay
@@ -27,7 +26,6 @@ from daemon.targets import ImportUpdate, Target
 _log = structlog.get_logger(__name__)
 #: longest pause after repeated unexpected failures (the interval is used when it is longer)
 MAX_BACKOFF = 300.0
-_BEARER = re.compile(r"Bearer\s+[^\s'\"]+")
 
 
 class Poller:
@@ -86,7 +84,7 @@ class Poller:
             _log.error(
                 "poller.unexpected",
                 error_type=type(exc).__name__,
-                error=_BEARER.sub("Bearer <redacted>", str(exc))[:500],
+                error=scrub_secrets(str(exc))[:500],
             )
             return True
         return False
