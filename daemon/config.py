@@ -86,12 +86,12 @@ class ApiSettings(_Section):
         if self.token is not None and self.token.get_secret_value().strip():
             return _checked_token(self.token.get_secret_value().strip(), "api.token")
         if self.token_file is not None:
-            return _read_token_file(self.token_file, "api.token_file")
+            return read_token_file(self.token_file, "api.token_file")
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
         if cred_dir:
             cred = Path(cred_dir) / "token"
             if cred.exists():
-                return _read_token_file(cred, "systemd credential 'token'")
+                return read_token_file(cred, "systemd credential 'token'")
         raise ConfigError(
             "api.token: no API token configured — set [api] token or token_file, the "
             "environment variable INBOXD_API__TOKEN, or the systemd credential 'token' "
@@ -99,7 +99,8 @@ class ApiSettings(_Section):
         )
 
 
-def _read_token_file(path: Path, key: str) -> SecretStr:
+def read_token_file(path: Path, key: str) -> SecretStr:
+    """The secret in the file ``path`` (stripped), or ConfigError naming ``key``."""
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -448,7 +449,7 @@ class DataServiceSettings(_Section):
             return SecretStr(value.get_secret_value().strip())
         path: Path | None = getattr(self, f"{name}_file")
         if path is not None:
-            return _read_token_file(path, f"data_service.{name}_file")
+            return read_token_file(path, f"data_service.{name}_file")
         raise ConfigError(
             f"data_service.{name}: not configured — set [data_service] {name} or {name}_file, "
             f"or the environment variable INBOXD_DATA_SERVICE__{name.upper()}"

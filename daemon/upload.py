@@ -239,7 +239,7 @@ class UploadOptions:
     recognise_delivered: bool = True
 
 
-class _Sent:
+class BytesSent:
     """Counts bytes sent; a failed request's bytes are taken back so the total stays honest."""
 
     def __init__(self, progress: Progress | None) -> None:
@@ -323,7 +323,7 @@ class _Flow:
         #: the digest of the whole file as last sent in one piece (server, single, Put Blob)
         self.whole_digest: bytes | None = None
         self.journal: Journal = journal if journal is not None else MemoryJournal()
-        self.sent = _Sent(progress)
+        self.sent = BytesSent(progress)
         self.ingestion: Ingestion | None = None
         self.log = _log.bind(dataset=req.dataset_name)
 

@@ -76,7 +76,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from daemon import retry
-from daemon.client import FileSlice, MarpleClient, Progress, _parse, multipart_file_body
+from daemon.client import FileSlice, MarpleClient, Progress, multipart_file_body, parse_answer
 from daemon.compat import UTC, fromisoformat
 from daemon.config import MarpleSettings
 from daemon.errors import (
@@ -95,7 +95,7 @@ from daemon.errors import (
 from daemon.listen import is_loopback
 from daemon.queue import Job, Stage
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
-from daemon.upload import FileRef, Resume, UploadOptions, _Sent, delivered_hash
+from daemon.upload import BytesSent, FileRef, Resume, UploadOptions, delivered_hash
 
 _T = TypeVar("_T")
 _log = structlog.get_logger(__name__)
@@ -126,7 +126,7 @@ _STATUSES = TypeAdapter(list[SourceStatus])
 class MarpleLegacyApi:
     """The older API's endpoints, over the transport and error mapping of ``MarpleClient``.
 
-    ``MarpleClient._call`` does the request (token header, timeouts, capped reads) and maps
+    ``MarpleClient.request`` does the request (token header, timeouts, capped reads) and maps
     statuses to our errors (403 → AuthError, 429/5xx → retryable, …); this class only unwraps
     the ``{"request_time", "message"}`` envelope and checks each ``message``.
     """
@@ -149,7 +149,7 @@ class MarpleLegacyApi:
         headers: Mapping[str, str] | None = None,
     ) -> Any:
         endpoint = f"{method} {path}"
-        body = await self.client._call(
+        body = await self.client.request(
             method,
             path,
             endpoint=endpoint,
@@ -219,7 +219,7 @@ class MarpleLegacyApi:
         message = await self._request("GET", "/sources/status", params={"id": list(source_ids)})
         if isinstance(message, dict):
             message = [message]  # one id may come back as one object
-        return _parse(_STATUSES, message, ep)
+        return parse_answer(_STATUSES, message, ep)
 
     async def add_metadata(self, source_id: int, entries: list[dict[str, Any]]) -> None:
         """``POST /library/metadata``: set name/value pairs on a source."""
@@ -538,7 +538,7 @@ class _Delivery:
         self.plan = plan
         self.opts = target.options
         self.state: Resume = replace(work.resume, parts_done=set())
-        self.sent = _Sent(work.progress)
+        self.sent = BytesSent(work.progress)
         #: the digest of the file as uploaded (``daemon.content``), once it was
         self.digest: bytes | None = None
 
