@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import pytest
@@ -26,7 +27,7 @@ from daemon.sandbox import (
     running_sandbox,
 )
 from daemon.sandbox.formdata import FormDataError, FormDataParser, PartData, PartEnd, PartStart
-from tests.emulators import azurite_server, require_azurite
+from tests.emulators import azurite_server, require_azurite, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "sandbox-token"
@@ -848,6 +849,178 @@ def test_discard_storage_skips_checks(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ emulators
+
+
+# ------------------------------------------------------------- dataset operations (SDK)
+
+
+def _uploaded(api: httpx.Client, name: str, data: bytes, **extra: Any) -> int:
+    """A dataset whose server-mode upload completed; its id."""
+    ing = create(api, name, len(data), **extra)
+    answer = api.post(
+        f"/ingestion/{ing['ingestion_id']}/upload/server", files={"file": (name, data)}
+    )
+    assert answer.status_code == 200, answer.text
+    assert complete(api, ing["ingestion_id"]).status_code == 200
+    dataset_id: int = ing["dataset_id"]
+    return dataset_id
+
+
+def test_update_metadata_replaces_it_and_checks_the_body(sb: Sandbox, api: httpx.Client) -> None:
+    dataset_id = _uploaded(api, "meta.csv", payload(100), metadata={"a": 1})
+    url = f"/stream/1/dataset/{dataset_id}/metadata"
+    assert api.post(url, json={"b": [1, "x"], "c": None}).json() == {"status": "success"}
+    shown = api.get("/datapool/default/dataset", params={"id": dataset_id}).json()
+    assert shown["metadata"] == {"b": [1, "x"], "c": None}  # replaced, not merged
+    for body in (b"[1, 2]", b'"text"', b"3", b"null"):
+        answer = api.post(url, content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == 400
+        assert answer.json() == {"error": "metadata must be a JSON object"}
+    answer = api.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and "invalid JSON body" in answer.json()["error"]
+    assert sb.datasets[dataset_id].metadata == {"b": [1, "x"], "c": None}  # refusals kept it
+    # An unknown dataset, a dataset of another stream, an unknown stream: all 404.
+    assert api.post("/stream/1/dataset/999/metadata", json={}).json() == {
+        "error": "dataset 999 not found in stream 1"
+    }
+    assert api.post(f"/stream/2/dataset/{dataset_id}/metadata", json={}).status_code == 404
+    assert api.post(f"/stream/9/dataset/{dataset_id}/metadata", json={}).json() == {
+        "error": "stream 9 not found"
+    }
+
+
+def test_delete_removes_the_dataset_and_its_bytes(sb: Sandbox, api: httpx.Client) -> None:
+    dataset_id = _uploaded(api, "gone/del.csv", payload(300))
+    stored = sb.dataset_path(dataset_id)
+    assert stored.exists()
+    assert api.post(f"/stream/2/dataset/{dataset_id}/delete").status_code == 404  # foreign
+    assert api.post(f"/stream/1/dataset/{dataset_id}/delete").json() == {"status": "success"}
+    assert not stored.exists()
+    assert dataset_id not in sb.datasets
+    lookup = api.get("/datapool/default/dataset", params={"id": dataset_id})
+    assert lookup.status_code == 404
+    assert api.get("/datapool/default/dataset", params={"path": "gone/del.csv"}).status_code == 404
+    assert dataset_id not in [d["id"] for d in api.get("/stream/1/datasets").json()]
+    assert dataset_id not in [d["id"] for d in api.get("/datapool/default/datasets").json()]
+    assert api.post("/stream/1/datasets/status", json=[dataset_id]).json() == []
+    again = api.post(f"/stream/1/dataset/{dataset_id}/delete")
+    assert again.status_code == 404
+    assert again.json() == {"error": f"dataset {dataset_id} not found in stream 1"}
+    # The name is free again: a new upload makes a new dataset.
+    assert _uploaded(api, "gone/del.csv", payload(10)) != dataset_id
+
+
+def test_delete_aborts_an_upload_still_running_into_the_dataset(
+    sb: Sandbox, api: httpx.Client
+) -> None:
+    ing = create(api, "half.bin", 2000)  # single mode: a presigned PUT
+    assert put(ing["presigned_url"], payload(2000)).status_code == 200
+    answer = api.post(f"/stream/1/dataset/{ing['dataset_id']}/delete")
+    assert answer.json() == {"status": "success"}
+    ingestion = sb.ingestions[ing["ingestion_id"]]
+    assert (ingestion.state, ingestion.abort_reason) == ("ABORTED", "the dataset was deleted")
+    assert not (sb.config.data_dir / "ingestions" / str(ingestion.id)).exists()
+    refused = complete(api, ing["ingestion_id"])
+    assert refused.status_code == 409 and "ABORTED" in refused.json()["error"]
+    assert put(ing["presigned_url"], payload(2000)).status_code == 403
+
+
+def test_backup_url_serves_the_original_named_after_the_file(
+    sb: Sandbox, api: httpx.Client
+) -> None:
+    data = payload(4 * PART + 5)  # multipart: the file is assembled from its parts
+    ing = create(api, "runs/day 1/log #2.csv", len(data))
+    upload_parts(api, ing, data)
+    url = f"/stream/1/dataset/{ing['dataset_id']}/backup"
+    assert api.get(f"/stream/2/dataset/{ing['dataset_id']}/backup").status_code == 404
+    early = api.get(url)  # uploaded, but not completed yet
+    assert early.status_code == 409
+    assert "its upload did not complete (status UPLOADING)" in early.json()["error"]
+    assert complete(api, ing["ingestion_id"]).status_code == 200
+
+    link: str = api.get(url).json()["path"]
+    parts = urlsplit(link)
+    assert link.startswith(sb.origin + "/")
+    # The SDK's own derivation of the local file name, percent-encoded as in the URL.
+    assert parts.path.rsplit("/")[1] == quote("log #2.csv", safe="")
+    fetched = httpx.get(link)  # no token, as urllib's urlretrieve sends none
+    assert fetched.status_code == 200 and fetched.content == data
+    assert fetched.headers["content-length"] == str(len(data))
+    assert fetched.headers["content-disposition"].endswith(quote("log #2.csv", safe=""))
+    assert sb.requests[-1].kind == "storage"  # no Marple token checked, no API faults
+
+    query = parse_qs(parts.query)
+    forged = f"{sb.origin}{parts.path}?exp={query['exp'][0]}&sig={'0' * 64}"
+    refused = httpx.get(forged)
+    assert refused.status_code == 403 and "<Code>SignatureDoesNotMatch</Code>" in refused.text
+    assert httpx.get(f"{sb.origin}{parts.path}").status_code == 403  # unsigned
+    other = _uploaded(api, "other.csv", payload(50))  # a valid signature is for one dataset
+    moved = link.replace(f"/backup/{ing['dataset_id']}?", f"/backup/{other}?")
+    assert httpx.get(moved).status_code == 403
+
+
+def test_backup_url_expires_and_dies_with_the_dataset(tmp_path: Path) -> None:
+    with (
+        running_sandbox(small_config(tmp_path, url_ttl=0.3)) as sandbox,
+        httpx.Client(base_url=sandbox.url, headers=AUTH) as api,
+    ):
+        dataset_id = _uploaded(api, "ttl.csv", payload(100))
+        link: str = api.get(f"/stream/1/dataset/{dataset_id}/backup").json()["path"]
+        assert httpx.get(link).status_code == 200
+        deadline = time.monotonic() + 30
+        while (answer := httpx.get(link)).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answer.status_code == 403
+        assert "<Message>Request has expired</Message>" in answer.text
+
+        fresh = api.get(f"/stream/1/dataset/{dataset_id}/backup").json()["path"]
+        assert api.post(f"/stream/1/dataset/{dataset_id}/delete").status_code == 200
+        assert api.get(f"/stream/1/dataset/{dataset_id}/backup").status_code == 404
+        gone = httpx.get(fresh)  # signed and unexpired, but the file is deleted
+        assert gone.status_code == 404 and "<Code>NoSuchKey</Code>" in gone.text
+
+
+def test_a_failed_upload_has_no_backup(api: httpx.Client) -> None:
+    ing = create(api, "short.csv", 500)
+    api.post(f"/ingestion/{ing['ingestion_id']}/upload/server", files={"file": ("s", b"x")})
+    assert complete(api, ing["ingestion_id"]).status_code == 400
+    answer = api.get(f"/stream/1/dataset/{ing['dataset_id']}/backup")
+    assert answer.status_code == 409
+    assert "did not complete (status FAILED)" in answer.json()["error"]
+
+
+def test_reingest_runs_the_import_again(sb: Sandbox, api: httpx.Client) -> None:
+    dataset_id = _uploaded(api, "again.csv", payload(100))
+    url = f"/stream/1/dataset/{dataset_id}/reingest"
+    assert api.post(url).status_code == 409  # the first import still runs
+    wait_for(lambda: sb.datasets[dataset_id].import_status == "FINISHED", 30, "import")
+    assert api.post(url, json={"plugin_args": "--fast"}).json() == {"status": "success"}
+    assert sb.datasets[dataset_id].import_status in ("WAITING", "IMPORTING")
+    assert sb.datasets[dataset_id].plugin_args == "--fast"
+    assert api.post(url, json={"plugin_args": 3}).status_code == 400
+    pending = create(api, "pending.csv", 100)
+    answer = api.post(f"/stream/1/dataset/{pending['dataset_id']}/reingest")
+    assert answer.status_code == 409 and "no original file" in answer.json()["error"]
+
+
+def test_lake_operations_answer_501_after_the_404s(api: httpx.Client) -> None:
+    dataset_id = _uploaded(api, "lake.csv", payload(100))
+    one = f"/stream/1/dataset/{dataset_id}"
+    calls = [
+        ("GET", f"{one}/signals"),
+        ("POST", f"{one}/signals"),
+        ("GET", f"{one}/signal/4"),
+        ("POST", f"{one}/append"),
+        ("POST", f"{one}/cool"),
+        ("POST", "/stream/1/dataset/add"),
+        ("GET", "/datapool/default/signal_map"),
+    ]
+    for method, path in calls:
+        answer = api.request(method, path)
+        assert answer.status_code == 501, (method, path)
+        assert "needs a data lake" in answer.json()["error"]
+    assert api.get("/stream/1/dataset/999/signals").status_code == 404
+    assert api.get("/datapool/nowhere/signal_map").status_code == 404
 
 
 def _free_port() -> int:

@@ -15,15 +15,17 @@ import fnmatch
 import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
 import anyio.to_thread
+import httpx
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
@@ -75,6 +77,14 @@ DEFAULT_PART_URL_COUNT = 32
 TOKEN_ERROR = "Invalid or missing token"  # noqa: S105 - an error message, not a secret
 #: The sandbox's streams never change: every one is at its first version.
 STREAM_VERSION = 1
+#: The route key of the signed download of a dataset's original file (no token: urlretrieve).
+BACKUP_ROUTE = "GET backup"
+BACKUP_PATH = "/{name}/backup/{dataset_id:int}"
+#: Why the routes that need a data lake answer 501.
+NO_LAKE = (
+    "not implemented by inboxd sandbox: {what} needs a data lake, and the sandbox parses no "
+    "file and keeps no signals; use a real Marple DB for it"
+)
 _CTL = "inboxd.sandbox"
 
 
@@ -84,6 +94,14 @@ class ApiError(SandboxError):
 
 def _json_number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
+
+
+def _metadata(value: object) -> dict[str, Any]:
+    """Dataset metadata as ingestion and ``/metadata`` accept it: any JSON object (its keys
+    are strings by JSON's grammar; its values are kept as sent)."""
+    if not isinstance(value, dict):
+        raise ApiError(400, "metadata must be a JSON object")
+    return value
 
 
 class Sandbox:
@@ -189,13 +207,15 @@ class Sandbox:
             return
         if scope["type"] != "http":
             return
-        if scope["path"].startswith(DATA_SERVICE_PREFIX):
-            await self.data_service(scope, receive, send)  # its own auth, limits and log
-            return
         path: str = scope["path"]
         method: str = scope["method"]
-        kind = "storage" if path.startswith("/storage/") else "api"
         route = self._route_key(scope)
+        # A download is named after the file (the SDK takes the name from the URL's first path
+        # segment), so a file called "data-service…" must still reach our route.
+        if path.startswith(DATA_SERVICE_PREFIX) and route != BACKUP_ROUTE:
+            await self.data_service(scope, receive, send)  # its own auth, limits and log
+            return
+        kind = "storage" if path.startswith("/storage/") or route == BACKUP_ROUTE else "api"
         with recorded(scope, send, self.requests, kind=kind, route=route) as (headers, ctl, sender):
             scope[_CTL] = ctl
             if kind == "api" and route is not None and route != "GET /health":
@@ -224,6 +244,8 @@ class Sandbox:
         assert isinstance(route, Route)
         if route.path.startswith("/storage/"):
             return "PUT storage"
+        if route.path == BACKUP_PATH:
+            return BACKUP_ROUTE
         return route_key(route, API_PREFIX)
 
     @staticmethod
@@ -240,9 +262,21 @@ class Sandbox:
     def _routes(self) -> list[BaseRoute]:
         Endpoint = Callable[[Request], Awaitable[Response]]
 
-        def api(path: str, endpoint: Endpoint, method: str) -> Route:
+        def api(path: str, endpoint: Endpoint, method: str = "GET") -> Route:
             return Route(API_PREFIX + path, endpoint, methods=[method])
 
+        one = "/stream/{stream_id:int}/dataset/{dataset_id:int}"
+        # What the SDK's Dataset and Signal call that reads or writes signals in the lake.
+        lake = [
+            ("GET", "/signals"),
+            ("POST", "/signals"),
+            ("POST", "/signals/delete"),
+            ("GET", "/signal/{sig:int}"),
+            ("POST", "/signal/uploads"),
+            ("POST", "/signal/uploads/complete"),
+            ("POST", "/append"),
+            ("POST", "/cool"),
+        ]
         return [
             api("/health", self._health, "GET"),
             api("/streams", self._list_streams, "GET"),
@@ -256,9 +290,20 @@ class Sandbox:
             api("/stream/{stream_id:int}/datasets", self._list_datasets, "GET"),
             api("/datapool/{datapool}/dataset", self._get_dataset, "GET"),
             api("/datapool/{datapool}/datasets", self._list_datapool_datasets, "GET"),
+            api(f"{one}/metadata", self._update_metadata, "POST"),
+            api(f"{one}/delete", self._delete_dataset, "POST"),
+            api(f"{one}/backup", self._backup, "GET"),
+            api(f"{one}/reingest", self._reingest, "POST"),
+            *[api(f"{one}{path}", self._needs_lake, method) for method, path in lake],
+            api("/stream/{stream_id:int}/dataset/add", self._needs_lake, "POST"),
+            api("/datapool/{datapool}/signal_map", self._needs_lake),
+            api("/datapool/{datapool}/signal/{name}/id", self._needs_lake),
+            api("/datapool/{datapool}/dataset/{id:int}/signal/{sig:int}/data", self._needs_lake),
             *self.legacy.routes(API_PREFIX),
             Route("/storage/{id:int}/object", self._storage_put, methods=["PUT"]),
             Route("/storage/{id:int}/part/{part:int}", self._storage_put, methods=["PUT"]),
+            # Not under /api/v1: the URL's first path segment is the file's name (see _backup).
+            Route(BACKUP_PATH, self._download, methods=["GET"]),
         ]
 
     # --------------------------------------------------------------------------- helpers
@@ -280,6 +325,17 @@ class Sandbox:
         if stream is None:
             raise ApiError(404, f"stream {stream_id} not found")
         return stream
+
+    def _dataset_in_stream(self, request: Request) -> Dataset:
+        """The dataset ``{dataset_id}`` of stream ``{stream_id}``: 404 for an unknown stream,
+        an unknown dataset and a dataset of another stream alike."""
+        stream_id: int = request.path_params["stream_id"]
+        self._stream(stream_id)
+        dataset_id: int = request.path_params["dataset_id"]
+        dataset = self.datasets.get(dataset_id)
+        if dataset is None or dataset.stream_id != stream_id:
+            raise ApiError(404, f"dataset {dataset_id} not found in stream {stream_id}")
+        return dataset
 
     def _find_dataset(self, stream_id: int, name: str) -> Dataset | None:
         for dataset in self.datasets.values():
@@ -309,8 +365,10 @@ class Sandbox:
     def _local_url(self, request: Request, path: str) -> str:
         # The storage lives on the server the client already reached, so its own view of our
         # address (Host header) is the one that works, whatever we are bound to.
+        # The signature covers the path as the server sees it (decoded); the URL carries it
+        # percent-encoded.
         base = str(request.base_url).rstrip("/")
-        return f"{base}{path}?{self._signer.sign(path, self.config.url_ttl)}"
+        return f"{base}{quote(path)}?{self._signer.sign(path, self.config.url_ttl)}"
 
     def _object_url(self, request: Request, ingestion: Ingestion) -> str:
         ttl = self.config.url_ttl
@@ -393,11 +451,8 @@ class Sandbox:
         file_size = body.get("file_size")
         if not is_int(file_size) or not 0 < file_size <= MAX_FILE_SIZE:
             raise ApiError(400, "file_size must be an integer > 0 and <= 256 GiB")
-        metadata = body.get("metadata")
-        if metadata is None:
-            metadata = {}
-        if not isinstance(metadata, dict):
-            raise ApiError(400, "metadata must be an object")
+        raw_metadata = body.get("metadata")
+        metadata = {} if raw_metadata is None else _metadata(raw_metadata)
         overwrite = body.get("overwrite")
         if overwrite is None:
             overwrite = False
@@ -596,13 +651,16 @@ class Sandbox:
                 raise ApiError(400, problem)
             ingestion.state = COMPLETED
             dataset.location = location
-            glob = self.faults.fail_import_glob
-            failure = None
-            if glob is not None and fnmatch.fnmatchcase(dataset.path, glob):
-                failure = f"Import failed: no plugin could read {dataset.path!r} (injected fault)"
-            dataset.start_import(self.config.import_seconds, failure)
+            dataset.start_import(self.config.import_seconds, self._import_failure(dataset))
             await self._cleanup(ingestion)
         return JSONResponse({"status": "success"})
+
+    def _import_failure(self, dataset: Dataset) -> str | None:
+        """The message an import of ``dataset`` is set to fail with (``--fail-import-glob``)."""
+        glob = self.faults.fail_import_glob
+        if glob is not None and fnmatch.fnmatchcase(dataset.path, glob):
+            return f"Import failed: no plugin could read {dataset.path!r} (injected fault)"
+        return None
 
     async def _finish(self, ingestion: Ingestion) -> tuple[str | None, tuple[str, str] | None]:
         """Check what was uploaded and publish it; return (problem, location)."""
@@ -762,6 +820,151 @@ class Sandbox:
                 return JSONResponse(self._dataset_json(dataset))
         raise ApiError(404, "dataset not found")
 
+    async def _update_metadata(self, request: Request) -> Response:
+        """``POST …/metadata``: the body replaces the metadata (the SDK merges client-side)."""
+        dataset = self._dataset_in_stream(request)
+        dataset.metadata = _metadata(await read_json(request, ApiError))
+        return JSONResponse({"status": "success"})
+
+    async def _delete_dataset(self, request: Request) -> Response:
+        """``POST …/delete``: the dataset and its original file go for good.
+
+        An upload still running into it is aborted, as ``POST /ingestion/{id}/abort`` would
+        (its storage PUTs and its complete are refused from then on): refusing would leave a
+        dataset whose uploader died undeletable. The stored file is removed before the dataset
+        is forgotten, so a storage error (502) leaves it listed and the delete can be retried.
+        """
+        dataset = self._dataset_in_stream(request)
+        await self._abort_uploads_into(dataset.id)
+        location = dataset.location
+        if location is not None:
+            try:
+                await self._remove_stored(location)
+            except StorageError as exc:
+                raise ApiError(502, f"storage error, dataset {dataset.id} kept: {exc}") from exc
+        if self.datasets.pop(dataset.id, None) is None:
+            raise ApiError(404, f"dataset {dataset.id} not found")  # a concurrent delete won
+        await self._abort_uploads_into(dataset.id)  # an overwrite that slipped in meanwhile
+        return JSONResponse({"status": "success"})
+
+    async def _abort_uploads_into(self, dataset_id: int) -> None:
+        for ingestion in [i for i in self.ingestions.values() if i.dataset_id == dataset_id]:
+            # The lock waits out a complete in progress, which then has published its file.
+            async with ingestion.lock:
+                if ingestion.state == UPLOADING:
+                    ingestion.state = ABORTED
+                    ingestion.abort_reason = "the dataset was deleted"
+                    await self._cleanup(ingestion)
+
+    async def _remove_stored(self, location: tuple[str, str]) -> None:
+        kind, where = location
+        if kind == "local":
+            await anyio.to_thread.run_sync(lambda: Path(where).unlink(missing_ok=True))
+        elif kind == "s3" and self._s3 is not None:
+            await anyio.to_thread.run_sync(self._s3.delete, where)
+        elif kind == "azure" and self._azure is not None:
+            await self._azure.delete(where)
+
+    async def _backup(self, request: Request) -> Response:
+        """``GET …/backup``: ``{"path": url}``, a signed URL of the original file (no token).
+
+        The SDK names the downloaded file after the URL path's first segment
+        (``urlparse(url).path.rsplit("/")[1]``), so the URL is ``/<file name>/backup/<id>``.
+        """
+        dataset = self._dataset_in_stream(request)
+        if dataset.location is None:
+            raise ApiError(
+                409,
+                f"dataset {dataset.id} has no original file yet: its upload did not complete "
+                f"(status {dataset.import_status})",
+            )
+        if dataset.location[0] == "discard":
+            raise ApiError(404, f"dataset {dataset.id} was stored with --storage discard: no bytes")
+        name = PurePosixPath(dataset.path).name or f"dataset-{dataset.id}"
+        return JSONResponse({"path": self._local_url(request, f"/{name}/backup/{dataset.id}")})
+
+    async def _reingest(self, request: Request) -> Response:
+        """``POST …/reingest``: the simulated import runs again on the kept original file,
+        with new ``plugin_args`` when the optional body gives them."""
+        dataset = self._dataset_in_stream(request)
+        body = await read_json(request, ApiError, optional=True)
+        if body is not None and not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        plugin_args = None if body is None else body.get("plugin_args")
+        if plugin_args is not None and not isinstance(plugin_args, str):
+            raise ApiError(400, "plugin_args must be a string")
+        if dataset.location is None:
+            raise ApiError(409, f"dataset {dataset.id} has no original file to reingest")
+        if dataset.import_status in ("WAITING", "IMPORTING"):
+            raise ApiError(409, f"dataset {dataset.id} is still importing")
+        if plugin_args is not None:
+            dataset.plugin_args = plugin_args
+        ingested = dataset.completed_at  # a reingest is no new upload: last_ingested stays
+        dataset.start_import(self.config.import_seconds, self._import_failure(dataset))
+        dataset.completed_at = ingested
+        return JSONResponse({"status": "success"})
+
+    async def _needs_lake(self, request: Request) -> Response:
+        """The SDK's signal, append, cool and custom-dataset calls: 501, after the 404s."""
+        if "dataset_id" in request.path_params:
+            self._dataset_in_stream(request)
+        elif "stream_id" in request.path_params:
+            self._stream(request.path_params["stream_id"])
+        else:
+            self._datapool_streams(request)
+        raise ApiError(501, NO_LAKE.format(what=self._route_key(request.scope)))
+
+    # ----------------------------------------------------------------------------- download
+
+    async def _download(self, request: Request) -> Response:
+        """The signed URL ``_backup`` hands out: the original file, streamed."""
+        problem = self._signed_url_problem(request, request.scope["path"])
+        if problem is not None:
+            return problem
+        dataset = self.datasets.get(request.path_params["dataset_id"])
+        if dataset is None or dataset.location is None:
+            return s3_error(404, "NoSuchKey", "The specified key does not exist.")
+        name = PurePosixPath(dataset.path).name or f"dataset-{dataset.id}"
+        disposition = f"attachment; filename*=UTF-8''{quote(name, safe='')}"
+        kind, where = dataset.location
+        if kind == "local":
+            # FileResponse reads the file in chunks from a worker thread: never whole.
+            return FileResponse(where, headers={"content-disposition": disposition})
+        if kind == "s3" and self._s3 is not None:
+            url = await anyio.to_thread.run_sync(self._s3.presign_get, where, 300.0)
+        elif kind == "azure" and self._azure is not None:
+            url = self._azure.blob_url(where, "r", 300)
+        else:
+            return s3_error(404, "NoSuchKey", "The specified key does not exist.")
+        return await self._relay(url, disposition)
+
+    @staticmethod
+    async def _relay(url: str, disposition: str) -> Response:
+        """Stream an object from S3 or Azure through to the client, chunk by chunk."""
+        client = httpx.AsyncClient(timeout=30)
+        try:
+            upstream = await client.send(client.build_request("GET", url), stream=True)
+        except httpx.HTTPError as exc:
+            await client.aclose()
+            raise ApiError(502, f"storage unavailable: {exc}") from exc
+        if upstream.status_code != 200:
+            await upstream.aclose()
+            await client.aclose()
+            raise ApiError(502, f"storage answered {upstream.status_code}")
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            finally:
+                await upstream.aclose()
+                await client.aclose()
+
+        headers = {"content-disposition": disposition}
+        if "content-length" in upstream.headers:
+            headers["content-length"] = upstream.headers["content-length"]
+        return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
+
     # ------------------------------------------------------------------------------ storage
 
     async def _storage_put(self, request: Request) -> Response:
@@ -830,6 +1033,20 @@ class Sandbox:
 
     def _storage_precheck(self, request: Request, path: str) -> Response | None:
         """The checks real S3 makes before reading a presigned PUT's body."""
+        problem = self._signed_url_problem(request, path)
+        if problem is not None:
+            return problem
+        raw_length = request.headers.get("content-length")
+        if raw_length is None:
+            return s3_error(
+                411, "MissingContentLength", "You must provide the Content-Length HTTP header."
+            )
+        if not raw_length.isdigit():
+            return s3_error(400, "InvalidArgument", "Invalid Content-Length")
+        return None
+
+    def _signed_url_problem(self, request: Request, path: str) -> Response | None:
+        """What real S3 answers for a presigned URL that is not (or no longer) valid."""
         if "authorization" in request.headers:
             return s3_error(
                 400,
@@ -863,11 +1080,4 @@ class Sandbox:
                 Expires=iso8601(float(query["exp"])),
                 ServerTime=iso8601(time.time()),
             )
-        raw_length = request.headers.get("content-length")
-        if raw_length is None:
-            return s3_error(
-                411, "MissingContentLength", "You must provide the Content-Length HTTP header."
-            )
-        if not raw_length.isdigit():
-            return s3_error(400, "InvalidArgument", "Invalid Content-Length")
         return None

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
-from daemon.sandbox.signing import account_sas, blob_sas
+from daemon.sandbox.signing import SAS_VERSION, account_sas, blob_sas
 
 
 class StorageError(Exception):
@@ -121,6 +121,22 @@ class S3Backend:
             raise StorageError(f"HeadObject failed: {exc}") from exc
         return int(head["ContentLength"])
 
+    def presign_get(self, key: str, ttl: float) -> str:
+        """A presigned GET URL for the object."""
+        url = self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self._expires(ttl)
+        )
+        return cast(str, url)
+
+    def delete(self, key: str) -> None:
+        """DeleteObject (S3 answers success for a key that is already gone)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"DeleteObject failed: {exc}") from exc
+
     def read(self, key: str) -> bytes:
         """The whole object (for tests)."""
         answer = self._client.get_object(Bucket=self.bucket, Key=key)
@@ -180,6 +196,18 @@ class AzureBackend:
         if answer.status_code != 200:
             raise StorageError(f"Get Blob Properties answered {answer.status_code}")
         return int(answer.headers["content-length"])
+
+    async def delete(self, blob: str) -> None:
+        """Delete Blob; a blob that is already gone is not an error."""
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                answer = await client.delete(
+                    self.blob_url(blob, "d", 300), headers={"x-ms-version": SAS_VERSION}
+                )
+        except httpx.HTTPError as exc:
+            raise StorageError(f"Delete Blob failed: {exc}") from exc
+        if answer.status_code not in (202, 404):
+            raise StorageError(f"Delete Blob answered {answer.status_code}")
 
     def read(self, blob: str) -> bytes:
         """The whole blob (blocking; for tests)."""
