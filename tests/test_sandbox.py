@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+import anyio
 import httpx
 import pytest
 
@@ -26,6 +27,7 @@ from daemon.sandbox import (
     ready_message,
     running_sandbox,
 )
+from daemon.sandbox.backends import AzureBackend, S3Backend
 from daemon.sandbox.formdata import FormDataError, FormDataParser, PartData, PartEnd, PartStart
 from tests.emulators import azurite_server, require_azurite, wait_for
 
@@ -1088,6 +1090,29 @@ def test_s3_size_mismatch_and_abort_with_moto(tmp_path: Path, moto_endpoint: str
         assert sandbox.datasets[aborted["dataset_id"]].import_status == "FAILED"
 
 
+@pytest.mark.emulator
+def test_s3_backup_download_and_delete_with_moto(tmp_path: Path, moto_endpoint: str) -> None:
+    config = small_config(tmp_path, storage="s3", s3_endpoint=moto_endpoint)
+    with (
+        running_sandbox(config) as sandbox,
+        httpx.Client(base_url=sandbox.url, headers=AUTH) as api,
+    ):
+        data = payload(5 * PART + 100)
+        ing = create(api, "s3/kept.bin", len(data))
+        upload_parts(api, ing, data)
+        assert complete(api, ing["ingestion_id"]).status_code == 200
+        one = f"/stream/1/dataset/{ing['dataset_id']}"
+        link = api.get(f"{one}/backup").json()["path"]
+        assert urlsplit(link).path.rsplit("/")[1] == "kept.bin"
+        fetched = httpx.get(link)  # relayed from S3 through the sandbox
+        assert fetched.status_code == 200 and fetched.content == data
+        assert api.post(f"{one}/delete").json() == {"status": "success"}
+        with pytest.raises(KeyError):
+            sandbox.dataset_bytes(ing["dataset_id"])
+        key = f"ingestions/{ing['ingestion_id']}/object"
+        assert S3Backend(moto_endpoint, config.s3_bucket).object_size(key) is None
+
+
 @pytest.fixture(scope="module")
 def azurite_url() -> Iterator[str]:
     """Azurite's account URL (skipped locally when not installed, failed in CI)."""
@@ -1123,3 +1148,16 @@ def test_azure_mode_with_azurite(tmp_path: Path, azurite_url: str) -> None:
         bad = other["presigned_url"].replace("sp=cw", "sp=rcw")
         refused = put(bad, b"0123456789", headers={"x-ms-blob-type": "BlockBlob"})
         assert refused.status_code == 403
+
+        # The original comes back through the sandbox, and a delete removes the blob.
+        one = f"/stream/1/dataset/{ing['dataset_id']}"
+        link = api.get(f"{one}/backup").json()["path"]
+        assert urlsplit(link).path.rsplit("/")[1] == quote("blob #1.bin", safe="")
+        assert httpx.get(link).content == data
+        blob = sandbox.datasets[ing["dataset_id"]].backup_path
+        assert blob == f"azure:{ing['ingestion_id']}/az dir/blob #1.bin"
+        assert api.post(f"{one}/delete").json() == {"status": "success"}
+        azure = AzureBackend(
+            azurite_url, config.azure_account_name, config.azure_account_key, config.azure_container
+        )
+        assert anyio.run(azure.blob_size, blob.removeprefix("azure:")) is None

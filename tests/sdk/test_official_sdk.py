@@ -357,3 +357,73 @@ def test_insight_client_checks_the_token_and_searches_sources(sandbox: SandboxPr
     assert insight.get_dataset(found["dataset_filter"])["path"] == f"{folder}/run.csv"
     with pytest.raises(Exception, match="Invalid API token"):
         Insight("not-the-token", sandbox.url)
+
+
+# ------------------------------------------------------------- dataset operations after push
+
+
+def _pushed(db: DB, tmp_path: Path, size: int, **kwargs: Any) -> tuple[Dataset, Path, bytes]:
+    path, data = _file(tmp_path, size, ".csv")
+    dataset = db.get_stream(1).push_file(str(path), **kwargs)
+    return dataset.wait_for_import(timeout=IMPORT_TIMEOUT), path, data
+
+
+def test_update_metadata_merges_or_overwrites(db: DB, tmp_path: Path) -> None:
+    dataset, _, _ = _pushed(db, tmp_path, SIZES["server"], metadata={"rig": "r7", "run": 1})
+    merged = dataset.update_metadata({"run": 2, "driver": "Kate"})
+    assert merged.metadata == {"rig": "r7", "run": 2, "driver": "Kate"}
+    assert db.get_dataset(dataset.id).metadata == merged.metadata  # the server kept it
+    replaced = merged.update_metadata({"only": True}, overwrite=True)
+    assert replaced.metadata == {"only": True}
+    # The SDK's deprecated DB-level call goes to the same endpoint.
+    with pytest.warns(DeprecationWarning, match="is deprecated"):
+        db.update_metadata(dataset_id=dataset.id, metadata={"more": "x"})
+    assert db.get_dataset(dataset.id).metadata == {"only": True, "more": "x"}
+    assert db.get_datasets("inbox").where_metadata({"more": "x"}).data[0].id == dataset.id
+
+
+@pytest.mark.parametrize("mode", ["server", "multipart", "azure"])
+def test_download_gives_back_the_pushed_file_under_its_name(
+    db: DB, tmp_path: Path, mode: str
+) -> None:
+    path, data = _file(tmp_path, SIZES[mode], ".csv")
+    stream = db.get_stream("Vehicle Logs" if mode == "azure" else "inbox")
+    pushed = stream.push_file(str(path), file_name=f"{mode}/sub dir/{path.name}")
+    done = pushed.wait_for_import(timeout=IMPORT_TIMEOUT)
+    target = tmp_path / "downloads"
+    target.mkdir()
+    got = done.download(str(target))
+    assert got == target / path.name  # the file's own name, not the dataset's folders
+    assert got.read_bytes() == data
+    with pytest.warns(DeprecationWarning, match="is deprecated"):
+        again = db.download_original(stream.id, done.id, str(tmp_path))
+    assert again.name == path.name and again.read_bytes() == data
+
+
+def test_delete_dataset_then_it_is_gone(db: DB, tmp_path: Path) -> None:
+    dataset, path, _ = _pushed(db, tmp_path, SIZES["single"])
+    db.delete_dataset(dataset.id, None)
+    with pytest.raises(requests.HTTPError, match="404") as lookup:
+        db.get_dataset(dataset.id)
+    # The SDK raises on a 404 without reading the body; the server's reason is on the answer.
+    assert lookup.value.response.json() == {"error": "dataset not found"}
+    assert dataset.id not in {d.id for d in db.get_datasets()}
+    with pytest.raises(requests.HTTPError, match="404") as twice:
+        dataset.delete()
+    assert twice.value.response.json() == {"error": f"dataset {dataset.id} not found in stream 1"}
+    # The name is free again.
+    assert db.get_stream(1).push_file(str(path)).id != dataset.id
+
+
+def test_lake_calls_are_not_implemented_but_reingest_works(db: DB, tmp_path: Path) -> None:
+    dataset, _, _ = _pushed(db, tmp_path, SIZES["server"])
+    with pytest.raises(requests.HTTPError, match="501") as signals:
+        dataset.get_signals()
+    assert "needs a data lake" in signals.value.response.json()["error"]
+    with pytest.raises(requests.HTTPError, match="501"):
+        dataset.upsert_signals([{"signal": "speed", "unit": "m/s"}])
+    with pytest.raises(requests.HTTPError, match="501"):
+        db.get_stream(1).add_dataset("empty")
+    redone = dataset.reingest(plugin_args="--again")
+    assert redone.plugin_args == "--again"
+    assert redone.wait_for_import(timeout=IMPORT_TIMEOUT).import_status == "FINISHED"
