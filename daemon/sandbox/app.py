@@ -2,11 +2,14 @@
 
 `Sandbox` is an ASGI application. The outer `__call__` records every request, injects the
 configured faults and checks the token; the routes below it implement the upload contract of
-docs/marple-db-contract.md. State lives in memory (plus files under `data_dir`) and is meant to
-be inspected by tests: `sandbox.datasets`, `sandbox.ingestions`, `sandbox.requests`.
+docs/marple-db-contract.md and the dataset operations the official SDK calls after a push
+(metadata, delete, backup download, reingest; 501 for what needs a data lake: docs/sandbox.md).
+State lives in memory (plus files under `data_dir`) and is meant to be inspected by tests:
+`sandbox.datasets`, `sandbox.ingestions`, `sandbox.requests`.
 
 The server runs on its own event loop thread (see `server.py`) while tests read the state from
-theirs; every mutation is a plain attribute or dict assignment, which the GIL keeps atomic.
+theirs; every mutation is a plain attribute or dict assignment (or a delete's dict pop), which
+the GIL keeps atomic.
 """
 
 from __future__ import annotations
