@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """WAN benchmark (issue #14): many small files over a link with a real round-trip time.
 
-The sandbox sits behind the in-tree proxy (``tests/faultproxy.py``) with ``set_latency``: every
-byte is delivered RTT/2 after it arrived, each way, and a new connection's first bytes wait one
-more RTT for the handshake, so a request and its answer cost one RTT as on a real link (no
+The sandbox sits behind the in-tree proxy (``tests/support/faultproxy.py``) with ``set_latency``:
+every byte is delivered RTT/2 after it arrived, each way, and a new connection's first bytes wait
+one more RTT for the handshake, so a request and its answer cost one RTT as on a real link (no
 netem, no root). Per RTT (default 40 ms and 10 ms), in the same round, through the same proxy:
 
 * **loop**: an ``httpx.AsyncClient`` loop with 32 files in flight making the three calls of a
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import daemon_bench as db
 
 REPO = db.REPO
-PROXY = REPO / "tests" / "faultproxy.py"
+PROXY = REPO / "tests" / "support" / "faultproxy.py"
 DRIVER = REPO / "bench" / "_push_driver.py"
 START = "<!-- wan-bench:start -->"
 END = "<!-- wan-bench:end -->"
@@ -325,11 +325,11 @@ def report(a: argparse.Namespace, runs: list[dict[str, Any]], facts: dict[str, s
         f"Run {facts['date']}: {facts['nproc']} CPUs ({facts['cpu']}), Python {facts['python']}, "
         f"Linux {facts['kernel']}. Command: `{a.command}`.",
         "",
-        f"{a.files:,} files of {a.file_kib} KiB per run; the sandbox behind `tests/faultproxy.py` "
-        "with `set_latency(RTT)` (every byte delivered RTT/2 later each way, a new connection's "
-        "first bytes one RTT later still: the TCP handshake). Loop: `httpx.AsyncClient`, "
-        f"{a.loop_concurrency} files in flight, the three calls per file. Daemon: `inboxd run`, "
-        "`[upload]` at its defaults unless the label says otherwise, "
+        f"{a.files:,} files of {a.file_kib} KiB per run; the sandbox behind "
+        "`tests/support/faultproxy.py` with `set_latency(RTT)` (every byte delivered RTT/2 later "
+        "each way, a new connection's first bytes one RTT later still: the TCP handshake). Loop: "
+        f"`httpx.AsyncClient`, {a.loop_concurrency} files in flight, the three calls per file. "
+        "Daemon: `inboxd run`, `[upload]` at its defaults unless the label says otherwise, "
         f"`settle_seconds = {a.settle}` "
         "(subtracted), log at info. SDK: `marpledata` `push_file` in a loop over "
         f"{a.sdk_files} files (context). Sandbox and proxy pinned to CPU 1, each client to CPU 0"

@@ -27,7 +27,7 @@ from daemon.client import MarpleClient, Stream
 from daemon.retry import RetryPolicy
 from daemon.sandbox import Sandbox
 from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file
-from tests.conftest import MiB, write_file
+from tests.support.data import MiB, write_file
 
 KiB = 1024
 

@@ -12,8 +12,8 @@ from daemon.compat import ExceptionGroup, tomllib
 from daemon.config import Settings, load_settings
 from daemon.errors import ConfigError
 from daemon.sandbox import Sandbox
-from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import REPO, inboxd, write_config
+from tests.support.data import TOKEN, write_file
+from tests.support.runner import REPO, inboxd, write_config
 
 
 def run(

@@ -13,7 +13,7 @@ from daemon import content
 from daemon.client import FileSlice
 from daemon.errors import FileChangedError
 from daemon.queue import PriorDelivery
-from tests.conftest import content_hash_of
+from tests.support.data import content_hash_of
 
 KiB = 1024
 

@@ -12,15 +12,9 @@ import pytest
 from daemon import status
 from daemon.queue import JobState, Queue
 from daemon.sandbox import Sandbox
-from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import (
-    counts,
-    inboxd,
-    running_service,
-    server_datasets,
-    wait_until,
-    write_config,
-)
+from tests.support.data import TOKEN, write_file
+from tests.support.runner import counts, inboxd, running_service, server_datasets, write_config
+from tests.support.waits import wait_until
 
 KiB = 1024
 

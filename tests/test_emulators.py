@@ -34,10 +34,10 @@ from daemon.upload import (
     UploadRequest,
     upload_file,
 )
-from tests.conftest import TOKEN, content_hash_of, write_file
+from tests.support.data import TOKEN, content_hash_of, write_file
 
 if TYPE_CHECKING:
-    from tests.emulators import Azurite, MotoS3, S3Request
+    from tests.support.emulators import Azurite, MotoS3, S3Request
 
 pytestmark = pytest.mark.emulator
 

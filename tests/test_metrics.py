@@ -31,7 +31,7 @@ from daemon.listen import parse_listen
 from daemon.metrics import UPLOAD_DURATION_BUCKETS, HealthCheck, Metrics, MetricsServer
 from daemon.queue import FileIdentity, NewJob, Queue
 from daemon.sandbox import Sandbox
-from tests.daemon_helpers import running_service, start_daemon, stop_daemon, write_config
+from tests.support.runner import running_service, start_daemon, stop_daemon, write_config
 
 # Every metric the daemon exposes, with its type and label names: the interface under test.
 EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -15,7 +15,7 @@ import pytest
 
 from daemon.notify import Notifier, watchdog_interval
 from daemon.sandbox import Sandbox
-from tests.daemon_helpers import REPO, write_config
+from tests.support.runner import REPO, write_config
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from daemon.sandbox import (
     running_sandbox,
 )
 from daemon.sandbox.formdata import FormDataError, FormDataParser, PartData, PartEnd, PartStart
-from tests.emulators import azurite_server, require_azurite
+from tests.support.emulators import azurite_server, require_azurite
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "sandbox-token"

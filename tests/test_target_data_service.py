@@ -31,14 +31,8 @@ from daemon.sandbox.dataservice import (
 from daemon.targets import Work
 from daemon.targets.data_service import RateLimits, _check_still_newest, marker, source_name
 from daemon.upload import FileRef, MemoryJournal, Resume
-from tests.daemon_helpers import (
-    counts,
-    inboxd,
-    running_service,
-    start_daemon,
-    wait_until,
-    write_config,
-)
+from tests.support.runner import counts, inboxd, running_service, start_daemon, write_config
+from tests.support.waits import wait_until
 
 ACCEPT = {"Accept": "application/json;v=1"}
 MiB = 1024 * 1024

@@ -44,15 +44,9 @@ from daemon.targets.marple_legacy import (
     plain_http_warning,
 )
 from daemon.upload import UploadOptions
-from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import (
-    counts,
-    inboxd,
-    running_service,
-    start_daemon,
-    wait_until,
-    write_config,
-)
+from tests.support.data import TOKEN, write_file
+from tests.support.runner import counts, inboxd, running_service, start_daemon, write_config
+from tests.support.waits import wait_until
 
 KiB = 1024
 MARPLE = {"kind": "marple"}

@@ -31,7 +31,7 @@ from daemon.upload import (
     UploadRequest,
     upload_file,
 )
-from tests.conftest import TOKEN, content_hash_of, write_file
+from tests.support.data import TOKEN, content_hash_of, write_file
 
 FAST = RetryPolicy(attempts=6, base=0.01, cap=0.1)
 STREAM = Stream(id=1, name="inbox", datapool="default")

@@ -1044,7 +1044,7 @@ sys.stdin.read()
 def _as_nobody(*args: str) -> subprocess.Popen[bytes] | None:
     """A Python process as user nobody (daemon.writers needs only the standard library), or
     None when no interpreter here is reachable for that user (a venv under /root)."""
-    from tests.daemon_helpers import REPO
+    from tests.support.runner import REPO
 
     for python in (os.path.realpath(sys.executable), "/usr/bin/python3"):
         kw: dict[str, Any] = {"cwd": "/", "user": "nobody", "group": "nogroup"}

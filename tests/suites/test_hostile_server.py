@@ -1,7 +1,7 @@
 """The client, the upload flow and the poller against a server that answers badly on purpose.
 
 Every answer the contract's endpoints can give is scripted on a raw TCP server
-(``tests/hostile.py``): invalid JSON, missing fields, wrong types, unknown modes and import
+(``tests/support/hostile.py``): invalid JSON, missing fields, wrong types, unknown modes and import
 statuses, ``status: "failed"`` in a 200, 50 MB bodies, HTML error pages, redirects, slow and
 cut-off answers. What may come out of ``daemon.client.MarpleClient`` is a parsed model or one
 of our own ``InboxdError`` types with a short readable message that never holds the token;
@@ -60,8 +60,15 @@ from daemon.retry import RetryPolicy
 from daemon.targets import ImportUpdate
 from daemon.targets.marple_db import MarpleDbTarget
 from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file
-from tests.conftest import TOKEN
-from tests.hostile import Answer, HostileServer, Seen, html_page, json_answer, running_hostile
+from tests.support.data import TOKEN
+from tests.support.hostile import (
+    Answer,
+    HostileServer,
+    Seen,
+    html_page,
+    json_answer,
+    running_hostile,
+)
 
 LONG = os.environ.get("INBOXD_SUITE") == "long"
 EXAMPLES = 1000 if LONG else 100

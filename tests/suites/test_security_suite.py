@@ -74,8 +74,9 @@ from daemon.errors import (
 from daemon.retry import RetryPolicy
 from daemon.sandbox import Faults, Sandbox, SandboxConfig, StreamDef, running_sandbox
 from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file
-from tests.conftest import write_file
-from tests.daemon_helpers import REPO, running_service, wait_until, write_config
+from tests.support.data import write_file
+from tests.support.runner import REPO, running_service, write_config
+from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.slow  # about 45 s in all: real daemon processes, strace, emulators
 

@@ -24,11 +24,9 @@ import anyio
 from daemon.config import load_settings
 from daemon.queue import Job, Queue, QueueError
 from daemon.sandbox import Sandbox
-from tests.conftest import write_file
-from tests.daemon_helpers import inboxd
-
-KiB = 1024
-MiB = 1024 * KiB
+from tests.support.data import KiB, MiB, write_file
+from tests.support.runner import inboxd
+from tests.support.waits import wait_for
 
 LONG = os.environ.get("INBOXD_SUITE", "").strip().lower() == "long"
 SEED = int(os.environ.get("INBOXD_SUITE_SEED", "20261122"))
@@ -186,26 +184,6 @@ def job_states(config: Path) -> Counter[str]:
     return Counter(str(j.state) for j in jobs(config))
 
 
-def wait_for(
-    cond: Callable[[], object],
-    timeout: float,
-    what: str | Callable[[], str],
-    step: float = 0.1,
-) -> float:
-    """Poll ``cond`` until truthy; returns the seconds it took. AssertionError on timeout.
-
-    ``what`` may be a callable: it is called on timeout, so it can describe the state then.
-    """
-    started = time.monotonic()
-    while True:
-        if cond():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {text}")
-        time.sleep(step)
-
-
 def all_done(config: Path, n: int) -> Callable[[], bool]:
     def check() -> bool:
         states = job_states(config)
@@ -217,13 +195,16 @@ def all_done(config: Path, n: int) -> Callable[[], bool]:
 def wait_all_done(
     config: Path, n: int, timeout: float, *, when: str = "", step: float = 0.25
 ) -> float:
-    """Wait until ``n`` jobs are done; on timeout the message lists the unfinished ones."""
-    return wait_for(
+    """Wait until ``n`` jobs are done and return the seconds it took; on timeout the message
+    lists the unfinished ones."""
+    started = time.monotonic()
+    wait_for(
         all_done(config, n),
         timeout,
         lambda: f"all {n} files done{when}:\n{describe_unfinished(config)}",
         step=step,
     )
+    return time.monotonic() - started
 
 
 def describe_unfinished(config: Path) -> str:

@@ -746,7 +746,7 @@ def running_proxy(target_host: str, target_port: int, **kw: Any) -> Iterator[Fau
 
 def main(argv: list[str] | None = None) -> int:
     """Run a proxy as its own process (benchmarks pin it to a core and read its CPU time):
-    ``python tests/faultproxy.py --target 127.0.0.1:8787 --rtt-ms 40 --port-file F``.
+    ``python tests/support/faultproxy.py --target 127.0.0.1:8787 --rtt-ms 40 --port-file F``.
     Writes the port it listens on to ``--port-file`` and serves until SIGTERM or SIGINT."""
     import argparse
     import signal

@@ -1,4 +1,5 @@
-"""Helpers for end-to-end daemon tests: a config on disk, an in-process service, waits."""
+"""The daemon as a test runs it: a config on disk, an in-process service, a real ``inboxd``
+child process (started, stopped gracefully or killed), ``inboxd`` commands, server readings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,9 @@ from daemon.config import Settings, load_settings
 from daemon.queue import Queue
 from daemon.sandbox import Sandbox
 from daemon.service import Service
-from tests.conftest import TOKEN
+from tests.support.data import TOKEN
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_config(tmp: Path, sb: Sandbox, **sections: dict[str, Any]) -> Path:
@@ -82,18 +83,6 @@ async def running_service(config: Path, **kw: Any) -> AsyncIterator[Service]:
             service.stop()
 
 
-async def wait_until(cond: Callable[[], Any], timeout: float = 30.0, step: float = 0.05) -> Any:
-    """Poll ``cond`` (sync or async) until truthy; fail after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
-        while True:
-            value = cond()
-            if hasattr(value, "__await__"):
-                value = await value
-            if value:
-                return value
-            await anyio.sleep(step)
-
-
 async def counts(settings_or_config: Settings | Path) -> dict[str, int]:
     """Job counts per state, read with a separate read-only connection."""
     settings = (
@@ -147,6 +136,19 @@ def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
         if time.monotonic() > deadline:
             raise AssertionError("the daemon installed no SIGTERM handler within 10 s")
         time.sleep(0.005)
+    return terminate(proc, timeout)
+
+
+def kill_daemon(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL: the daemon gets no chance to clean up (a crash or a power cut)."""
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """SIGTERM to any child (a sandbox, an emulator) and its exit status; SIGKILL and
+    TimeoutExpired if it does not stop in ``timeout`` seconds. For ``inboxd run`` use
+    :func:`stop_daemon`, which first waits for the daemon's SIGTERM handler."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
@@ -181,7 +183,3 @@ def server_datasets(sb: Sandbox) -> dict[str, list[int]]:
     for ds in list(sb.datasets.values()):
         out.setdefault(ds.path, []).append(ds.id)
     return out
-
-
-def now() -> float:
-    return time.time()

@@ -34,11 +34,12 @@ import pytest
 
 from daemon.sandbox.config import AZURITE_DEV_KEY
 from daemon.sandbox.signing import account_sas, blob_sas
+from tests.support.waits import wait_for
 
 # moto reads this when it is first imported; conftest.py sets it too.
 os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "1024")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 AZURITE_ACCOUNT = "devstoreaccount1"
 #: The x-ms-version the helpers below send (Azurite runs with --skipApiVersionCheck).
 AZURE_VERSION = "2023-11-03"
@@ -50,17 +51,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def wait_for(
-    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
-) -> None:
-    """Poll ``condition`` until it holds; raise TimeoutError naming ``what`` if it never does."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout:g} s")
-        time.sleep(interval)
 
 
 def _port_open(host: str, port: int) -> bool:
