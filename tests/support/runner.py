@@ -25,15 +25,18 @@ from tests.support.data import TOKEN
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_config(tmp: Path, sb: Sandbox, **sections: dict[str, Any]) -> Path:
-    """A config file for a daemon on ``tmp/inbox`` against ``sb``; ``sections`` override keys."""
-    base: dict[str, dict[str, Any]] = {
-        "api": {"url": sb.url, "token": TOKEN, "timeout": 5.0},
-        "inbox": {"path": str(tmp / "inbox"), "settle_seconds": 0.2},
-        "state": {"path": str(tmp / "state" / "state.db")},
+def daemon_sections(
+    tmp: Path, url: str, *, attempts: int = 4, **api: Any
+) -> dict[str, dict[str, Any]]:
+    """The config of a test daemon on ``tmp/inbox`` against ``url``, as sections: fast
+    settling, retries and polls; ``api`` adds ``[api]`` keys (a token, a token file)."""
+    return {
+        "api": {"url": url, "timeout": 5.0, **api},
+        "inbox": {"path": tmp / "inbox", "settle_seconds": 0.2},
+        "state": {"path": tmp / "state" / "state.db"},
         "upload": {"stream": 1, "workers": 2, "part_concurrency": 2},
         "retry": {
-            "attempts": 4,
+            "attempts": attempts,
             "base_seconds": 0.05,
             "cap_seconds": 0.3,
             "job_backoff_cap_seconds": 0.5,
@@ -41,29 +44,38 @@ def write_config(tmp: Path, sb: Sandbox, **sections: dict[str, Any]) -> Path:
         "poll": {"interval_seconds": 0.2},
         "log": {"format": "json", "level": "debug"},
     }
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    (tmp / "inbox").mkdir(exist_ok=True)
+
+
+def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """Write ``sections`` as a TOML file at ``path``."""
     lines = []
-    for name, values in base.items():
+    for name, values in sections.items():
         lines.append(f"[{name}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml(value)}")
-    path = tmp / "config.toml"
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _toml(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One value in TOML (the few types test configs use)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, str):
-        return json.dumps(value)
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
     return str(value)
+
+
+def write_config(tmp: Path, sb: Sandbox, **sections: dict[str, Any]) -> Path:
+    """A config file for a daemon on ``tmp/inbox`` against ``sb``; ``sections`` override keys."""
+    base = daemon_sections(tmp, sb.url, token=TOKEN)
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    (tmp / "inbox").mkdir(exist_ok=True)
+    return write_toml(tmp / "config.toml", base)
 
 
 @asynccontextmanager
