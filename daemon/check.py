@@ -395,9 +395,9 @@ def _token_lines(settings: Settings, unit: Unit | None) -> tuple[list[Line], Sec
         else "where the shipped unit's LoadCredential= reads it"
     )
     try:
-        from daemon.config import _read_token_file
+        from daemon.config import read_token_file
 
-        token = _read_token_file(source, "credential 'token'")
+        token = read_token_file(source, "credential 'token'")
     except ConfigError as exc:
         fix = "run `sudo inboxd check`" if os.geteuid() != 0 else "fix the file"
         return [Line(False, f"token: {exc.problems[0]}", fix)], None

@@ -45,7 +45,6 @@ import functools
 import json
 import math
 import os
-import re
 import ssl
 import stat
 import time
@@ -87,6 +86,7 @@ from daemon.errors import (
     StorageError,
     TransportError,
     UrlExpiredError,
+    scrub_secrets,
 )
 from daemon.retry import parse_retry_after
 
@@ -112,7 +112,6 @@ _INFLATE_STEP = 64 * 1024  # most bytes one inflate step may produce: a bomb nev
 # Only what _Inflater decodes: httpx would also offer br/zstd if those packages were installed.
 _ACCEPT_ENCODING = "gzip, deflate"
 _USER_AGENT = f"inboxd/{__version__}"
-_BEARER = re.compile(r"Bearer\s+[^\s'\"]+")
 
 Progress = Callable[[int], None]
 Throttle = Callable[[int], Awaitable[None]]
@@ -530,7 +529,7 @@ class MarpleClient:
 
     # ---- API plumbing -------------------------------------------------------------------
 
-    async def _call(
+    async def request(
         self,
         method: str,
         path: str,
@@ -541,6 +540,10 @@ class MarpleClient:
         content: AsyncIterator[bytes] | bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Any:
+        """One API request with the token, timeouts and capped reads; the decoded JSON answer.
+
+        An error status becomes our error (``daemon.errors``); a retry is the caller's choice.
+        """
         kwargs: dict[str, Any] = {"params": params, "headers": headers}
         if json_body is not None:
             kwargs["content"] = json.dumps(json_body).encode()
@@ -561,12 +564,12 @@ class MarpleClient:
 
     async def health(self) -> None:
         """``GET /health``; raises unless the server says it is healthy."""
-        await self._call("GET", "/health", endpoint="GET /health")
+        await self.request("GET", "/health", endpoint="GET /health")
 
     async def streams(self) -> list[Stream]:
         """``GET /streams``. A 403 here means the token is bad."""
-        body = await self._call("GET", "/streams", endpoint="GET /streams")
-        return _parse(_STREAMS, _field(body, "streams", "GET /streams"), "GET /streams")
+        body = await self.request("GET", "/streams", endpoint="GET /streams")
+        return parse_answer(_STREAMS, _field(body, "streams", "GET /streams"), "GET /streams")
 
     async def resolve_stream(self, ref: int | str) -> Stream:
         """Find a stream by id, or by name (case-insensitive)."""
@@ -608,9 +611,9 @@ class MarpleClient:
         if plugin_args is not None:
             payload["plugin_args"] = plugin_args
         ep = "POST /ingestion"
-        body = await self._call("POST", "/ingestion", endpoint=ep, json_body=payload)
+        body = await self.request("POST", "/ingestion", endpoint=ep, json_body=payload)
         try:
-            return _parse(_INGESTION, body, ep)
+            return parse_answer(_INGESTION, body, ep)
         except ProtocolError as exc:
             # The server may have created an ingestion all the same: name it, so the caller
             # can abort it instead of leaving it open.
@@ -631,7 +634,7 @@ class MarpleClient:
         source = _sized_for(source, self._base)
         body, headers = multipart_file_body(source, filename=filename, progress=progress)
         ep = "POST /ingestion/{id}/upload/server"
-        await self._call(
+        await self.request(
             "POST",
             f"/ingestion/{ingestion_id}/upload/server",
             endpoint=ep,
@@ -642,17 +645,17 @@ class MarpleClient:
     async def part_urls(self, ingestion_id: int, start_part: int, count: int = 32) -> PartUrls:
         """``GET /ingestion/{id}/upload/part-urls``: fresh signed URLs for a range of parts."""
         ep = "GET /ingestion/{id}/upload/part-urls"
-        body = await self._call(
+        body = await self.request(
             "GET",
             f"/ingestion/{ingestion_id}/upload/part-urls",
             endpoint=ep,
             params={"start_part": start_part, "count": count},
         )
-        return _parse(_PART_URLS, body, ep)
+        return parse_answer(_PART_URLS, body, ep)
 
     async def complete(self, ingestion_id: int) -> None:
         """``POST /ingestion/{id}/upload/complete``; the server checks the stored size."""
-        await self._call(
+        await self.request(
             "POST",
             f"/ingestion/{ingestion_id}/upload/complete",
             endpoint="POST /ingestion/{id}/upload/complete",
@@ -661,7 +664,7 @@ class MarpleClient:
 
     async def abort(self, ingestion_id: int, reason: str) -> None:
         """``POST /ingestion/{id}/abort`` with a reason a person can read on the server."""
-        await self._call(
+        await self.request(
             "POST",
             f"/ingestion/{ingestion_id}/abort",
             endpoint="POST /ingestion/{id}/abort",
@@ -671,12 +674,12 @@ class MarpleClient:
     async def datasets_status(self, stream_id: int, dataset_ids: list[int]) -> list[DatasetStatus]:
         """``POST /stream/{id}/datasets/status`` for a batch of datasets."""
         ep = "POST /stream/{id}/datasets/status"
-        body = await self._call(
+        body = await self.request(
             "POST", f"/stream/{stream_id}/datasets/status", endpoint=ep, json_body=dataset_ids
         )
         if isinstance(body, dict) and isinstance(body.get("datasets"), list):
             body = body["datasets"]
-        return _parse(_STATUSES, body, ep)
+        return parse_answer(_STATUSES, body, ep)
 
     async def dataset(
         self, datapool: str, *, dataset_id: int | None = None, path: str | None = None
@@ -685,20 +688,20 @@ class MarpleClient:
         params: dict[str, Any] = {"id": dataset_id} if dataset_id is not None else {"path": path}
         ep = "GET /datapool/{datapool}/dataset"
         try:
-            body = await self._call(
+            body = await self.request(
                 "GET", f"/datapool/{datapool}/dataset", endpoint=ep, params=params
             )
         except NotFoundError:
             return None
-        return _parse(_DATASET, body, ep)
+        return parse_answer(_DATASET, body, ep)
 
     async def datasets(self, stream_id: int) -> list[Dataset]:
         """``GET /stream/{id}/datasets``."""
         ep = "GET /stream/{id}/datasets"
-        body = await self._call("GET", f"/stream/{stream_id}/datasets", endpoint=ep)
+        body = await self.request("GET", f"/stream/{stream_id}/datasets", endpoint=ep)
         if isinstance(body, dict):
             body = body.get("datasets", body.get("items"))
-        return _parse(_DATASETS, body, ep)
+        return parse_answer(_DATASETS, body, ep)
 
     # ---- storage ------------------------------------------------------------------------
 
@@ -809,32 +812,27 @@ async def send_request(
             )
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise TransportError(
-            f"{endpoint}: cannot connect to {server} ({_scrub(_describe_httpx(exc), secret)})",
+            f"{endpoint}: cannot connect to {server} "
+            f"({scrub_secrets(_describe_httpx(exc), secret)})",
             maybe_sent=False,
             advice=advice,
         ) from exc
     except httpx.TransportError as exc:
         raise TransportError(
             f"{endpoint}: no complete answer from the server "
-            f"({_scrub(_describe_httpx(exc), secret)})"
+            f"({scrub_secrets(_describe_httpx(exc), secret)})"
         ) from exc
     except httpx.InvalidURL as exc:
         # Not a TransportError in httpx: a malformed redirect Location (clients without the
         # _unfollowed_redirect hook) or a URL built from what the server sent.
         raise ProtocolError(
             f"the request or the server's redirect has an unusable URL "
-            f"({_scrub(_describe_httpx(exc), secret)})",
+            f"({scrub_secrets(_describe_httpx(exc), secret)})",
             endpoint=endpoint,
         ) from None
     if secret and secret.encode() in body:
         body = body.replace(secret.encode(), b"<redacted>")
     return _decode(resp, body, endpoint)
-
-
-def _scrub(text: str, secret: str) -> str:
-    """Remove a bearer token (and ``secret`` itself) from text that came from elsewhere."""
-    text = _BEARER.sub("Bearer <redacted>", text)
-    return text.replace(secret, "<redacted>") if secret else text
 
 
 def _deadline_scope(http: httpx.AsyncClient, content: Any) -> tuple[anyio.CancelScope, float, Any]:
@@ -1028,7 +1026,8 @@ def _field(body: Any, key: str, endpoint: str) -> Any:
     return body[key]
 
 
-def _parse(adapter: TypeAdapter[_T], data: Any, endpoint: str) -> _T:
+def parse_answer(adapter: TypeAdapter[_T], data: Any, endpoint: str) -> _T:
+    """``data`` (a decoded answer of ``endpoint``) as ``adapter``'s type, or ProtocolError."""
     try:
         return adapter.validate_python(data)
     except ValidationError as exc:
@@ -1057,6 +1056,7 @@ __all__ = [
     "Progress",
     "Stream",
     "multipart_file_body",
+    "parse_answer",
     "pool_size",
     "redact_url",
     "send_request",

@@ -35,7 +35,19 @@ from pydantic_settings import (
 from daemon.compat import tomllib
 from daemon.errors import ConfigError
 
-_DEFAULT_EXCLUDES = (".*", "*.tmp", "*.part", "*.partial", "~$*", "*.swp", "*.crdownload")
+#: ``[inbox] exclude`` by default, and the watcher's: dotfiles and dot-folders (a glob without
+#: '/' is tried on every path component), partial downloads and editors' temporary and lock
+#: files. ``<file>.meta.json`` is not here: it is excluded only while ``[upload]
+#: sidecar_metadata`` reads it (the service adds that glob), else it is a file like any other.
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    ".*",
+    "*.tmp",
+    "*.part",
+    "*.partial",
+    "~$*",  # Office lock files
+    "*.swp",
+    "*.crdownload",
+)
 
 # The TOML file of the load in progress; pydantic-settings builds sources from the class, so the
 # path travels here rather than through a mutable class attribute.
@@ -74,12 +86,12 @@ class ApiSettings(_Section):
         if self.token is not None and self.token.get_secret_value().strip():
             return _checked_token(self.token.get_secret_value().strip(), "api.token")
         if self.token_file is not None:
-            return _read_token_file(self.token_file, "api.token_file")
+            return read_token_file(self.token_file, "api.token_file")
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
         if cred_dir:
             cred = Path(cred_dir) / "token"
             if cred.exists():
-                return _read_token_file(cred, "systemd credential 'token'")
+                return read_token_file(cred, "systemd credential 'token'")
         raise ConfigError(
             "api.token: no API token configured — set [api] token or token_file, the "
             "environment variable INBOXD_API__TOKEN, or the systemd credential 'token' "
@@ -87,7 +99,8 @@ class ApiSettings(_Section):
         )
 
 
-def _read_token_file(path: Path, key: str) -> SecretStr:
+def read_token_file(path: Path, key: str) -> SecretStr:
+    """The secret in the file ``path`` (stripped), or ConfigError naming ``key``."""
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -242,7 +255,7 @@ class InboxSettings(_Section):
     after_upload: Literal["keep", "archive", "delete"] = "keep"
     archive_path: Path | None = None
     include: list[str] = Field(default_factory=lambda: ["*"])
-    exclude: list[str] = Field(default_factory=lambda: list(_DEFAULT_EXCLUDES))
+    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDES))
     follow_symlinks: bool = False
     rescan_seconds: float = Field(default=600.0, ge=0)
     force_polling: bool | None = None
@@ -436,7 +449,7 @@ class DataServiceSettings(_Section):
             return SecretStr(value.get_secret_value().strip())
         path: Path | None = getattr(self, f"{name}_file")
         if path is not None:
-            return _read_token_file(path, f"data_service.{name}_file")
+            return read_token_file(path, f"data_service.{name}_file")
         raise ConfigError(
             f"data_service.{name}: not configured — set [data_service] {name} or {name}_file, "
             f"or the environment variable INBOXD_DATA_SERVICE__{name.upper()}"

@@ -67,9 +67,7 @@ async def _drive(settings: object, inbox: Path, timeout: float) -> int:
     service = Service(settings, handle_signals=True, grace_seconds=5.0)
     result = 1
     async with anyio.create_task_group() as tg:
-        tg.start_soon(service.run)
-        while service.queue is None or service.watcher is None:
-            await anyio.sleep(0.05)
+        await tg.start(service.run)  # returns once the daemon is ready
         for rel, size in _FILES.items():
             path = inbox / rel
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +75,7 @@ async def _drive(settings: object, inbox: Path, timeout: float) -> int:
             print(f"dropped {rel} ({size:,} bytes)")
         deadline = time.monotonic() + timeout
         queue = service.queue
+        assert queue is not None  # opened before the service is ready
         while time.monotonic() < deadline:
             counts = await queue.counts()
             if counts.get("done", 0) + counts.get("failed", 0) >= len(_FILES):

@@ -17,8 +17,9 @@
     │   ├── ConflictError            409: name taken, or ingestion in another state — decide
     │   ├── RejectedError            400/405/413/422…: the request itself is wrong — give up
     │   ├── LockedError              423: the resource is being refreshed — wait, then retry
-    │   ├── RateLimitedError         429: retry after ``retry_after`` seconds
-    │   ├── ServerError              5xx: retry with backoff
+    │   ├── TransientApiError        the service is busy or failing: retry (``retry_after``)
+    │   │   ├── RateLimitedError     429: retry after ``retry_after`` seconds
+    │   │   └── ServerError          5xx: retry with backoff
     │   └── ProtocolError            a 2xx answer we cannot understand — retry a few times
     ├── TransportError               no (complete) answer: connect/read failure, timeout, reset
     ├── StorageError                 a presigned/SAS storage request failed — retry, then fall back
@@ -37,7 +38,18 @@ problem that will not fix itself (``RestartPreventExitStatus=``) from one that m
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
+
+#: ``Authorization: Bearer <token>`` as httpx, a server or a bug may echo it in a message
+_BEARER = re.compile(r"Bearer\s+[^\s'\"]+")
+
+
+def scrub_secrets(text: str, secret: str = "") -> str:
+    """``text`` (from httpx, a server's answer, a bug's message) without any bearer token, nor
+    ``secret`` itself when given: the one scrub before such text reaches an error or a log."""
+    text = _BEARER.sub("Bearer <redacted>", text)
+    return text.replace(secret, "<redacted>") if secret else text
 
 
 class InboxdError(Exception):
@@ -182,8 +194,28 @@ class LockedError(ApiError):
     kind = "locked"
 
 
-class RateLimitedError(ApiError):
+class TransientApiError(ApiError):
+    """The service refused for now (429) or failed (5xx): the same request may be tried again,
+    after ``retry_after`` seconds when the answer carried ``Retry-After`` (429 and 503 may)."""
+
     retryable = True
+    kind = "transient"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        endpoint: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, endpoint=endpoint)
+        self.retry_after = retry_after
+
+
+class RateLimitedError(TransientApiError):
+    """429 Too Many Requests: the request was refused before any work was done."""
+
     kind = "rate_limited"
 
     def __init__(
@@ -194,12 +226,11 @@ class RateLimitedError(ApiError):
         endpoint: str = "",
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, status=status, endpoint=endpoint)
-        self.retry_after = retry_after
+        super().__init__(message, status=status, endpoint=endpoint, retry_after=retry_after)
 
 
-class ServerError(RateLimitedError):
-    """5xx. Shares ``retry_after`` with 429 because 503 may carry ``Retry-After`` too."""
+class ServerError(TransientApiError):
+    """5xx: the service failed; the request may or may not have done its work."""
 
     kind = "server"
 

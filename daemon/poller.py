@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 import anyio
 import structlog
 
-from daemon.errors import AuthError, InboxdError
+from daemon.errors import AuthError, InboxdError, scrub_secrets
 from daemon.metrics import Metrics
 from daemon.queue import ImportRecord, Job, Queue, QueueError
-from daemon.retry import ServiceHold
+from daemon.retry import ServiceHold, backoff_delay
 from daemon.status import what_to_do
 from daemon.targets import ImportUpdate, Target
 
 _log = structlog.get_logger(__name__)
 #: longest pause after repeated unexpected failures (the interval is used when it is longer)
 MAX_BACKOFF = 300.0
-_BEARER = re.compile(r"Bearer\s+[^\s'\"]+")
 
 
 class Poller:
@@ -50,13 +48,8 @@ class Poller:
         self.target = target
         self.interval = interval
         self.batch_size = batch_size
-        self._wake = anyio.Event()
         #: set after each pass; tests and the service wait on it
         self.passes = 0
-
-    def wake(self) -> None:
-        """Something was uploaded: poll soon rather than at the next interval."""
-        self._wake.set()
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Poll until cancelled."""
@@ -67,17 +60,15 @@ class Poller:
                 await self.hold.wait_over()
             if await self._pass_failed_unexpectedly():
                 streak += 1
-                pause = min(self.interval * 2 ** min(streak, 20), max(self.interval, MAX_BACKOFF))
+                cap = max(self.interval, MAX_BACKOFF)
+                pause = backoff_delay(streak + 1, self.interval, cap, jitter="none")
                 _log.info("poller.backoff", retry_in=round(pause, 2), failures=streak)
                 self.passes += 1
-                # Not cut short by wake(): every upload would turn the backoff into a busy loop.
                 await anyio.sleep(pause)
             else:
                 streak = 0
                 self.passes += 1
-                with anyio.move_on_after(self.interval):
-                    await self._wake.wait()
-            self._wake = anyio.Event()
+                await anyio.sleep(self.interval)
 
     async def _pass_failed_unexpectedly(self) -> bool:
         """One pass; errors are logged here. True when it failed in a way nobody foresaw."""
@@ -93,7 +84,7 @@ class Poller:
             _log.error(
                 "poller.unexpected",
                 error_type=type(exc).__name__,
-                error=_BEARER.sub("Bearer <redacted>", str(exc))[:500],
+                error=scrub_secrets(str(exc))[:500],
             )
             return True
         return False

@@ -19,14 +19,14 @@ import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import anyio
 import structlog
 
 from daemon.compat import UTC
 from daemon.config import RetrySettings
-from daemon.errors import InboxdError, RateLimitedError, TransportError
+from daemon.errors import InboxdError, TransientApiError, TransportError
 
 T = TypeVar("T")
 _log = structlog.get_logger(__name__)
@@ -72,6 +72,31 @@ def _http_date_delta(text: str, now: float) -> float | None:
         return RETRY_AFTER_CEILING
 
 
+#: how :func:`backoff_delay` spreads a delay: ``full`` uniform in [0, d] (clients that failed
+#: together retry apart), ``half`` uniform in [d/2, d] (never much shorter than planned),
+#: ``none`` exactly d (a single local loop: nobody to spread from)
+Jitter = Literal["full", "half", "none"]
+
+#: exponents beyond this change nothing (the cap applies long before) and keep floats finite
+_MAX_EXPONENT = 60
+
+
+def backoff_delay(attempt: int, base: float, cap: float, *, jitter: Jitter = "full") -> float:
+    """The one backoff formula: seconds to wait after the ``attempt``-th failure in a row.
+
+    ``attempt`` counts from 1: the delay is ``base * 2**(attempt - 1)``, at most ``cap``, then
+    jittered as ``jitter`` says. Every retry loop of inboxd (a step, the service hold, a job's
+    next try, the poller, the watcher's event source) takes its delay from here.
+    """
+    exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
+    ceiling = min(cap, base * 2.0**exponent)
+    if jitter == "full":
+        return random.uniform(0, ceiling)
+    if jitter == "half":
+        return random.uniform(ceiling / 2, ceiling)
+    return ceiling
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How often and how patiently one step is retried."""
@@ -102,8 +127,8 @@ class RetryPolicy:
         Full jitter (uniform in [0, min(cap, base * 2**(attempt-1))]) spreads clients that failed
         together; a server's ``Retry-After`` is a floor, itself bounded by ``max_retry_after``.
         """
-        ceiling = min(self.cap, self.base * (2 ** max(attempt - 1, 0)))
-        return max(random.uniform(0, ceiling), self.server_wait(retry_after))
+        wait = backoff_delay(attempt, self.base, self.cap, jitter="full")
+        return max(wait, self.server_wait(retry_after))
 
 
 def bounded_wait(retry_after: float | None, cap: float) -> float:
@@ -126,7 +151,7 @@ OnRetry = Callable[[str], None]
 def is_service_trouble(exc: BaseException) -> bool:
     """Whether ``exc`` says the service as a whole is not answering (no answer, 5xx, 429),
     rather than that this one request or file is wrong."""
-    return isinstance(exc, TransportError | RateLimitedError)
+    return isinstance(exc, TransportError | TransientApiError)
 
 
 class ServiceHold:
@@ -198,9 +223,8 @@ class ServiceHold:
             # Requests in flight together fail together: the hold grows once per hold (a
             # failed trial, a retry after it), not once per request that was in flight.
             self.failures += 1
-        ceiling = min(self.cap, self.base * 2 ** min(self.failures - 1, 30))
         delay = max(
-            random.uniform(ceiling / 2, ceiling),
+            backoff_delay(self.failures, self.base, self.cap, jitter="half"),
             bounded_wait(retry_after_of(exc), self.max_retry_after),
         )
         if now + delay <= self.until:

@@ -19,7 +19,6 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,7 @@ from daemon.status import HEARTBEAT_SECONDS, what_to_do
 from daemon.targets import Target
 from daemon.targets.factory import open_target
 from daemon.upload import UploadOptions
-from daemon.watcher import DEFAULT_EXCLUDES, InboxTrouble, Watcher, WatchRules
+from daemon.watcher import InboxTrouble, Watcher, WatchRules
 from daemon.workers import Pause, Workers, WorkerSettings
 
 _log = structlog.get_logger(__name__)
@@ -68,21 +67,20 @@ _PROBE_SECONDS = 30.0
 
 
 class Service:
-    """A running daemon. ``await Service(settings).run()`` until cancelled or signalled."""
+    """A running daemon. ``await Service(settings).run()`` until cancelled or signalled, or
+    ``await tg.start(service.run)`` to go on once it is ready (see :meth:`run`)."""
 
     def __init__(
         self,
         settings: Settings,
         *,
         grace_seconds: float = 20.0,
-        on_ready: Callable[[Service], None] | None = None,
         handle_signals: bool = True,
         probe_seconds: float = _PROBE_SECONDS,
     ) -> None:
         self.probe_seconds = probe_seconds
         self.settings = settings
         self.grace_seconds = grace_seconds
-        self.on_ready = on_ready
         self.handle_signals = handle_signals
         self.inbox = settings.inbox.path.absolute()
         self._beat_now = anyio.Event()
@@ -114,9 +112,14 @@ class Service:
         """Ask for a graceful stop (what SIGTERM does)."""
         self._stop.set()
 
-    async def run(self) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Run until stopped; returns after a graceful stop.
 
+        Ready (``task_status.started()``, so ``await tg.start(service.run)`` returns) once the
+        queue is open, the workers, poller and disposal run and the watcher's start-up scan is
+        done: the moment ``daemon.ready`` is logged and systemd is told READY=1.
         Raises ``StateLostError`` when the state database is deleted or replaced meanwhile.
         """
         s = self.settings
@@ -130,7 +133,7 @@ class Service:
             self.queue = queue
             self._state_files = _state_files(s.state.path)
             try:
-                await self._run(queue)
+                await self._run(queue, task_status)
             finally:
                 self.notifier.close()
                 with anyio.CancelScope(shield=True):
@@ -138,7 +141,7 @@ class Service:
         finally:
             os.close(lock)
 
-    async def _run(self, queue: Queue) -> None:
+    async def _run(self, queue: Queue, task_status: anyio.abc.TaskStatus[None]) -> None:
         s = self.settings
         owner = f"inboxd-{os.getpid()}-{int(self.started_at)}"
         recovered = await queue.recover(owner)
@@ -255,8 +258,7 @@ class Service:
                 )
                 self.notifier.ready(await self.summary())
                 self._ready = True
-                if self.on_ready is not None:
-                    self.on_ready(self)
+                task_status.started()
                 await self._stop.wait()
                 _log.info("daemon.stopping", grace_seconds=self.grace_seconds)
                 # Ask systemd for the grace period plus time to persist, on top of its own.
@@ -287,7 +289,6 @@ class Service:
         ignore: tuple[Path, ...] = ()
         if inbox.archive_path is not None:
             ignore = (inbox.archive_path.absolute(),)
-        _ = DEFAULT_EXCLUDES  # the config's default mirrors the watcher's
         return WatchRules(
             settle_seconds=inbox.settle_seconds,
             include=tuple(inbox.include),

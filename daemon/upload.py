@@ -60,6 +60,7 @@ from daemon.errors import (
     UploadFailed,
     UrlExpiredError,
 )
+from daemon.queue import Stage
 
 _log = structlog.get_logger(__name__)
 
@@ -80,7 +81,6 @@ _AZURE_PUT_BLOB_MAX = 32 * 1024 * 1024
 _AZURE_BLOCK_SIZE = 8 * 1024 * 1024
 _AZURE_MAX_BLOCKS = 50_000
 
-Stage = Literal["new", "creating", "uploading", "completing", "completed"]
 NameClash = Literal["rename", "fail", "overwrite"]
 
 
@@ -88,7 +88,7 @@ NameClash = Literal["rename", "fail", "overwrite"]
 class Resume:
     """What an earlier attempt of this upload got done (what the queue persisted)."""
 
-    stage: Stage = "new"
+    stage: Stage = Stage.NEW
     ingestion_id: int | None = None
     dataset_id: int | None = None
     dataset_name: str | None = None
@@ -239,7 +239,7 @@ class UploadOptions:
     recognise_delivered: bool = True
 
 
-class _Sent:
+class BytesSent:
     """Counts bytes sent; a failed request's bytes are taken back so the total stays honest."""
 
     def __init__(self, progress: Progress | None) -> None:
@@ -323,7 +323,7 @@ class _Flow:
         #: the digest of the whole file as last sent in one piece (server, single, Put Blob)
         self.whole_digest: bytes | None = None
         self.journal: Journal = journal if journal is not None else MemoryJournal()
-        self.sent = _Sent(progress)
+        self.sent = BytesSent(progress)
         self.ingestion: Ingestion | None = None
         self.log = _log.bind(dataset=req.dataset_name)
 
@@ -349,11 +349,11 @@ class _Flow:
         # Resumed (not created in this run) on an ingestion that was uploading: the server
         # may be further along than the journal says.
         resumed_upload = (
-            self.state.stage == "uploading"
+            self.state.stage == Stage.UPLOADING
             and self.state.ingestion_id is not None
             and self.state.dataset_id is not None
         )
-        if self.state.ingestion_id is None or self.state.stage in ("new", "creating"):
+        if self.state.ingestion_id is None or self.state.stage in (Stage.NEW, Stage.CREATING):
             done = await self._create()
             if done is not None:
                 return await self._with_hash(done)
@@ -363,13 +363,13 @@ class _Flow:
                 # that (a power cut may drop the last commits). Never upload or abort it again.
                 self.log.info("ingestion.found_completed", ingestion_id=self.state.ingestion_id)
                 recovered = True
-            elif self.state.stage == "uploading":
+            elif self.state.stage == Stage.UPLOADING:
                 await self._upload()
                 # After the last byte was read and before complete: the bytes sent are one
                 # whole version only if the file is still exactly the one pinned.
                 self.req.file.check_unchanged()
                 recovered = await self._complete()
-            elif self.state.stage == "completing":
+            elif self.state.stage == Stage.COMPLETING:
                 recovered = await self._complete()
             else:
                 recovered = True
@@ -397,7 +397,7 @@ class _Flow:
             raise UploadFailed(f"upload failed: {exc}", cause_kind=exc.kind) from exc
         # No journal entry for "completed": the caller records the outcome next, and a crash
         # before that resumes at "completing", which finds the upload done on the server.
-        self.state.stage = "completed"
+        self.state.stage = Stage.COMPLETED
         assert self.state.ingestion_id is not None and self.state.dataset_id is not None
         appended = self.req.append_to is not None and self.state.dataset_id == self.req.append_to
         return await self._with_hash(
@@ -463,7 +463,7 @@ class _Flow:
         policy = self.opts.policy
         overwrite = self.req.on_name_clash == "overwrite"
         # A crash after the POST was sent leaves "creating": we cannot know whether it landed.
-        ambiguous = self.state.stage == "creating"
+        ambiguous = self.state.stage == Stage.CREATING
         attempt = 0
         suffix = 1
         while True:
@@ -482,7 +482,7 @@ class _Flow:
                         return self._already_done(ds)
                     overwrite = True  # re-open our own dataset: same id, fresh ingestion
                 ambiguous = False
-            await self._save(stage="creating", dataset_name=self.name)
+            await self._save(stage=Stage.CREATING, dataset_name=self.name)
             try:
                 ing = await self.client.create_ingestion(
                     stream_id=self.req.stream.id,
@@ -545,7 +545,7 @@ class _Flow:
                 continue
             self.ingestion = ing
             await self._save(
-                stage="uploading",
+                stage=Stage.UPLOADING,
                 ingestion_id=ing.ingestion_id,
                 dataset_id=ing.dataset_id,
                 mode=ing.mode,
@@ -847,8 +847,8 @@ class _Flow:
         """Complete the upload; True when a lost earlier answer turned out to have succeeded."""
         assert self.state.ingestion_id is not None and self.state.dataset_id is not None
         ingestion_id = self.state.ingestion_id
-        resumed = self.state.stage == "completing"
-        await self._save(stage="completing")
+        resumed = self.state.stage == Stage.COMPLETING
+        await self._save(stage=Stage.COMPLETING)
         if resumed and await self._server_has_it():
             return True
         attempt = 0

@@ -69,10 +69,11 @@ import watchfiles
 
 from daemon import inotify, writers
 from daemon.compat import BaseExceptionGroup
+from daemon.config import DEFAULT_EXCLUDES
 from daemon.queue import FileIdentity
+from daemon.retry import backoff_delay
 
 __all__ = [
-    "DEFAULT_EXCLUDES",
     "MAX_BATCH",
     "REPLACED_GRACE_SECONDS",
     "InboxTrouble",
@@ -83,17 +84,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_EXCLUDES: Final[tuple[str, ...]] = (
-    ".*",  # dotfiles and dot-folders (a pattern without '/' is tried on every path component)
-    "*.tmp",
-    "*.part",
-    "*.partial",
-    "~$*",  # Office lock files
-    "*.swp",
-    "*.crdownload",
-    "*.meta.json",  # sidecar metadata: read together with its data file, never uploaded alone
-)
 
 MAX_BATCH: Final = 1000
 """Most files handed to one ``on_ready`` call."""
@@ -112,6 +102,7 @@ _EPSILON: Final = 0.002  # timer wake-ups may come a hair early; do not go back 
 # Re-read the clock at least this often while files wait (wall-clock steps, injected clocks).
 _MAX_TIMER_SLEEP: Final = 1.0
 _MIN_RESCAN_GAP: Final = 0.05  # seconds; the real gap is max(this, 2 x last scan duration)
+_RESTART_DELAY: Final = 0.1  # after the first failure in a row
 _MAX_RESTART_DELAY: Final = 5.0
 _POLL_SECONDS: Final = 0.3  # force_polling: a full scan this often (watchfiles' own default)
 # A file /proc shows held open for writing is looked at again on this grid (seconds), so that
@@ -1401,7 +1392,9 @@ class Watcher:
                     self._check_root()
                     if self._root_changes == seen_changes:  # not the folder's own doing
                         failures = 1 if time.monotonic() - started > 30 else failures + 1
-                        delay = min(_MAX_RESTART_DELAY, 0.05 * 2 ** min(failures, 10))
+                        delay = backoff_delay(
+                            failures, _RESTART_DELAY, _MAX_RESTART_DELAY, jitter="none"
+                        )
                         log.warning("watcher.events_failed", error=_describe(exc), retry_in=delay)
             self._events_scope = None
             self._writers_unknown()

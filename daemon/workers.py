@@ -9,7 +9,6 @@ job), or paused (the token was refused: nothing else is tried until a probe succ
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -36,7 +35,7 @@ from daemon.errors import (
 )
 from daemon.metrics import Metrics
 from daemon.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage
-from daemon.retry import CURRENT_HOLD, ServiceHold, is_service_trouble
+from daemon.retry import CURRENT_HOLD, ServiceHold, backoff_delay, is_service_trouble
 from daemon.status import change_note, what_to_do
 from daemon.targets import Target, Work, service_answers
 from daemon.upload import FileRef, Resume
@@ -369,7 +368,7 @@ class Workers:
         ref = FileRef(path, ident.size, ident.mtime_ns, ident.inode, ident.ctime_ns)
         parts = await self.queue.part_digests(job.id) if job.ingestion_id else {}
         resume = Resume(
-            stage=job.stage.value if job.stage.value != "completed" else "completing",
+            stage=job.stage if job.stage != Stage.COMPLETED else Stage.COMPLETING,
             ingestion_id=job.ingestion_id,
             dataset_id=job.dataset_id,
             dataset_name=job.dataset_name,
@@ -644,8 +643,8 @@ class Workers:
         if self.metrics is not None:
             self.metrics.retried(kind)
         s = self.settings
-        ceiling = min(s.backoff_cap, s.backoff_base * (2 ** min(job.attempts, 30)))
-        delay = random.uniform(ceiling / 2, ceiling)
+        # attempts counts the tries before this one: this failure is try attempts + 1
+        delay = backoff_delay(job.attempts + 1, s.backoff_base, s.backoff_cap, jitter="half")
         _log.info("job.backoff", job_id=job.id, delay=round(delay, 2), error=error)
         await self.queue.retry_later(job.id, error=error, kind=kind, delay=delay)
 

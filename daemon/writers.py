@@ -241,7 +241,8 @@ def visibility(inbox: Path, events: str, writer_timeout: float) -> Visibility:
         ok = True
     else:
         why = (
-            f"{seen.hidden} processes cannot be read by {user} (other users' or protected ones)"
+            f"{seen.hidden} {'process' if seen.hidden == 1 else 'processes'} cannot be read"
+            f" by {user} (other users' or protected ones)"
             if seen.hidden
             else f"/proc hides other users' processes from {user} (hidepid, ProtectProc)"
         )

@@ -273,10 +273,12 @@ async def test_enqueue_50k_in_one_call_is_fast(q: Queue) -> None:
     elapsed = time.perf_counter() - started
     assert len(ids) == 50_000
     assert ids == sorted(ids)
-    assert elapsed < 3.0, f"enqueue of 50,000 took {elapsed:.2f} s"
+    # A guard against pathological scaling (a statement per row, a scan per row: minutes), not
+    # a speed target: ~1 s on an idle machine, and the figures live in bench/daemon_bench.py.
+    assert elapsed < 30.0, f"enqueue of 50,000 took {elapsed:.2f} s"
     started = time.perf_counter()
     assert await q.enqueue_many(items) == []
-    assert time.perf_counter() - started < 3.0
+    assert time.perf_counter() - started < 30.0
     assert (await q.counts())["queued"] == 50_000
 
 
@@ -837,7 +839,9 @@ async def test_status_reads_fast_on_100k_jobs(db_path: Path) -> None:
         await timed("next_due_at", q.next_due_at())
         await timed("claim", q.claim("w", 60))
         print({name: round(t * 1000, 1) for name, t in timings.items()})  # ms, shown with -s
-        slow = {name: round(t, 3) for name, t in timings.items() if t > 0.3}
+        # A guard against a full scan per row (seconds each), not a speed target: each read
+        # takes milliseconds on an idle machine; `inboxd status`'s own figures are benchmarks.
+        slow = {name: round(t, 3) for name, t in timings.items() if t > 3.0}
         assert not slow, f"slow status reads: {slow}"
 
 

@@ -443,9 +443,13 @@ async def test_call_rate_limiter_keeps_under_the_user_and_the_account_rate(
     sandbox: Sandbox, tmp_path: Path, rate: str
 ) -> None:
     cfg = sandbox.data_service.config
-    cfg.rate_window = 1.0
+    # 120 per minute counted over 5 s: 10 requests in any 5 s. The limiter spaces calls at 90 %
+    # of the rate, so a request may arrive up to 0.5 s late before the server counts one too
+    # many (with a 1 s window, a loaded machine's 0.1 s of scheduling jitter cost a 429; the
+    # real service counts over a minute).
+    cfg.rate_window = 5.0
     if rate == "user":
-        cfg.user_api_call_rate = 120  # 2 requests in any second
+        cfg.user_api_call_rate = 120
     else:
         cfg.account_api_call_rate = 120  # the same for the whole account, the user's higher
     config = ds_config(tmp_path, sandbox)
@@ -458,8 +462,8 @@ async def test_call_rate_limiter_keeps_under_the_user_and_the_account_rate(
     records = sandbox.data_service.requests
     assert all(r.status != 429 for r in records), [(r.route, r.status) for r in records]
     times = sorted(r.time for r in records)
-    busiest = max(sum(1 for t in times if end - 1.0 < t <= end) for end in times)
-    assert busiest <= 2, times
+    busiest = max(sum(1 for t in times if end - 5.0 < t <= end) for end in times)
+    assert busiest <= 10, times
     assert times[-1] - times[0] >= (len(times) - 2) * 0.5  # the limiter did space them
 
 

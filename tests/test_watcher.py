@@ -478,7 +478,6 @@ EXCLUDED = [
     "~$report.xlsx",
     "v.swp",
     "dl.crdownload",
-    "run1.meta.json",
     ".dotdir/inner.csv",
     "sub/.dotdir2/inner.csv",
     "sub/.hidden2.csv",

@@ -128,7 +128,7 @@ from daemon.errors import (
     TransportError,
     UploadFailed,
 )
-from daemon.queue import Job
+from daemon.queue import Job, Stage
 from daemon.routing import first_route
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
 from daemon.upload import UploadOptions, delivered_hash
@@ -324,7 +324,7 @@ def _property_value(value: Any) -> str | None:
 
 def _refused_before_work(exc: InboxdError) -> bool:
     """Whether ``exc`` proves the request did nothing (a 429, or no connection at all)."""
-    refused = isinstance(exc, RateLimitedError) and exc.status == 429
+    refused = isinstance(exc, RateLimitedError)  # a 429; a 5xx may have done the work
     return refused or (isinstance(exc, TransportError) and not exc.maybe_sent)
 
 
@@ -526,10 +526,10 @@ class DataServiceClient:
                 **kwargs,
             )
         except RateLimitedError as exc:
-            if exc.status == 429:
-                if exc.retry_after is None:
-                    exc.retry_after = self.rate_limit_wait
-                self.gate.hold(exc.retry_after)
+            # A 429 only: a 5xx (ServerError, a sibling) is no request to slow down.
+            if exc.retry_after is None:
+                exc.retry_after = self.rate_limit_wait
+            self.gate.hold(exc.retry_after)
             raise
         except RejectedError as exc:
             if exc.status == 423:
@@ -1093,7 +1093,7 @@ class _Delivery:
     async def run(self) -> Delivered:
         state = self.state
         previous = self.work.previous_refs or {}
-        if state.stage == "completing" and state.dataset_id is not None:
+        if state.stage == Stage.COMPLETING and state.dataset_id is not None:
             source = await self._read_source(state.dataset_id)
             if source is not None:
                 # Made by this job (its name was journaled with the marker), else overwritten.
@@ -1101,7 +1101,7 @@ class _Delivery:
                 self.recovered = made
                 return await self._finish(source, "created" if made else "overwritten")
             self.log.warning("data_source.vanished", data_source_id=state.dataset_id)
-        elif state.stage == "uploading" and state.dataset_id is not None:
+        elif state.stage == Stage.UPLOADING and state.dataset_id is not None:
             link = self.client.link("dataSources", state.dataset_id)
             overwritten = await self._overwrite(link, _written_at(previous, state.dataset_id))
             if overwritten is not None:
@@ -1132,12 +1132,14 @@ class _Delivery:
         """Take over the data source an earlier try of this job made (its answer was lost)."""
         self.log.info("data_source.recovered", data_source=source.uri, pending=source.pending)
         self.recovered = True
-        await self._save(stage="completing", dataset_id=source.id, dataset_name=self.plan.name)
+        await self._save(stage=Stage.COMPLETING, dataset_id=source.id, dataset_name=self.plan.name)
         return await self._finish(source, "created")
 
     def _may_have_created(self) -> bool:
         """Did an earlier try of *this* job get as far as sending the create request?"""
-        return self.state.stage == "creating" or self.plan.marker in (self.state.dataset_name or "")
+        return self.state.stage == Stage.CREATING or self.plan.marker in (
+            self.state.dataset_name or ""
+        )
 
     def _slice(self) -> FileSlice:
         f = self.work.file
@@ -1268,7 +1270,7 @@ class _Delivery:
                 f"{wait:.0f} s (a newer version arriving meanwhile replaces this one)",
                 delay=wait,
             )
-        await self._save(stage="uploading", dataset_id=source_id, mode=self.plan.adapter)
+        await self._save(stage=Stage.UPLOADING, dataset_id=source_id, mode=self.plan.adapter)
         try:
             source = await self.target._retry(
                 lambda: self._send_file(data_source=link), "overwrite data source"
@@ -1277,7 +1279,7 @@ class _Delivery:
             # Deleted on the service: the file gets a new data source.
             self.log.warning("data_source.gone", data_source=link)
             self.gone.add(source_id)
-            await self._save(stage="new", dataset_id=None)
+            await self._save(stage=Stage.NEW, dataset_id=None)
             return None
         except AuthError as exc:
             if exc.status == 403 and await self._credentials_work():
@@ -1289,7 +1291,7 @@ class _Delivery:
                 ) from exc
             raise
         self.target.wrote(source.id)
-        await self._save(stage="completing", dataset_id=source.id)
+        await self._save(stage=Stage.COMPLETING, dataset_id=source.id)
         self.work.file.check_unchanged()
         self.log.info("data_source.overwritten", data_source=source.uri)
         return await self._finish(source, "overwritten")
@@ -1316,7 +1318,7 @@ class _Delivery:
                     return await self._recovered(own)
                 ambiguous = False
             await self._save(
-                stage="creating",
+                stage=Stage.CREATING,
                 dataset_id=None,
                 dataset_name=self.plan.name,
                 mode=self.plan.adapter,
@@ -1338,7 +1340,7 @@ class _Delivery:
                 )
                 continue
             self.target.wrote(source.id)
-            await self._save(stage="completing", dataset_id=source.id)
+            await self._save(stage=Stage.COMPLETING, dataset_id=source.id)
             self.log.info("data_source.created", data_source=source.uri)
             self.work.file.check_unchanged()
             return await self._finish(source, "created")

@@ -15,7 +15,7 @@ import structlog
 from daemon import retry
 from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient, Stream
 from daemon.errors import InboxdError
-from daemon.queue import Job
+from daemon.queue import Job, Stage
 from daemon.streams import StreamDirectory
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
 from daemon.upload import NameClash, Resume, UploadOptions, UploadRequest, upload_file
@@ -101,7 +101,7 @@ class MarpleDbTarget:
         prior = work.append
         if prior is None or prior.dataset_id is None:
             return work.resume, None
-        if work.resume.stage != "new":
+        if work.resume.stage != Stage.NEW:
             return work.resume, prior.dataset_id
         dataset_id = prior.dataset_id
         ds = await retry.call(

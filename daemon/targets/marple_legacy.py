@@ -76,7 +76,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from daemon import retry
-from daemon.client import FileSlice, MarpleClient, Progress, _parse, multipart_file_body
+from daemon.client import FileSlice, MarpleClient, Progress, multipart_file_body, parse_answer
 from daemon.compat import UTC, fromisoformat
 from daemon.config import MarpleSettings
 from daemon.errors import (
@@ -93,9 +93,9 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.listen import is_loopback
-from daemon.queue import Job
+from daemon.queue import Job, Stage
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
-from daemon.upload import FileRef, Resume, UploadOptions, _Sent, delivered_hash
+from daemon.upload import BytesSent, FileRef, Resume, UploadOptions, delivered_hash
 
 _T = TypeVar("_T")
 _log = structlog.get_logger(__name__)
@@ -126,7 +126,7 @@ _STATUSES = TypeAdapter(list[SourceStatus])
 class MarpleLegacyApi:
     """The older API's endpoints, over the transport and error mapping of ``MarpleClient``.
 
-    ``MarpleClient._call`` does the request (token header, timeouts, capped reads) and maps
+    ``MarpleClient.request`` does the request (token header, timeouts, capped reads) and maps
     statuses to our errors (403 → AuthError, 429/5xx → retryable, …); this class only unwraps
     the ``{"request_time", "message"}`` envelope and checks each ``message``.
     """
@@ -149,7 +149,7 @@ class MarpleLegacyApi:
         headers: Mapping[str, str] | None = None,
     ) -> Any:
         endpoint = f"{method} {path}"
-        body = await self.client._call(
+        body = await self.client.request(
             method,
             path,
             endpoint=endpoint,
@@ -219,7 +219,7 @@ class MarpleLegacyApi:
         message = await self._request("GET", "/sources/status", params={"id": list(source_ids)})
         if isinstance(message, dict):
             message = [message]  # one id may come back as one object
-        return _parse(_STATUSES, message, ep)
+        return parse_answer(_STATUSES, message, ep)
 
     async def add_metadata(self, source_id: int, entries: list[dict[str, Any]]) -> None:
         """``POST /library/metadata``: set name/value pairs on a source."""
@@ -538,7 +538,7 @@ class _Delivery:
         self.plan = plan
         self.opts = target.options
         self.state: Resume = replace(work.resume, parts_done=set())
-        self.sent = _Sent(work.progress)
+        self.sent = BytesSent(work.progress)
         #: the digest of the file as uploaded (``daemon.content``), once it was
         self.digest: bytes | None = None
 
@@ -554,7 +554,7 @@ class _Delivery:
     async def run(self) -> Delivered:
         st = self.state
         step = st.mode or ""
-        after_upload = st.stage in ("completing", "completed")
+        after_upload = st.stage in (Stage.COMPLETING, Stage.COMPLETED)
         recovered = after_upload
         source_id = st.dataset_id
         share_id: str | None = None
@@ -568,12 +568,12 @@ class _Delivery:
         else:
             await self._upload()
             existing = await self._step(lambda: self.api.lookup(self.plan.path), "lookup")
-            await self._save(stage="completing", mode=_IMPORT, dataset_id=existing)
+            await self._save(stage=Stage.COMPLETING, mode=_IMPORT, dataset_id=existing)
             source_id, recovered = await self._import(existing=existing, ambiguous=False)
             step = _IMPORT
         assert source_id is not None
         if step in (_IMPORT, _METADATA):
-            await self._save(stage="completed", mode=_METADATA, dataset_id=source_id)
+            await self._save(stage=Stage.COMPLETED, mode=_METADATA, dataset_id=source_id)
             if self.plan.metadata:
                 entries = self.plan.metadata
                 await self._step(lambda: self.api.add_metadata(source_id, entries), "metadata")
@@ -597,7 +597,7 @@ class _Delivery:
         )
 
     async def _upload(self) -> None:
-        await self._save(stage="uploading", mode=_UPLOAD, dataset_id=None)
+        await self._save(stage=Stage.UPLOADING, mode=_UPLOAD, dataset_id=None)
         await self.target.ensure_folder(self.plan.folder)
         f = self.work.file
         source = FileSlice(
@@ -646,7 +646,7 @@ class _Delivery:
                     raise
                 # Refused before processing (429, no connection) or perhaps done (5xx, no
                 # answer, garbage): look before importing again in the second case.
-                refused = isinstance(exc, RateLimitedError) and exc.status == 429
+                refused = isinstance(exc, RateLimitedError)  # a 429; a 5xx may have done the work
                 refused |= isinstance(exc, TransportError) and not exc.maybe_sent
                 ambiguous = not refused
                 await retry.backoff(

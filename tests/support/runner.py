@@ -83,12 +83,9 @@ async def running_service(config: Path, **kw: Any) -> AsyncIterator[Service]:
     """Run the daemon in this process until the block ends (then a graceful stop)."""
     settings = load_settings(config)
     service = Service(settings, handle_signals=False, grace_seconds=kw.pop("grace", 2.0), **kw)
-    ready = anyio.Event()
-    service.on_ready = lambda _s: ready.set()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(service.run)
         with anyio.fail_after(15):
-            await ready.wait()
+            await tg.start(service.run)
         try:
             yield service
         finally:
