@@ -450,10 +450,10 @@ def cmd_loop(ns: argparse.Namespace) -> int:
             ) as client:
                 if ns.netio:
                     # inboxd's socket layer under the same loop (context: what httpx costs
-                    # without anyio's per-call overhead; see daemon/netio.py)
-                    from daemon import netio
+                    # without anyio's per-call overhead; see daemon/net/backend.py)
+                    from daemon.net import backend
 
-                    netio.adopt(client)
+                    backend.adopt(client)
                 todo = iter(files)
 
                 async def worker() -> None:
@@ -1655,7 +1655,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     lp.add_argument("--token", required=True)
     lp.add_argument("--dir", required=True)
     lp.add_argument("--concurrency", type=int, default=1)
-    lp.add_argument("--netio", action="store_true", help="use daemon.netio under httpx")
+    lp.add_argument("--netio", action="store_true", help="use daemon.net.backend under httpx")
     lp.add_argument("--out", required=True)
 
     def ints(text: str) -> list[int]:

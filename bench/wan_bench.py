@@ -359,7 +359,7 @@ def report(a: argparse.Namespace, runs: list[dict[str, Any]], facts: dict[str, s
             fr = list(fast.values())
             fratio = _med([r["rate"] / loops[r["tag"]]["rate"] for r in fr if r["tag"] in loops])
             L.append(
-                f"| {rtt:g} ms | same loop on inboxd's socket layer (`daemon.netio`) | "
+                f"| {rtt:g} ms | same loop on inboxd's socket layer (`daemon.net.backend`) | "
                 f"{_med([r['rate'] for r in fr]):.1f} | {fratio:.2f} | context | "
                 f"{_med([r['cpu_ms'] for r in fr]):.2f} | "
                 f"{_med([r['sandbox_util'] for r in fr]):.0%} / "
@@ -432,7 +432,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--no-loop-netio",
         dest="loop_netio",
         action="store_false",
-        help="leave out the context loop on daemon.netio",
+        help="leave out the context loop on daemon.net.backend",
     )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--settle", type=float, default=0.1)

@@ -417,7 +417,7 @@ def _metrics_lines(settings: Settings) -> list[Line]:
     listen = settings.metrics.listen
     if not listen:
         return []
-    from daemon.listen import parse_listen
+    from daemon.net.addresses import parse_listen
 
     host, port = parse_listen(listen, key="metrics.listen")
     problem = address_in_use(host, port)

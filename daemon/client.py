@@ -69,7 +69,7 @@ from pydantic import (
     ValidationError,
 )
 
-from daemon import __version__, netio
+from daemon import __version__
 from daemon.compat import UTC, fromisoformat
 from daemon.config import ApiSettings, UploadSettings
 from daemon.errors import (
@@ -88,6 +88,7 @@ from daemon.errors import (
     UrlExpiredError,
     scrub_secrets,
 )
+from daemon.net import backend
 from daemon.retry import parse_retry_after
 
 # 2 MiB: larger chunks cost fewer event-loop turns per byte; memory stays at
@@ -493,8 +494,8 @@ class MarpleClient:
         )
         if transport is None:
             # A fifth less CPU per small request than httpcore's anyio streams (see netio).
-            netio.adopt(self._api)
-        netio.adopt(self._storage)
+            backend.adopt(self._api)
+        backend.adopt(self._storage)
         forget_cookies(self._api)
         forget_cookies(self._storage)
 

@@ -687,7 +687,7 @@ def _cross_checks(settings: Settings) -> list[str]:
         )
     if settings.retry.cap_seconds < settings.retry.base_seconds:
         problems.append("retry.cap_seconds must be >= retry.base_seconds")
-    from daemon.bandwidth import parse_rate, parse_windows
+    from daemon.net.bandwidth import parse_rate, parse_windows
 
     bw = settings.bandwidth
     try:
@@ -699,7 +699,7 @@ def _cross_checks(settings: Settings) -> list[str]:
     except ValueError as exc:
         problems.append(f"bandwidth.windows = {bw.windows!r}: {exc}")
     if settings.metrics.listen:
-        from daemon.listen import parse_listen
+        from daemon.net.addresses import parse_listen
 
         try:
             parse_listen(settings.metrics.listen, key="metrics.listen")

@@ -80,7 +80,7 @@ from prometheus_client.registry import Collector
 
 from daemon import __version__
 from daemon.errors import ConfigError
-from daemon.listen import parse_listen
+from daemon.net.addresses import parse_listen
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -443,7 +443,7 @@ class MetricsServer:
         health_timeout: float = 10.0,
         max_connections: int = 32,
     ) -> None:
-        """Check ``listen`` (see :func:`daemon.listen.parse_listen`; raises
+        """Check ``listen`` (see :func:`daemon.net.addresses.parse_listen`; raises
         :class:`ValueError`); no I/O yet."""
         self.listen = listen
         self.host, self.port = parse_listen(listen, allow_remote=allow_remote)

@@ -27,12 +27,12 @@ import anyio.abc
 import structlog
 
 from daemon import __version__, service_signals
-from daemon.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
 from daemon.client import CHUNK_SIZE
 from daemon.config import Settings
 from daemon.disposal import Disposal
 from daemon.errors import InboxdError, NotFoundError, StateError, StateLostError
 from daemon.metrics import Metrics, MetricsServer
+from daemon.net.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
 from daemon.notify import Notifier, watchdog_interval
 from daemon.poller import Poller
 from daemon.queue import (

@@ -21,7 +21,6 @@ import anyio.to_thread
 import structlog
 
 from daemon import content
-from daemon.bandwidth import UploadWindows
 from daemon.errors import (
     AuthError,
     ConflictError,
@@ -34,6 +33,7 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.metrics import Metrics
+from daemon.net.bandwidth import UploadWindows
 from daemon.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage
 from daemon.retry import CURRENT_HOLD, ServiceHold, backoff_delay, is_service_trouble
 from daemon.status import change_note, what_to_do

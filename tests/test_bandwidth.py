@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.bandwidth import (
+from daemon.client import MarpleClient, Stream
+from daemon.net.bandwidth import (
     BURST_SECONDS,
     RateLimiter,
     UploadWindows,
@@ -23,7 +24,6 @@ from daemon.bandwidth import (
     parse_rate,
     parse_windows,
 )
-from daemon.client import MarpleClient, Stream
 from daemon.retry import RetryPolicy
 from daemon.sandbox import Sandbox
 from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file

@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import __version__
 from daemon.errors import ConfigError
-from daemon.listen import parse_listen
 from daemon.metrics import UPLOAD_DURATION_BUCKETS, HealthCheck, Metrics, MetricsServer
+from daemon.net.addresses import parse_listen
 from daemon.queue import FileIdentity, NewJob, Queue
 from daemon.sandbox import Sandbox
 from tests.support.runner import running_service, start_daemon, stop_daemon, write_config

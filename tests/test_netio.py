@@ -1,4 +1,4 @@
-"""daemon.netio: httpx over the asyncio backend, against real sockets on loopback.
+"""daemon.net.backend: httpx over the asyncio backend, against real sockets on loopback.
 
 Each test scripts a small raw TCP server (``asyncio.start_server``) to do what real servers
 and networks do to a client: keep connections alive and close them when idle, answer slowly
@@ -22,7 +22,7 @@ import httpx
 import pytest
 import trustme
 
-from daemon.netio import AsyncioBackend, adopt, uses_asyncio_backend
+from daemon.net.backend import AsyncioBackend, adopt, uses_asyncio_backend
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MiB = 1024 * 1024
@@ -335,7 +335,7 @@ async def test_many_requests_in_flight_share_kept_alive_connections_in_linear_ti
     pool's bookkeeping per request grows with the pool (httpcore's own is quadratic)."""
     import httpcore
 
-    from daemon.netio import _POOL_FIX_APPLIES
+    from daemon.net.backend import _POOL_FIX_APPLIES
 
     assert _POOL_FIX_APPLIES, f"httpcore {httpcore.__version__}: check netio._assign_requests"
     gate = asyncio.Event()

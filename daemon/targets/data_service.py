@@ -100,8 +100,7 @@ import structlog
 from authlib.oauth1 import ClientAuth  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from daemon import __version__, netio, retry
-from daemon.bandwidth import RateLimiter
+from daemon import __version__, retry
 from daemon.client import (
     FileSlice,
     Progress,
@@ -128,6 +127,8 @@ from daemon.errors import (
     TransportError,
     UploadFailed,
 )
+from daemon.net import backend
+from daemon.net.bandwidth import RateLimiter
 from daemon.queue import Job, Stage
 from daemon.routing import first_route
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
@@ -393,7 +394,7 @@ class OAuth1Signer(httpx.Auth):
 class CallGate:
     """Keeps all requests of the process under the service's call rates, and honours 429s.
 
-    One :class:`~daemon.bandwidth.RateLimiter` per rate (the user's and, when the service sets
+    One :class:`~daemon.net.bandwidth.RateLimiter` per rate (the user's and, when the service sets
     one, the account's), each spending one "byte" per call, spaces requests by ``1 / rate``
     (burst 1: never a bunch at once); a request goes out when both allow it. After a 429 every
     request waits until the hold ends, not only the one that was refused.
@@ -469,7 +470,7 @@ class DataServiceClient:
             follow_redirects=False,
         )
         if transport is None:
-            netio.adopt(self._http)
+            backend.adopt(self._http)
         forget_cookies(self._http)
 
     @classmethod

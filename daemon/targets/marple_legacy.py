@@ -92,7 +92,7 @@ from daemon.errors import (
     TransportError,
     UploadFailed,
 )
-from daemon.listen import is_loopback
+from daemon.net.addresses import is_loopback
 from daemon.queue import Job, Stage
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
 from daemon.upload import BytesSent, FileRef, Resume, UploadOptions, delivered_hash
