@@ -31,7 +31,7 @@ import anyio.lowlevel
 import xxhash
 
 from daemon.client import FileSlice
-from daemon.queue import PriorDelivery
+from daemon.state.queue import PriorDelivery
 
 __all__ = [
     "PREFIX",

@@ -17,9 +17,9 @@ import anyio
 
 from daemon import logs, status
 from daemon.config import load_settings
-from daemon.queue import Queue
 from daemon.sandbox import SandboxConfig, running_sandbox
 from daemon.service import Service
+from daemon.state.queue import Queue
 
 _FILES = {
     "session-1/temperatures.csv": 64 * 1024,

@@ -18,8 +18,8 @@ import structlog
 
 from daemon.errors import AuthError, InboxdError, scrub_secrets
 from daemon.metrics import Metrics
-from daemon.queue import ImportRecord, Job, Queue, QueueError
 from daemon.retry import ServiceHold, backoff_delay
+from daemon.state.queue import ImportRecord, Job, Queue, QueueError
 from daemon.status import what_to_do
 from daemon.targets import ImportUpdate, Target
 

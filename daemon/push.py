@@ -26,8 +26,8 @@ from daemon.errors import (
     NotFoundError,
     UploadFailed,
 )
-from daemon.queue import FileIdentity, Job, JobState, Stage
 from daemon.retry import RetryPolicy
+from daemon.state.queue import FileIdentity, Job, JobState, Stage
 from daemon.targets import Delivered, ImportUpdate, Target, Work
 from daemon.targets.factory import open_target
 from daemon.upload import FileRef, MemoryJournal, Resume, UploadOptions

@@ -35,16 +35,6 @@ from daemon.metrics import Metrics, MetricsServer
 from daemon.net.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
 from daemon.notify import Notifier, watchdog_interval
 from daemon.poller import Poller
-from daemon.queue import (
-    Delivered,
-    FileIdentity,
-    Job,
-    NewJob,
-    Queue,
-    QueueError,
-    make_private_dirs,
-    state_os_error,
-)
 from daemon.retention import Retention, disk_free
 from daemon.retry import RetryPolicy
 from daemon.routing import (
@@ -54,6 +44,16 @@ from daemon.routing import (
     route,
     stream_for,
     stream_source,
+)
+from daemon.state.queue import (
+    Delivered,
+    FileIdentity,
+    Job,
+    NewJob,
+    Queue,
+    QueueError,
+    make_private_dirs,
+    state_os_error,
 )
 from daemon.status import HEARTBEAT_SECONDS, what_to_do
 from daemon.targets import Target

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from daemon.queue import Job, JobState, Queue
+from daemon.state.queue import Job, JobState, Queue
 
 #: how often the daemon writes its heartbeat (status calls it dead after a few missed ones)
 HEARTBEAT_SECONDS = 2.0

@@ -60,7 +60,7 @@ from daemon.errors import (
     UploadFailed,
     UrlExpiredError,
 )
-from daemon.queue import Stage
+from daemon.state.queue import Stage
 
 _log = structlog.get_logger(__name__)
 

@@ -70,8 +70,8 @@ import watchfiles
 from daemon import inotify, writers
 from daemon.compat import BaseExceptionGroup
 from daemon.config import DEFAULT_EXCLUDES
-from daemon.queue import FileIdentity
 from daemon.retry import backoff_delay
+from daemon.state.queue import FileIdentity
 
 __all__ = [
     "MAX_BATCH",

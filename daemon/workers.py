@@ -34,8 +34,8 @@ from daemon.errors import (
 )
 from daemon.metrics import Metrics
 from daemon.net.bandwidth import UploadWindows
-from daemon.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage
 from daemon.retry import CURRENT_HOLD, ServiceHold, backoff_delay, is_service_trouble
+from daemon.state.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage
 from daemon.status import change_note, what_to_do
 from daemon.targets import Target, Work, service_answers
 from daemon.upload import FileRef, Resume

@@ -12,7 +12,7 @@ import xxhash
 from daemon import content
 from daemon.client import FileSlice
 from daemon.errors import FileChangedError
-from daemon.queue import PriorDelivery
+from daemon.state.queue import PriorDelivery
 from tests.support.data import content_hash_of
 
 KiB = 1024

@@ -11,8 +11,8 @@ import anyio
 import pytest
 
 from daemon import status
-from daemon.queue import JobState, Queue
 from daemon.sandbox import Sandbox
+from daemon.state.queue import JobState, Queue
 from tests.support.data import TOKEN, write_file
 from tests.support.runner import counts, inboxd, running_service, server_datasets, write_config
 from tests.support.waits import wait_until

@@ -29,8 +29,8 @@ from daemon import __version__
 from daemon.errors import ConfigError
 from daemon.metrics import UPLOAD_DURATION_BUCKETS, HealthCheck, Metrics, MetricsServer
 from daemon.net.addresses import parse_listen
-from daemon.queue import FileIdentity, NewJob, Queue
 from daemon.sandbox import Sandbox
+from daemon.state.queue import FileIdentity, NewJob, Queue
 from tests.support.runner import running_service, start_daemon, stop_daemon, write_config
 
 # Every metric the daemon exposes, with its type and label names: the interface under test.

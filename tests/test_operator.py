@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 
 def _counts_now(config: Path) -> dict[str, int]:
-    from daemon.queue import QueueError
+    from daemon.state.queue import QueueError
 
     try:
         return anyio.run(counts, config)

@@ -27,8 +27,8 @@ import pytest
 
 from daemon.compat import UTC, StrEnum, fromisoformat, sqlite_errorname, tomllib
 from daemon.install_files import DOC_DIR, SHIPPED, files
-from daemon.queue import JobState
 from daemon.sandbox import Sandbox
+from daemon.state.queue import JobState
 from tests.support.data import write_file
 from tests.support.runner import REPO, inboxd, start_daemon, write_config
 from tests.support.waits import wait_for

@@ -1,4 +1,4 @@
-"""Tests for daemon.queue against real SQLite files in tmp_path (no mocks)."""
+"""Tests for daemon.state.queue against real SQLite files in tmp_path (no mocks)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import aiosqlite
 import anyio
 import pytest
 
-from daemon import queue as queue_module
-from daemon.queue import (
+from daemon.state import queue as queue_module
+from daemon.state.queue import (
     MIGRATIONS,
     FileIdentity,
     ImportRecord,

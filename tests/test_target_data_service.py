@@ -19,7 +19,6 @@ from authlib.oauth1.rfc5849 import client_auth  # type: ignore[import-untyped]
 
 from daemon.config import load_settings
 from daemon.errors import ConfigError, FileChangedError, NotYetError
-from daemon.queue import FileIdentity, JobState, NewJob, Queue
 from daemon.sandbox import Sandbox
 from daemon.sandbox.dataservice import (
     DataServiceConfig,
@@ -28,6 +27,7 @@ from daemon.sandbox.dataservice import (
     signature_base_string,
     url_of,
 )
+from daemon.state.queue import FileIdentity, JobState, NewJob, Queue
 from daemon.targets import Work
 from daemon.targets.data_service import RateLimits, _check_still_newest, marker, source_name
 from daemon.upload import FileRef, MemoryJournal, Resume

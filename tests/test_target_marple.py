@@ -33,8 +33,8 @@ from daemon.errors import (
     ServerError,
     UploadFailed,
 )
-from daemon.queue import JobState, Queue
 from daemon.sandbox import Sandbox
+from daemon.state.queue import JobState, Queue
 from daemon.targets.marple_legacy import (
     MarpleLegacyApi,
     MarpleLegacyTarget,

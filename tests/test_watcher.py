@@ -25,7 +25,7 @@ import anyio
 import pytest
 import watchfiles
 
-from daemon.queue import FileIdentity
+from daemon.state.queue import FileIdentity
 from daemon.watcher import MAX_BATCH, Watcher, WatchRules
 
 SETTLE = 0.2

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from daemon.client import Progress
 from daemon.errors import InboxdError
-from daemon.queue import ImportRecord, Job, PriorDelivery
+from daemon.state.queue import ImportRecord, Job, PriorDelivery
 from daemon.upload import FileRef, Journal, Resume
 
 KINDS = ("marple-db", "marple", "data-service")

@@ -129,8 +129,8 @@ from daemon.errors import (
 )
 from daemon.net import backend
 from daemon.net.bandwidth import RateLimiter
-from daemon.queue import Job, Stage
 from daemon.routing import first_route
+from daemon.state.queue import Job, Stage
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
 from daemon.upload import UploadOptions, delivered_hash
 

@@ -15,7 +15,7 @@ import structlog
 from daemon import retry
 from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient, Stream
 from daemon.errors import InboxdError
-from daemon.queue import Job, Stage
+from daemon.state.queue import Job, Stage
 from daemon.streams import StreamDirectory
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
 from daemon.upload import NameClash, Resume, UploadOptions, UploadRequest, upload_file

@@ -93,7 +93,7 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.net.addresses import is_loopback
-from daemon.queue import Job, Stage
+from daemon.state.queue import Job, Stage
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
 from daemon.upload import BytesSent, FileRef, Resume, UploadOptions, delivered_hash
 

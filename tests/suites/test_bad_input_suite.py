@@ -42,8 +42,8 @@ import structlog
 
 from daemon.cli import main as cli_main
 from daemon.compat import BaseExceptionGroup
-from daemon.queue import Job, JobState, Queue
 from daemon.sandbox import Sandbox
+from daemon.state.queue import Job, JobState, Queue
 from tests.support.data import TOKEN, write_file
 from tests.support.runner import (
     REPO,

@@ -43,8 +43,8 @@ import aiosqlite
 import anyio
 import pytest
 
-from daemon.queue import MIGRATIONS, FileIdentity, NewJob, Queue
 from daemon.sandbox import Sandbox, SandboxConfig, running_sandbox
+from daemon.state.queue import MIGRATIONS, FileIdentity, NewJob, Queue
 from tests.support.data import TOKEN, write_file
 from tests.support.runner import (
     REPO,

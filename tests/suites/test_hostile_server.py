@@ -55,8 +55,8 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.poller import Poller
-from daemon.queue import FileIdentity, Job, JobState, NewJob, Queue, Stage
 from daemon.retry import RetryPolicy
+from daemon.state.queue import FileIdentity, Job, JobState, NewJob, Queue, Stage
 from daemon.targets import ImportUpdate
 from daemon.targets.marple_db import MarpleDbTarget
 from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file

@@ -22,8 +22,8 @@ from typing import Any
 import anyio
 
 from daemon.config import load_settings
-from daemon.queue import Job, Queue, QueueError
 from daemon.sandbox import Sandbox
+from daemon.state.queue import Job, Queue, QueueError
 from tests.support.data import KiB, MiB, write_file
 from tests.support.runner import inboxd
 from tests.support.waits import wait_for

@@ -17,9 +17,9 @@ from typing import Any
 import anyio
 
 from daemon.config import Settings, load_settings
-from daemon.queue import Queue
 from daemon.sandbox import Sandbox
 from daemon.service import Service
+from daemon.state.queue import Queue
 from tests.support.data import TOKEN
 
 REPO = Path(__file__).resolve().parents[2]
