@@ -480,7 +480,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     unit = find_unit(args.unit)
     local, token = local_checks(settings, unit)
     lines += local
-    from daemon.watcher import completeness
+    from daemon.intake.watcher import completeness
 
     inbox = settings.inbox
     seen = completeness(inbox.path, inbox.force_polling, inbox.writer_timeout_seconds)

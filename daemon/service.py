@@ -31,13 +31,7 @@ from daemon.client import CHUNK_SIZE
 from daemon.config import Settings
 from daemon.disposal import Disposal
 from daemon.errors import InboxdError, NotFoundError, StateError, StateLostError
-from daemon.metrics import Metrics, MetricsServer
-from daemon.net.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
-from daemon.notify import Notifier, watchdog_interval
-from daemon.poller import Poller
-from daemon.retention import Retention, disk_free
-from daemon.retry import RetryPolicy
-from daemon.routing import (
+from daemon.intake.routing import (
     SIDECAR_SUFFIX,
     Route,
     dataset_name_for,
@@ -45,6 +39,13 @@ from daemon.routing import (
     stream_for,
     stream_source,
 )
+from daemon.intake.watcher import InboxTrouble, Watcher, WatchRules
+from daemon.metrics import Metrics, MetricsServer
+from daemon.net.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
+from daemon.notify import Notifier, watchdog_interval
+from daemon.poller import Poller
+from daemon.retention import Retention, disk_free
+from daemon.retry import RetryPolicy
 from daemon.state.queue import (
     Delivered,
     FileIdentity,
@@ -59,7 +60,6 @@ from daemon.status import HEARTBEAT_SECONDS, what_to_do
 from daemon.targets import Target
 from daemon.targets.factory import open_target
 from daemon.upload import UploadOptions
-from daemon.watcher import InboxTrouble, Watcher, WatchRules
 from daemon.workers import Pause, Workers, WorkerSettings
 
 _log = structlog.get_logger(__name__)

@@ -41,7 +41,7 @@ from daemon.targets import Target, Work, service_answers
 from daemon.upload import FileRef, Resume
 
 if TYPE_CHECKING:
-    from daemon.watcher import InboxTrouble
+    from daemon.intake.watcher import InboxTrouble
 
 _log = structlog.get_logger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from daemon.config import load_settings
-from daemon.routing import matching_route
+from daemon.intake.routing import matching_route
 from daemon.sandbox import Sandbox
 from tests.support.rig import describe_unfinished, jobs, log_records, status_json, wait_all_done
 from tests.support.runner import inboxd, server_datasets, start_daemon, stop_daemon, write_config

@@ -127,9 +127,9 @@ from daemon.errors import (
     TransportError,
     UploadFailed,
 )
+from daemon.intake.routing import first_route
 from daemon.net import backend
 from daemon.net.bandwidth import RateLimiter
-from daemon.routing import first_route
 from daemon.state.queue import Job, Stage
 from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
 from daemon.upload import UploadOptions, delivered_hash

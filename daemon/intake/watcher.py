@@ -7,8 +7,8 @@ writer is done with it), and reports it through the ``on_ready`` callback. It on
 inbox, never touches the network or the database.
 
 Nothing outside the inbox is ever listed or watched: scans never enter a symlinked folder (a
-folder is opened with ``O_NOFOLLOW``), and on Linux events come from ``daemon.inotify``, which
-watches exactly the folders the scans enter (``watchfiles`` follows symlinked folders and
+folder is opened with ``O_NOFOLLOW``), and on Linux events come from ``daemon.intake.inotify``,
+which watches exactly the folders the scans enter (``watchfiles`` follows symlinked folders and
 cannot be told not to). Polling (``force_polling``) is done by our own scans for the same
 reason. ``watchfiles`` is only used on other platforms.
 
@@ -26,7 +26,7 @@ not taken, however long its writer pauses. On Linux the inotify events say so fo
 process: ``IN_MODIFY`` without a later ``IN_CLOSE_WRITE`` means a writer holds it; after the
 close it must stay unchanged for ``settle_seconds`` more (a writer that closes and reopens to
 append). Where the events cannot tell (a file found by a scan, moved in, or opened again since
-its close), one pass over ``/proc`` per scan or per timer wake-up (``daemon.writers``) looks
+its close), one pass over ``/proc`` per scan or per timer wake-up (``daemon.intake.writers``) looks
 for a process holding it open for writing; where that cannot be seen either (other users'
 processes, other machines), settle_seconds alone decides. A file held open but unchanged for
 ``writer_timeout`` seconds (a crashed or hung logger) is taken anyway, with a warning.
@@ -67,9 +67,9 @@ import anyio.lowlevel
 import structlog
 import watchfiles
 
-from daemon import inotify, writers
 from daemon.compat import BaseExceptionGroup
 from daemon.config import DEFAULT_EXCLUDES
+from daemon.intake import inotify, writers
 from daemon.retry import backoff_delay
 from daemon.state.queue import FileIdentity
 
