@@ -29,7 +29,10 @@ import structlog
 from daemon import __version__, service_signals
 from daemon.client import CHUNK_SIZE
 from daemon.config import Settings
-from daemon.disposal import Disposal
+from daemon.engine.disposal import Disposal
+from daemon.engine.poller import Poller
+from daemon.engine.retention import Retention, disk_free
+from daemon.engine.workers import Pause, Workers, WorkerSettings
 from daemon.errors import InboxdError, NotFoundError, StateError, StateLostError
 from daemon.intake.routing import (
     SIDECAR_SUFFIX,
@@ -43,8 +46,6 @@ from daemon.intake.watcher import InboxTrouble, Watcher, WatchRules
 from daemon.metrics import Metrics, MetricsServer
 from daemon.net.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
 from daemon.notify import Notifier, watchdog_interval
-from daemon.poller import Poller
-from daemon.retention import Retention, disk_free
 from daemon.retry import RetryPolicy
 from daemon.state.queue import (
     Delivered,
@@ -60,7 +61,6 @@ from daemon.status import HEARTBEAT_SECONDS, what_to_do
 from daemon.targets import Target
 from daemon.targets.factory import open_target
 from daemon.upload import UploadOptions
-from daemon.workers import Pause, Workers, WorkerSettings
 
 _log = structlog.get_logger(__name__)
 _PROBE_SECONDS = 30.0

@@ -13,7 +13,7 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.retention import EMPTY_DIR_GRACE_SECONDS, Retention, disk_free
+from daemon.engine.retention import EMPTY_DIR_GRACE_SECONDS, Retention, disk_free
 from daemon.state.queue import FileIdentity, JobState, NewJob, Queue
 
 KiB = 1024

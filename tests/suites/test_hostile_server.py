@@ -44,6 +44,7 @@ from daemon.client import (
     send_request,
 )
 from daemon.compat import BaseExceptionGroup
+from daemon.engine.poller import Poller
 from daemon.errors import (
     InboxdError,
     ProtocolError,
@@ -54,7 +55,6 @@ from daemon.errors import (
     TransportError,
     UploadFailed,
 )
-from daemon.poller import Poller
 from daemon.retry import RetryPolicy
 from daemon.state.queue import FileIdentity, Job, JobState, NewJob, Queue, Stage
 from daemon.targets import ImportUpdate

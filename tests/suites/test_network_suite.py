@@ -210,7 +210,7 @@ def _backoff_config(tmp_path: Path, sb: Sandbox, cap: float = CAP) -> Path:
 def min_pause(a: int) -> float:
     """The shortest wait of a job after its attempt number ``a`` (from 0) failed.
 
-    daemon/workers.py ``_backoff``: uniform in [c/2, c] with c = min(job cap, base * 2**a).
+    daemon/engine/workers.py ``_backoff``: uniform in [c/2, c] with c = min(job cap, base * 2**a).
     """
     return min(JOB_CAP, JOB_BASE * 2**a) / 2
 
