@@ -501,8 +501,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 async def _check_service(settings: Settings) -> bool:
-    from daemon.targets.factory import open_target
-    from daemon.upload import UploadOptions
+    from daemon.delivery.factory import open_target
+    from daemon.delivery.marple_db.upload import UploadOptions
 
     refs: list[int | str] = [settings.upload.stream]
     refs += [r.stream for r in settings.routes if r.stream is not None and r.stream not in refs]

@@ -18,6 +18,9 @@ from typing import Any, TextIO
 import anyio
 
 from daemon.config import Settings
+from daemon.delivery import Delivered, ImportUpdate, Target, Work
+from daemon.delivery.factory import open_target
+from daemon.delivery.marple_db.upload import FileRef, MemoryJournal, Resume, UploadOptions
 from daemon.errors import (
     AuthError,
     FileChangedError,
@@ -28,9 +31,6 @@ from daemon.errors import (
 )
 from daemon.retry import RetryPolicy
 from daemon.state.queue import FileIdentity, Job, JobState, Stage
-from daemon.targets import Delivered, ImportUpdate, Target, Work
-from daemon.targets.factory import open_target
-from daemon.upload import FileRef, MemoryJournal, Resume, UploadOptions
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,11 @@ import anyio.abc
 import structlog
 
 from daemon import __version__, service_signals
-from daemon.client import CHUNK_SIZE
 from daemon.config import Settings
+from daemon.delivery import Target
+from daemon.delivery.factory import open_target
+from daemon.delivery.marple_db.client import CHUNK_SIZE
+from daemon.delivery.marple_db.upload import UploadOptions
 from daemon.engine.disposal import Disposal
 from daemon.engine.poller import Poller
 from daemon.engine.retention import Retention, disk_free
@@ -58,9 +61,6 @@ from daemon.state.queue import (
     state_os_error,
 )
 from daemon.status import HEARTBEAT_SECONDS, what_to_do
-from daemon.targets import Target
-from daemon.targets.factory import open_target
-from daemon.upload import UploadOptions
 
 _log = structlog.get_logger(__name__)
 _PROBE_SECONDS = 30.0

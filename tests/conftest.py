@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from daemon.client import MarpleClient
+from daemon.delivery.marple_db.client import MarpleClient
 from daemon.sandbox import Sandbox, SandboxConfig, running_sandbox
 from tests.support.data import TOKEN
 

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.client import MarpleClient, Stream
+from daemon.delivery.marple_db.client import MarpleClient, Stream
+from daemon.delivery.marple_db.upload import FileRef, UploadOptions, UploadRequest, upload_file
 from daemon.net.bandwidth import (
     BURST_SECONDS,
     RateLimiter,
@@ -26,7 +27,6 @@ from daemon.net.bandwidth import (
 )
 from daemon.retry import RetryPolicy
 from daemon.sandbox import Sandbox
-from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file
 from tests.support.data import MiB, write_file
 
 KiB = 1024

@@ -21,10 +21,8 @@ import pytest
 import structlog
 from pydantic import SecretStr
 
-from daemon.client import MarpleClient, Stream
-from daemon.retry import RetryPolicy
-from daemon.sandbox import Sandbox, SandboxConfig, StreamDef, running_sandbox
-from daemon.upload import (
+from daemon.delivery.marple_db.client import MarpleClient, Stream
+from daemon.delivery.marple_db.upload import (
     _AZURE_BLOCK_SIZE,
     _AZURE_PUT_BLOB_MAX,
     FileRef,
@@ -34,6 +32,8 @@ from daemon.upload import (
     UploadRequest,
     upload_file,
 )
+from daemon.retry import RetryPolicy
+from daemon.sandbox import Sandbox, SandboxConfig, StreamDef, running_sandbox
 from tests.support.data import TOKEN, content_hash_of, write_file
 
 if TYPE_CHECKING:

@@ -265,7 +265,7 @@ def test_proxies_from_the_environment_are_kept(monkeypatch: pytest.MonkeyPatch) 
 def test_marple_client_sends_through_the_asyncio_backend() -> None:
     from pydantic import SecretStr
 
-    from daemon.client import MarpleClient
+    from daemon.delivery.marple_db.client import MarpleClient
 
     client = MarpleClient("http://127.0.0.1:9/api/v1", SecretStr("t"))
     assert uses_asyncio_backend(client._api)
@@ -275,7 +275,7 @@ def test_marple_client_sends_through_the_asyncio_backend() -> None:
 async def test_marple_client_keeps_and_sends_no_cookies() -> None:
     from pydantic import SecretStr
 
-    from daemon.client import MarpleClient
+    from daemon.delivery.marple_db.client import MarpleClient
 
     heads: list[bytes] = []
 
@@ -389,7 +389,7 @@ async def test_file_bodies_go_to_https_in_cache_sized_chunks(tmp_path: Path) -> 
     that arrive are the file's either way."""
     from pydantic import SecretStr
 
-    from daemon.client import CHUNK_SIZE, TLS_CHUNK_SIZE, FileSlice, MarpleClient
+    from daemon.delivery.marple_db.client import CHUNK_SIZE, TLS_CHUNK_SIZE, FileSlice, MarpleClient
 
     ca = trustme.CA()
     cert = ca.issue_cert("localhost")

@@ -18,6 +18,9 @@ from authlib.oauth1 import ClientAuth  # type: ignore[import-untyped]
 from authlib.oauth1.rfc5849 import client_auth  # type: ignore[import-untyped]
 
 from daemon.config import load_settings
+from daemon.delivery import Work
+from daemon.delivery.data_service.target import RateLimits, _check_still_newest, marker, source_name
+from daemon.delivery.marple_db.upload import FileRef, MemoryJournal, Resume
 from daemon.errors import ConfigError, FileChangedError, NotYetError
 from daemon.sandbox import Sandbox
 from daemon.sandbox.dataservice import (
@@ -28,9 +31,6 @@ from daemon.sandbox.dataservice import (
     url_of,
 )
 from daemon.state.queue import FileIdentity, JobState, NewJob, Queue
-from daemon.targets import Work
-from daemon.targets.data_service import RateLimits, _check_still_newest, marker, source_name
-from daemon.upload import FileRef, MemoryJournal, Resume
 from tests.support.runner import counts, inboxd, running_service, start_daemon, write_config
 from tests.support.waits import wait_until
 

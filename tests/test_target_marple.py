@@ -21,8 +21,17 @@ import pytest
 import structlog
 from pydantic import SecretStr
 
-from daemon.client import MarpleClient
 from daemon.config import MarpleSettings, load_settings
+from daemon.delivery.marple_db.client import MarpleClient
+from daemon.delivery.marple_db.upload import UploadOptions
+from daemon.delivery.marple_legacy.target import (
+    MarpleLegacyApi,
+    MarpleLegacyTarget,
+    SourceStatus,
+    _update,
+    _utc_seconds,
+    plain_http_warning,
+)
 from daemon.errors import (
     AuthError,
     ConfigError,
@@ -35,15 +44,6 @@ from daemon.errors import (
 )
 from daemon.sandbox import Sandbox
 from daemon.state.queue import JobState, Queue
-from daemon.targets.marple_legacy import (
-    MarpleLegacyApi,
-    MarpleLegacyTarget,
-    SourceStatus,
-    _update,
-    _utc_seconds,
-    plain_http_warning,
-)
-from daemon.upload import UploadOptions
 from tests.support.data import TOKEN, write_file
 from tests.support.runner import counts, inboxd, running_service, start_daemon, write_config
 from tests.support.waits import wait_until

@@ -20,7 +20,8 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from daemon import content
+from daemon.delivery import Target, Work, content, service_answers
+from daemon.delivery.marple_db.upload import FileRef, Resume
 from daemon.errors import (
     AuthError,
     ConflictError,
@@ -37,8 +38,6 @@ from daemon.net.bandwidth import UploadWindows
 from daemon.retry import CURRENT_HOLD, ServiceHold, backoff_delay, is_service_trouble
 from daemon.state.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage
 from daemon.status import change_note, what_to_do
-from daemon.targets import Target, Work, service_answers
-from daemon.upload import FileRef, Resume
 
 if TYPE_CHECKING:
     from daemon.intake.watcher import InboxTrouble
@@ -532,7 +531,7 @@ class Workers:
         return keys, (max(done, key=lambda j: j.id).target_refs if done else None), prior
 
     async def _change(self, job: Job, ref: FileRef, prior: PriorDelivery) -> content.Change:
-        """What this version is to the path's last delivery (``daemon.content.compare``).
+        """What this version is to the path's last delivery (``daemon.delivery.content.compare``).
 
         Decided once, before anything is sent: a job that got further keeps the way it was
         being delivered ("appended" is stored for that; anything else is a new version).
@@ -596,7 +595,7 @@ class Workers:
                     break
 
     async def _service_answers(self, timeout: float) -> bool:
-        """One probe (``daemon.targets.service_answers``), given ``timeout`` (at least 5 s)."""
+        """One probe (``daemon.delivery.service_answers``), given ``timeout`` (at least 5 s)."""
         with anyio.move_on_after(max(timeout, 5.0)):
             answered, why = await service_answers(self.target)
             _log.debug("service.probe", ok=answered, error=why or None)

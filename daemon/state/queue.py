@@ -45,7 +45,7 @@ Schema (``PRAGMA user_version`` = number of migrations applied, see ``MIGRATIONS
                                               UNIQUE(rel, size, mtime_ns, inode, ctime_ns)
                                               INDEX(inode, size, mtime_ns): renames
     parts(job_id → jobs ON DELETE CASCADE, part_number, digest)  PK(job_id, part_number);
-                                              digest: the part's xxh3_128 (daemon.content)
+                                              digest: the part's xxh3_128 (daemon.delivery.content)
     ledger(rel, size, mtime_ns, inode, ctime_ns, dataset_id, finished_at, content_hash)
                                               files done, jobs pruned; INDEX(inode, size,
                                               mtime_ns): renames
@@ -238,7 +238,7 @@ class Job:
     target: str = "marple-db"
     #: the target service's own identifiers (source id, share link, data source link)
     target_refs: dict[str, Any] = field(default_factory=dict)
-    #: hash of the bytes delivered (``daemon.content``), once uploaded
+    #: hash of the bytes delivered (``daemon.delivery.content``), once uploaded
     content_hash: str | None = None
     #: what this version is to the path's last delivery, when that decided how it was
     #: delivered: "appended" (delivered again into the same dataset), "unchanged" (nothing
@@ -252,7 +252,8 @@ class Job:
 @dataclass(frozen=True)
 class PriorDelivery:
     """The last delivered version of a path: a job uploaded (importing) or done, else the
-    newest ledger row. What a new version of the path is compared with (``daemon.content``)."""
+    newest ledger row. What a new version of the path is compared with
+    (``daemon.delivery.content``)."""
 
     size: int
     mtime_ns: int
@@ -293,7 +294,7 @@ class Delivered:
 class ImportRecord:
     """A delivered file's import status as the service reports it, for ``record_import(s)``.
 
-    Targets return these from ``poll`` (as ``daemon.targets.ImportUpdate``).
+    Targets return these from ``poll`` (as ``daemon.delivery.ImportUpdate``).
     """
 
     job_id: int
@@ -471,8 +472,8 @@ async def _migrate_v3(db: aiosqlite.Connection) -> None:
 
     ``ctime_ns`` (jobs and ledger; 0 = unknown, for rows from before) makes an in-place
     rewrite that restores the mtime a new version. ``content_hash`` is the hash of the bytes
-    a job delivered (see ``daemon.upload``), ``parts.digest`` the hash of each stored part
-    while the upload is in flight, so a delivered file that later grows by appending is
+    a job delivered (see ``daemon.delivery.marple_db.upload``), ``parts.digest`` the hash of each
+    stored part while the upload is in flight, so a delivered file that later grows by appending is
     recognised by its unchanged prefix.
     """
     await db.execute("ALTER TABLE jobs ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0")
@@ -1469,8 +1470,8 @@ class Queue:
         self, job_id: int, part_number: int, digest: bytes | None = None
     ) -> None:
         """Record that part ``part_number`` of the current ingestion is stored, with the
-        digest of the bytes sent (``daemon.content``). Idempotent; a part sent again (after a
-        restart) replaces the digest."""
+        digest of the bytes sent (``daemon.delivery.content``). Idempotent; a part sent again (after
+        a restart) replaces the digest."""
         await self._execute(
             "INSERT INTO parts (job_id, part_number, digest) VALUES (?, ?, ?)"
             " ON CONFLICT (job_id, part_number) DO UPDATE"
@@ -1579,7 +1580,7 @@ class Queue:
         """The ingestion is completed: IMPORTING at stage COMPLETED, lease and parts dropped.
 
         The given outcome fields (None leaves a field as it is) are stored by the same
-        statement: ``content_hash`` is the hash of the bytes delivered (``daemon.content``,
+        statement: ``content_hash`` is the hash of the bytes delivered (``daemon.delivery.content``,
         combined from the parts' digests), kept in the ledger once the job is pruned;
         ``change`` as ``Job.change``. ``parts_recorded=False`` promises that no part was
         journalled for this job, which saves the transaction around the parts' DELETE (one

@@ -3,9 +3,9 @@
 Every answer the contract's endpoints can give is scripted on a raw TCP server
 (``tests/support/hostile.py``): invalid JSON, missing fields, wrong types, unknown modes and import
 statuses, ``status: "failed"`` in a 200, 50 MB bodies, HTML error pages, redirects, slow and
-cut-off answers. What may come out of ``daemon.client.MarpleClient`` is a parsed model or one
-of our own ``InboxdError`` types with a short readable message that never holds the token;
-memory stays bounded; the poller records what it does not know and keeps polling.
+cut-off answers. What may come out of ``daemon.delivery.marple_db.client.MarpleClient`` is a parsed
+model or one of our own ``InboxdError`` types with a short readable message that never holds the
+token; memory stays bounded; the poller records what it does not know and keeps polling.
 
 Scale: ``INBOXD_SUITE=long`` runs many more hypothesis examples.
 """
@@ -32,7 +32,9 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from daemon import status as status_view
-from daemon.client import (
+from daemon.compat import BaseExceptionGroup
+from daemon.delivery import ImportUpdate
+from daemon.delivery.marple_db.client import (
     DEADLINE_FACTOR,
     Dataset,
     DatasetStatus,
@@ -43,7 +45,8 @@ from daemon.client import (
     Stream,
     send_request,
 )
-from daemon.compat import BaseExceptionGroup
+from daemon.delivery.marple_db.target import MarpleDbTarget
+from daemon.delivery.marple_db.upload import FileRef, UploadOptions, UploadRequest, upload_file
 from daemon.engine.poller import Poller
 from daemon.errors import (
     InboxdError,
@@ -57,9 +60,6 @@ from daemon.errors import (
 )
 from daemon.retry import RetryPolicy
 from daemon.state.queue import FileIdentity, Job, JobState, NewJob, Queue, Stage
-from daemon.targets import ImportUpdate
-from daemon.targets.marple_db import MarpleDbTarget
-from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file
 from tests.support.data import TOKEN
 from tests.support.hostile import (
     Answer,

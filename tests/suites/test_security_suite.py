@@ -57,8 +57,9 @@ import trustme
 from pydantic import SecretStr
 
 from daemon import cli
-from daemon.client import MarpleClient, Stream
 from daemon.config import load_settings
+from daemon.delivery.marple_db.client import MarpleClient, Stream
+from daemon.delivery.marple_db.upload import FileRef, UploadOptions, UploadRequest, upload_file
 from daemon.errors import (
     AuthError,
     ConfigError,
@@ -73,7 +74,6 @@ from daemon.errors import (
 )
 from daemon.retry import RetryPolicy
 from daemon.sandbox import Faults, Sandbox, SandboxConfig, StreamDef, running_sandbox
-from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file
 from tests.support.data import write_file
 from tests.support.runner import REPO, daemon_sections, running_service, write_config, write_toml
 from tests.support.waits import wait_for, wait_until

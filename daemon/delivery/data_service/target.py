@@ -101,7 +101,10 @@ from authlib.oauth1 import ClientAuth  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from daemon import __version__, retry
-from daemon.client import (
+from daemon.compat import UTC, fromisoformat
+from daemon.config import ApiSettings, DataServiceGrant, DataServiceSettings, RouteSettings
+from daemon.delivery import CheckLine, Delivered, ImportUpdate, Work
+from daemon.delivery.marple_db.client import (
     FileSlice,
     Progress,
     forget_cookies,
@@ -109,8 +112,7 @@ from daemon.client import (
     send_request,
     tls_verify,
 )
-from daemon.compat import UTC, fromisoformat
-from daemon.config import ApiSettings, DataServiceGrant, DataServiceSettings, RouteSettings
+from daemon.delivery.marple_db.upload import UploadOptions, delivered_hash
 from daemon.errors import (
     AuthError,
     ConfigError,
@@ -131,8 +133,6 @@ from daemon.intake.routing import first_route
 from daemon.net import backend
 from daemon.net.bandwidth import RateLimiter
 from daemon.state.queue import Job, Stage
-from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
-from daemon.upload import UploadOptions, delivered_hash
 
 _log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -1083,7 +1083,7 @@ class _Delivery:
         #: ids of data sources an overwrite found deleted (not tried twice in one delivery)
         self.gone: set[int] = set()
         self.log = _log.bind(source_name=plan.name)
-        #: the digest of the file as last sent (``daemon.content``), once it was
+        #: the digest of the file as last sent (``daemon.delivery.content``), once it was
         self.digest: bytes | None = None
 
     async def _save(self, **changes: Any) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import anyio
 
-from daemon.client import MarpleClient, Stream
+from daemon.delivery.marple_db.client import MarpleClient, Stream
 from daemon.errors import NotFoundError
 
 

@@ -9,9 +9,9 @@ Targets raise the errors of ``daemon.errors`` with the same meaning everywhere: 
 error sends the job back to the queue (the target resumes from ``Work.resume``), a
 ``FileProblem``/``UploadFailed`` ends it with the reason, an ``AuthError`` pauses uploads.
 
-Kinds: ``marple-db`` (the default, ``daemon.targets.marple_db``), ``marple`` (the older Marple
-API, ``daemon.targets.marple_legacy``) and ``data-service`` (the spreadsheet data service,
-``daemon.targets.data_service``).
+Kinds: ``marple-db`` (the default, ``daemon.delivery.marple_db.target``), ``marple`` (the older
+Marple API, ``daemon.delivery.marple_legacy.target``) and ``data-service`` (the spreadsheet data
+service, ``daemon.delivery.data_service.target``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from daemon.client import Progress
+from daemon.delivery.marple_db.client import Progress
+from daemon.delivery.marple_db.upload import FileRef, Journal, Resume
 from daemon.errors import InboxdError
 from daemon.state.queue import ImportRecord, Job, PriorDelivery
-from daemon.upload import FileRef, Journal, Resume
 
 KINDS = ("marple-db", "marple", "data-service")
 
@@ -66,7 +66,7 @@ class Delivered:
     needs_poll: bool = True
     fell_back: bool = False
     recovered: bool = False
-    #: the hash of the bytes delivered (``daemon.content``); None when not known
+    #: the hash of the bytes delivered (``daemon.delivery.content``); None when not known
     content_hash: str | None = None
     #: what happened instead of a plain delivery, when the target decided it: "on_server"
     #: (the service already held this file), "appended" (delivered into ``Work.append``'s

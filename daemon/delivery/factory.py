@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from daemon.client import MarpleClient
 from daemon.config import Settings
+from daemon.delivery import Target
+from daemon.delivery.marple_db.client import MarpleClient
+from daemon.delivery.marple_db.upload import UploadOptions
 from daemon.errors import ConfigError
 from daemon.extras import require_for_kind
-from daemon.targets import Target
-from daemon.upload import UploadOptions
 
 
 @asynccontextmanager
@@ -18,7 +18,7 @@ async def open_target(settings: Settings, options: UploadOptions) -> AsyncIterat
     """The target for ``settings.api.kind``; its connections close when the block ends."""
     kind = settings.api.kind
     if kind == "marple-db":
-        from daemon.targets.marple_db import MarpleDbTarget
+        from daemon.delivery.marple_db.target import MarpleDbTarget
 
         async with MarpleClient.from_settings(settings.api, settings.upload) as client:
             yield MarpleDbTarget(
@@ -30,7 +30,7 @@ async def open_target(settings: Settings, options: UploadOptions) -> AsyncIterat
             )
         return
     if kind == "marple":
-        from daemon.targets.marple_legacy import MarpleLegacyTarget
+        from daemon.delivery.marple_legacy.target import MarpleLegacyTarget
 
         # The same [api] url and token; MarpleClient carries the transport and error mapping.
         async with MarpleClient.from_settings(settings.api, settings.upload) as client:
@@ -40,7 +40,7 @@ async def open_target(settings: Settings, options: UploadOptions) -> AsyncIterat
         return
     if kind == "data-service":
         require_for_kind(kind)  # authlib is an extra: one line naming it, not an ImportError
-        from daemon.targets.data_service import DataServiceTarget
+        from daemon.delivery.data_service.target import DataServiceTarget
 
         # Its own client: OAuth 1.0 signing, the version header and the call-rate limiter.
         async with DataServiceTarget.open(

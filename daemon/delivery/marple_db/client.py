@@ -235,7 +235,7 @@ class FileSlice:
     pinned: tuple[int, int] | None = None
     #: called with the xxh3_128 digest of the slice once a pass has read its last byte (and
     #: passed the ``pinned`` check): what was sent is hashed while it streams, no second read
-    #: (``daemon.content``). Each pass (a retry reads the slice again) hashes afresh.
+    #: (``daemon.delivery.content``). Each pass (a retry reads the slice again) hashes afresh.
     on_digest: Callable[[bytes], None] | None = None
 
     async def chunks(self, progress: Progress | None = None) -> AsyncIterator[bytes]:

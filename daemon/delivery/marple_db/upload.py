@@ -32,8 +32,10 @@ from typing import Any, Literal, Protocol
 import anyio
 import structlog
 
-from daemon import content, retry
-from daemon.client import (
+from daemon import retry
+from daemon.compat import BaseExceptionGroup
+from daemon.delivery import content
+from daemon.delivery.marple_db.client import (
     CHUNK_SIZE,
     FAILED_STATUSES,
     Dataset,
@@ -44,7 +46,6 @@ from daemon.client import (
     Stream,
     Throttle,
 )
-from daemon.compat import BaseExceptionGroup
 from daemon.errors import (
     ApiError,
     AuthError,
@@ -64,7 +65,8 @@ from daemon.state.queue import Stage
 
 _log = structlog.get_logger(__name__)
 
-#: Metadata key that ties a dataset to the upload that made it (see ``daemon.client``).
+#: Metadata key that ties a dataset to the upload that made it (see
+#: ``daemon.delivery.marple_db.client``).
 UPLOAD_KEY_FIELD = "inboxd_upload_id"
 #: Metadata keys with the file's facts that survive a restore from a backup (new inode and
 #: ctime, same bytes and times): its size in bytes and its mtime in ns (a string of digits:
@@ -96,7 +98,8 @@ class Resume:
     part_size: int | None = None
     parts_done: set[int] = field(default_factory=set)
     fell_back: bool = False
-    #: xxh3_128 digests of the parts (or Azure blocks) stored, where known (``daemon.content``)
+    #: xxh3_128 digests of the parts (or Azure blocks) stored, where known
+    #: (``daemon.delivery.content``)
     part_digests: dict[int, bytes] = field(default_factory=dict)
 
 
@@ -209,7 +212,7 @@ class UploadResult:
     bytes_sent: int
     #: True when a lost answer was recovered by finding the work already done on the server.
     recovered: bool = False
-    #: the hash of the bytes delivered (``daemon.content``); None if it could not be had
+    #: the hash of the bytes delivered (``daemon.delivery.content``); None if it could not be had
     content_hash: str | None = None
     #: "appended" (delivered into ``UploadRequest.append_to``), "on_server" (a dataset of the
     #: name already held this very file: nothing uploaded), else None
@@ -269,7 +272,7 @@ class BytesSent:
 async def delivered_hash(
     file: FileRef, segment: int, known: Mapping[int, bytes] | None = None
 ) -> str | None:
-    """The content hash (``daemon.content``) of ``file``, delivered in ``segment``-byte
+    """The content hash (``daemon.delivery.content``) of ``file``, delivered in ``segment``-byte
     segments of which ``known`` were hashed while they were sent; the others are read now.
 
     The caller checked that the file is still the version pinned, so its bytes are the ones
@@ -417,7 +420,7 @@ class _Flow:
 
     def _segmentation(self) -> tuple[int, dict[int, bytes]]:
         """The segment size of the bytes sent and the segment digests known (see
-        ``daemon.content``): the parts or Azure blocks, else the whole file as one."""
+        ``daemon.delivery.content``): the parts or Azure blocks, else the whole file as one."""
         size = self.req.file.size
         part_size = self.state.part_size
         in_parts = self.state.mode == "multipart" or (

@@ -76,9 +76,23 @@ import structlog
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from daemon import retry
-from daemon.client import FileSlice, MarpleClient, Progress, multipart_file_body, parse_answer
 from daemon.compat import UTC, fromisoformat
 from daemon.config import MarpleSettings
+from daemon.delivery import CheckLine, Delivered, ImportUpdate, Work
+from daemon.delivery.marple_db.client import (
+    FileSlice,
+    MarpleClient,
+    Progress,
+    multipart_file_body,
+    parse_answer,
+)
+from daemon.delivery.marple_db.upload import (
+    BytesSent,
+    FileRef,
+    Resume,
+    UploadOptions,
+    delivered_hash,
+)
 from daemon.errors import (
     AuthError,
     ConflictError,
@@ -94,8 +108,6 @@ from daemon.errors import (
 )
 from daemon.net.addresses import is_loopback
 from daemon.state.queue import Job, Stage
-from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
-from daemon.upload import BytesSent, FileRef, Resume, UploadOptions, delivered_hash
 
 _T = TypeVar("_T")
 _log = structlog.get_logger(__name__)
@@ -539,7 +551,7 @@ class _Delivery:
         self.opts = target.options
         self.state: Resume = replace(work.resume, parts_done=set())
         self.sent = BytesSent(work.progress)
-        #: the digest of the file as uploaded (``daemon.content``), once it was
+        #: the digest of the file as uploaded (``daemon.delivery.content``), once it was
         self.digest: bytes | None = None
 
     async def _save(self, **changes: Any) -> None:

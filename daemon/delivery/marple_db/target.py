@@ -1,7 +1,7 @@
 """The Marple DB target: ``POST /ingestion`` → upload in the server's mode → complete.
 
-The flow itself lives in ``daemon.upload``; this adapter resolves the job's stream and maps
-the batched dataset status onto import updates.
+The flow itself lives in ``daemon.delivery.marple_db.upload``; this adapter resolves the job's
+stream and maps the batched dataset status onto import updates.
 """
 
 from __future__ import annotations
@@ -13,12 +13,18 @@ from dataclasses import replace
 import structlog
 
 from daemon import retry
-from daemon.client import FAILED_STATUSES, OK_STATUSES, MarpleClient, Stream
+from daemon.delivery import CheckLine, Delivered, ImportUpdate, Work
+from daemon.delivery.marple_db.client import FAILED_STATUSES, OK_STATUSES, MarpleClient, Stream
+from daemon.delivery.marple_db.streams import StreamDirectory
+from daemon.delivery.marple_db.upload import (
+    NameClash,
+    Resume,
+    UploadOptions,
+    UploadRequest,
+    upload_file,
+)
 from daemon.errors import InboxdError
 from daemon.state.queue import Job, Stage
-from daemon.streams import StreamDirectory
-from daemon.targets import CheckLine, Delivered, ImportUpdate, Work
-from daemon.upload import NameClash, Resume, UploadOptions, UploadRequest, upload_file
 
 _log = structlog.get_logger(__name__)
 
