@@ -1376,7 +1376,7 @@ def _status_runs(cfg: Path, db: Path, runs: int) -> dict[str, Any]:
         out["import_cli_s"], out["import_status_s"] = cli_s, status_s
         say(
             f"  imports in a fresh interpreter: daemon.cli {1000 * cli_s:.0f} ms, then "
-            f"daemon.status (→ daemon.service) {1000 * status_s:.0f} ms"
+            f"daemon.status (→ daemon.service.run) {1000 * status_s:.0f} ms"
         )
     note_load("status end")
     return out
@@ -1791,7 +1791,7 @@ def main(argv: list[str] | None = None) -> int:
         f"pinning {'on' if CTX.pin else 'off'}; load {loadavg()}"
     )
     # warm the private bytecode cache (an installed package ships compiled .pyc files)
-    warm = "import daemon.cli, daemon.service, daemon.status, daemon.sandbox, httpx, uvicorn"
+    warm = "import daemon.cli, daemon.service.run, daemon.status, daemon.sandbox, httpx, uvicorn"
     for e in (env, CTX.daemon_env):
         subprocess.run([PY, "-c", warm], env=e, cwd=work, check=True)
     if a.daemon_path or a.label:

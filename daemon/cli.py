@@ -549,8 +549,8 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from daemon.service import Service
-    from daemon.service_signals import catch_early_signals
+    from daemon.service.run import Service
+    from daemon.service.signals import catch_early_signals
 
     catch_early_signals()  # already done by daemon.__main__; here for other entry points
     settings, _, _ = _settings(args, require_token=True)

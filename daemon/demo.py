@@ -18,7 +18,7 @@ import anyio
 from daemon import logs, status
 from daemon.config import load_settings
 from daemon.sandbox import SandboxConfig, running_sandbox
-from daemon.service import Service
+from daemon.service.run import Service
 from daemon.state.queue import Queue
 
 _FILES = {

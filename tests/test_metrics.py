@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import __version__
 from daemon.errors import ConfigError
-from daemon.metrics import UPLOAD_DURATION_BUCKETS, HealthCheck, Metrics, MetricsServer
 from daemon.net.addresses import parse_listen
 from daemon.sandbox import Sandbox
+from daemon.service.metrics import UPLOAD_DURATION_BUCKETS, HealthCheck, Metrics, MetricsServer
 from daemon.state.queue import FileIdentity, NewJob, Queue
 from tests.support.runner import running_service, start_daemon, stop_daemon, write_config
 

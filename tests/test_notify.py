@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.notify import Notifier, watchdog_interval
 from daemon.sandbox import Sandbox
+from daemon.service.notify import Notifier, watchdog_interval
 from tests.support.runner import REPO, write_config
 
 

@@ -18,8 +18,8 @@ import structlog
 
 from daemon.delivery import ImportUpdate, Target
 from daemon.errors import AuthError, InboxdError, scrub_secrets
-from daemon.metrics import Metrics
 from daemon.retry import ServiceHold, backoff_delay
+from daemon.service.metrics import Metrics
 from daemon.state.queue import ImportRecord, Job, Queue, QueueError
 from daemon.status import what_to_do
 

@@ -33,9 +33,9 @@ from daemon.errors import (
     NotYetError,
     UploadFailed,
 )
-from daemon.metrics import Metrics
 from daemon.net.bandwidth import UploadWindows
 from daemon.retry import CURRENT_HOLD, ServiceHold, backoff_delay, is_service_trouble
+from daemon.service.metrics import Metrics
 from daemon.state.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage
 from daemon.status import change_note, what_to_do
 

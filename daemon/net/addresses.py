@@ -1,8 +1,8 @@
 """Listen addresses: the ``host:port`` syntax of ``[metrics] listen`` and what counts as loopback.
 
-Kept apart from :mod:`daemon.metrics` so that checking a configuration (every ``inboxd status``
-loads one) does not import the metrics library, and so that the older Marple API's target can
-ask :func:`is_loopback` without depending on the metrics endpoint.
+Kept apart from :mod:`daemon.service.metrics` so that checking a configuration (every ``inboxd
+status`` loads one) does not import the metrics library, and so that the older Marple API's target
+can ask :func:`is_loopback` without depending on the metrics endpoint.
 """
 
 from __future__ import annotations

@@ -100,10 +100,10 @@ def _count_case() -> None:
 # suite would otherwise spend half a minute waiting for the resume).
 _WRAPPER = """
 import sys
-from daemon.service_signals import catch_early_signals
+from daemon.service.signals import catch_early_signals
 catch_early_signals()
-import daemon.service
-daemon.service.Service.__init__.__kwdefaults__["probe_seconds"] = 1.0
+import daemon.service.run
+daemon.service.run.Service.__init__.__kwdefaults__["probe_seconds"] = 1.0
 from daemon.cli import main
 sys.exit(main(sys.argv[1:]))
 """

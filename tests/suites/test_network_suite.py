@@ -183,7 +183,7 @@ def test_chaos_on_the_wire_and_the_server_delivers_exactly_once(
 
 #: step retries: attempts, base, cap; job backoff: max(base, 1 s) doubling up to the job cap
 ATTEMPTS, BASE, CAP, JOB_CAP = 4, 0.05, 0.1, 4.0
-JOB_BASE = max(BASE, 1.0)  # daemon/service.py: backoff_base=max(r.base_seconds, 1.0)
+JOB_BASE = max(BASE, 1.0)  # daemon/service/run.py: backoff_base=max(r.base_seconds, 1.0)
 STORM_SECONDS = scale(14.0, 60.0)
 STORM_FILES = 4
 

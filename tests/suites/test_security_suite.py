@@ -203,8 +203,8 @@ def run_cli_many(
 # its recovery fit into a test); everything else is the real command line.
 _RUN_FAST_PROBE = (
     "import sys\n"
-    "import daemon.service\n"
-    "daemon.service.Service.__init__.__kwdefaults__['probe_seconds'] = 0.5\n"
+    "import daemon.service.run\n"
+    "daemon.service.run.Service.__init__.__kwdefaults__['probe_seconds'] = 0.5\n"
     "from daemon.__main__ import main\n"
     "sys.exit(main())\n"
 )
@@ -732,7 +732,7 @@ def test_token_never_leaks_end_to_end(tmp_path: Path) -> None:
 
 def _main_in_process(argv: list[str]) -> tuple[int, str]:
     """``inboxd ARGV`` in this process (config errors stop before any logging set-up)."""
-    from daemon import service_signals
+    from daemon.service import signals
 
     out, err = io.StringIO(), io.StringIO()
     # `inboxd run` records SIGTERM/SIGINT from its first line on: give pytest its handlers back.
@@ -743,7 +743,7 @@ def _main_in_process(argv: list[str]) -> tuple[int, str]:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        service_signals.early.clear()
+        signals.early.clear()
     return status, out.getvalue() + err.getvalue()
 
 

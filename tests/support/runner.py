@@ -18,7 +18,7 @@ import anyio
 
 from daemon.config import Settings, load_settings
 from daemon.sandbox import Sandbox
-from daemon.service import Service
+from daemon.service.run import Service
 from daemon.state.queue import Queue
 from tests.support.data import TOKEN
 

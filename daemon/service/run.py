@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from daemon import __version__, service_signals
+from daemon import __version__
 from daemon.config import Settings
 from daemon.delivery import Target
 from daemon.delivery.factory import open_target
@@ -46,10 +46,11 @@ from daemon.intake.routing import (
     stream_source,
 )
 from daemon.intake.watcher import InboxTrouble, Watcher, WatchRules
-from daemon.metrics import Metrics, MetricsServer
 from daemon.net.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
-from daemon.notify import Notifier, watchdog_interval
 from daemon.retry import RetryPolicy
+from daemon.service import signals as service_signals
+from daemon.service.metrics import Metrics, MetricsServer
+from daemon.service.notify import Notifier, watchdog_interval
 from daemon.state.queue import (
     Delivered,
     FileIdentity,
