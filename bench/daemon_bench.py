@@ -1285,7 +1285,7 @@ def _rss_run(cfg: Path, dlog: Path, seconds: float) -> dict[str, Any]:
 def _status_runs(cfg: Path, db: Path, runs: int) -> dict[str, Any]:
     import anyio
 
-    from daemon import status
+    from daemon.commands import status
     from daemon.state.queue import Queue
 
     say(
@@ -1366,7 +1366,7 @@ def _status_runs(cfg: Path, db: Path, runs: int) -> dict[str, Any]:
     )
     # import cost of the status command's modules, in a fresh interpreter
     probe = (
-        "import time; t=time.perf_counter(); import daemon.cli; a=time.perf_counter(); "
+        "import time; t=time.perf_counter(); import daemon.commands.cli; a=time.perf_counter(); "
         "from daemon import status; b=time.perf_counter(); "
         "print(round(a-t,3), round(b-a,3))"
     )
@@ -1375,8 +1375,8 @@ def _status_runs(cfg: Path, db: Path, runs: int) -> dict[str, Any]:
         cli_s, status_s = (float(x) for x in p.stdout.split())
         out["import_cli_s"], out["import_status_s"] = cli_s, status_s
         say(
-            f"  imports in a fresh interpreter: daemon.cli {1000 * cli_s:.0f} ms, then "
-            f"daemon.status (→ daemon.service.run) {1000 * status_s:.0f} ms"
+            f"  imports in a fresh interpreter: daemon.commands.cli {1000 * cli_s:.0f} ms, then "
+            f"daemon.commands.status (→ daemon.service.run) {1000 * status_s:.0f} ms"
         )
     note_load("status end")
     return out
@@ -1791,7 +1791,10 @@ def main(argv: list[str] | None = None) -> int:
         f"pinning {'on' if CTX.pin else 'off'}; load {loadavg()}"
     )
     # warm the private bytecode cache (an installed package ships compiled .pyc files)
-    warm = "import daemon.cli, daemon.service.run, daemon.status, daemon.sandbox, httpx, uvicorn"
+    warm = (
+        "import daemon.commands.cli, daemon.service.run, daemon.commands.status, daemon.sandbox, "
+        "httpx, uvicorn"
+    )
     for e in (env, CTX.daemon_env):
         subprocess.run([PY, "-c", warm], env=e, cwd=work, check=True)
     if a.daemon_path or a.label:

@@ -505,11 +505,12 @@ def prime_bytecode(ctx: Ctx) -> None:
         (
             sys.executable,
             None,
-            "import httpcore, daemon.cli, daemon.sandbox, daemon.delivery.marple_db.upload",
+            "import httpcore, daemon.commands.cli, daemon.sandbox, "
+            "daemon.delivery.marple_db.upload",
         )
     ]
     jobs += [
-        (sys.executable, str(path), "import httpcore, daemon.cli, daemon.sandbox")
+        (sys.executable, str(path), "import httpcore, daemon.commands.cli, daemon.sandbox")
         for path in ctx.variants.values()
     ]
     if ctx.sdk_python:

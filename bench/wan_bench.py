@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     env["PYTHONUNBUFFERED"] = "1"
     ctx.env, ctx.daemon_env = env, dict(env)
-    warm = "import daemon.cli, daemon.service.run, daemon.sandbox, httpx, uvicorn"
+    warm = "import daemon.commands.cli, daemon.service.run, daemon.sandbox, httpx, uvicorn"
     subprocess.run([db.PY, "-c", warm], env=env, cwd=work, check=True)
     facts = db.machine()
     _say(

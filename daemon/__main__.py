@@ -15,7 +15,7 @@ def main() -> int:
         from daemon.service.signals import catch_early_signals
 
         catch_early_signals()
-    from daemon.cli import main as cli_main
+    from daemon.commands.cli import main as cli_main
 
     return cli_main()
 

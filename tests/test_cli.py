@@ -248,7 +248,7 @@ def test_version_and_help() -> None:
 def test_progress_bar_shows_bytes_rate_and_eta() -> None:
     import io
 
-    from daemon.push import ProgressBar as _ProgressBar
+    from daemon.commands.push import ProgressBar as _ProgressBar
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
@@ -308,7 +308,7 @@ def test_retry_on_a_corrupt_database_exits_65_in_one_line(tmp_path: Path) -> Non
 def test_the_reason_inside_the_daemons_exception_groups() -> None:
     """`inboxd run` fails out of nested task groups; the person gets the one error that says
     most, with its exit status; anything that is not ours stays a traceback."""
-    from daemon.cli import _reason
+    from daemon.commands.cli import _reason
     from daemon.errors import StateError, TransportError
     from daemon.state.queue import QueueError
 

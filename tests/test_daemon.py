@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from daemon import status
+from daemon.commands import status
 from daemon.sandbox import Sandbox
 from daemon.state.queue import JobState, Queue
 from tests.support.data import TOKEN, write_file

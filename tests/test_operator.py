@@ -632,7 +632,7 @@ def _one_line_error_config(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_every_command_has_a_description_and_an_example() -> None:
-    from daemon.cli import _EXAMPLES
+    from daemon.commands.cli import _EXAMPLES
 
     for command in _EXAMPLES:
         helped = inboxd(command, "--help")

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
+from daemon.commands.install_files import DOC_DIR, SHIPPED, files
 from daemon.compat import UTC, StrEnum, fromisoformat, sqlite_errorname, tomllib
-from daemon.install_files import DOC_DIR, SHIPPED, files
 from daemon.sandbox import Sandbox
 from daemon.state.queue import JobState
 from tests.support.data import write_file

@@ -987,7 +987,7 @@ async def test_claim_counts_other_jobs_of_the_same_path(q: Queue) -> None:
 
 
 async def test_status_shows_no_stream_id_before_a_stream_name_is_looked_up(q: Queue) -> None:
-    from daemon import status
+    from daemon.commands import status
 
     named = NewJob(identity=ident("named.csv"), stream_id=0, dataset_name="named.csv", metadata={})
     await q.enqueue_many([named, new("plain.csv")])

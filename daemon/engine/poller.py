@@ -16,12 +16,12 @@ from typing import Any
 import anyio
 import structlog
 
+from daemon.commands.status import what_to_do
 from daemon.delivery import ImportUpdate, Target
 from daemon.errors import AuthError, InboxdError, scrub_secrets
 from daemon.retry import ServiceHold, backoff_delay
 from daemon.service.metrics import Metrics
 from daemon.state.queue import ImportRecord, Job, Queue, QueueError
-from daemon.status import what_to_do
 
 _log = structlog.get_logger(__name__)
 #: longest pause after repeated unexpected failures (the interval is used when it is longer)

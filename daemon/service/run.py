@@ -27,6 +27,7 @@ import anyio.abc
 import structlog
 
 from daemon import __version__
+from daemon.commands.status import HEARTBEAT_SECONDS, what_to_do
 from daemon.config import Settings
 from daemon.delivery import Target
 from daemon.delivery.factory import open_target
@@ -61,7 +62,6 @@ from daemon.state.queue import (
     make_private_dirs,
     state_os_error,
 )
-from daemon.status import HEARTBEAT_SECONDS, what_to_do
 
 _log = structlog.get_logger(__name__)
 _PROBE_SECONDS = 30.0

@@ -40,7 +40,7 @@ import anyio
 import pytest
 import structlog
 
-from daemon.cli import main as cli_main
+from daemon.commands.cli import main as cli_main
 from daemon.compat import BaseExceptionGroup
 from daemon.sandbox import Sandbox
 from daemon.state.queue import Job, JobState, Queue
@@ -104,7 +104,7 @@ from daemon.service.signals import catch_early_signals
 catch_early_signals()
 import daemon.service.run
 daemon.service.run.Service.__init__.__kwdefaults__["probe_seconds"] = 1.0
-from daemon.cli import main
+from daemon.commands.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

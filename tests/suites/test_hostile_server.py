@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from daemon import status as status_view
+from daemon.commands import status as status_view
 from daemon.compat import BaseExceptionGroup
 from daemon.delivery import ImportUpdate
 from daemon.delivery.marple_db.client import (

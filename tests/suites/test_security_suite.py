@@ -56,7 +56,7 @@ import structlog
 import trustme
 from pydantic import SecretStr
 
-from daemon import cli
+from daemon.commands import cli
 from daemon.config import load_settings
 from daemon.delivery.marple_db.client import MarpleClient, Stream
 from daemon.delivery.marple_db.upload import FileRef, UploadOptions, UploadRequest, upload_file

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import anyio
 
-from daemon import logs, status
+from daemon import logs
+from daemon.commands import status
 from daemon.config import load_settings
 from daemon.sandbox import SandboxConfig, running_sandbox
 from daemon.service.run import Service

@@ -425,7 +425,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise UsageError(f"--metadata {item!r}: write KEY=VALUE")
         extra[key] = value
-    from daemon.push import PushRequest, push
+    from daemon.commands.push import PushRequest, push
 
     request = PushRequest(
         files=list(args.files),
@@ -455,7 +455,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from daemon.check import Line, find_unit, local_checks, storage_line
+    from daemon.commands.check import Line, find_unit, local_checks, storage_line
 
     settings, path, source = _settings(args)
     extras.require_for_kind(settings.api.kind)
@@ -522,7 +522,7 @@ async def _check_service(settings: Settings) -> bool:
 
 def _cmd_sandbox(args: argparse.Namespace) -> int:
     extras.require("sandbox", "`inboxd sandbox`")
-    from daemon.check import address_in_use
+    from daemon.commands.check import address_in_use
     from daemon.sandbox import config_from_args, ready_message, serve_forever
 
     try:
@@ -561,7 +561,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _no_permission(path: Path, *, write: bool = False) -> NoPermissionError:
-    from daemon.check import group_of
+    from daemon.commands.check import group_of
 
     user = _user()
     if write:
@@ -604,7 +604,7 @@ def _state_path(settings: Settings, *, write: bool = False) -> Path:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from daemon import status
+    from daemon.commands import status
     from daemon.state.queue import Queue, QueueError
 
     settings, _, _ = _settings(args)
@@ -702,21 +702,21 @@ _NOT_FAILED = {
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     extras.require("sandbox", "`inboxd demo`")
-    from daemon.demo import run_demo
+    from daemon.commands.demo import run_demo
 
     return run_demo(keep=args.keep)
 
 
 def _cmd_completion(args: argparse.Namespace) -> int:
-    from daemon.completion import script
+    from daemon.commands.completion import script
 
     print(script(args.shell, _parser()))
     return EXIT_OK
 
 
 def _cmd_install_files(args: argparse.Namespace) -> int:
-    from daemon.completion import script
-    from daemon.install_files import install
+    from daemon.commands.completion import script
+    from daemon.commands.install_files import install
 
     install(args.prefix, lambda shell: script(shell, _parser()), dry_run=args.dry_run)
     return EXIT_OK
