@@ -12,10 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from daemon.state.queue import Job, JobState, Queue
-
-#: how often the daemon writes its heartbeat (status calls it dead after a few missed ones)
-HEARTBEAT_SECONDS = 2.0
+from daemon.outcomes import change_note, what_to_do, where_delivered
+from daemon.state.queue import HEARTBEAT_SECONDS, Job, JobState, Queue
 
 #: public job states of ``status --json``
 STATES = ("settling", "queued", "uploading", "importing", "done", "failed")
@@ -180,25 +178,6 @@ def job_json(job: Job, now: float) -> dict[str, Any]:
     }
 
 
-def change_note(
-    change: str | None, target: str, refs: dict[str, Any], dataset_id: int | None
-) -> str | None:
-    """One phrase for ``Job.change``: how a version of a delivered file was delivered."""
-    if change is None:
-        return None
-    where = _where({"target": target, "target_refs": refs, "dataset_id": dataset_id})
-    if change == "appended":
-        return f"appended: delivered again into {where}"
-    if change == "unchanged":
-        return f"content unchanged: nothing to upload ({where} holds it)"
-    if change == "on_server":
-        return (
-            f"already on the server as {where} (same name, size and modification time):"
-            " not uploaded again"
-        )
-    return change
-
-
 def render(snap: Snapshot) -> str:
     """The human view: one screen, most urgent first; every job with its id."""
     lines = _header(snap)
@@ -331,30 +310,6 @@ def short_reason(job: dict[str, Any]) -> str:
     return text if len(text) <= _SHORT else text[: _SHORT - 1] + "…"
 
 
-#: What a person does about a job that failed with this ``error_kind``.
-_TO_DO = {
-    "empty_file": "write data into the file or remove it (a changed file is taken again)",
-    "file_vanished": "nothing if it was deleted on purpose; else put it back (taken as new)",
-    "file": "make the file readable by the inboxd user, then `inboxd retry {id}`",
-    "import": "check the file (format, plugin) on the server, then `inboxd retry {id}`",
-    "name_clash": "rename the file or set [upload] on_name_clash, then `inboxd retry {id}`",
-    "not_found": "fix the stream in the config (`inboxd check` lists them), then "
-    "`inboxd retry {id}`",
-    "rejected": "read the reason: the server refused the request; fix it, then `inboxd retry {id}`",
-    "auth": "put a valid token in place (/etc/inboxd/token, then `sudo systemctl restart "
-    "inboxd`, or [api] token_file); uploads resume by themselves within 30 s",
-    "held": "nothing: uploads resume by themselves when the service answers; if it lasts, "
-    "check the network and the service",
-    "disk_low": "free space on the inbox's disk",
-}
-
-
-def what_to_do(kind: str, job_id: int | None) -> str:
-    """One sentence: what a person should do about an outcome of this kind."""
-    text = _TO_DO.get(kind, "fix the cause named in the reason, then `inboxd retry {id}`")
-    return text.format(id=job_id if job_id is not None else "ID")
-
-
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -379,18 +334,7 @@ def parse_since(text: str, now: float | None = None) -> float:
 def _delivered(job: dict[str, Any]) -> str:
     """Where a done job's file went and its import status, or how it was delivered."""
     status = f" ({job['import_status']})" if job.get("import_status") else ""
-    return f"{job.get('note') or _where(job)}{status}"
-
-
-def _where(job: dict[str, Any]) -> str:
-    """Where a delivered file went, in the target's own terms."""
-    refs = job.get("target_refs") or {}
-    if job.get("target") == "marple":
-        link = f", {refs['share_link']}" if refs.get("share_link") else ""
-        return f"source {job['dataset_id']}{link}"
-    if job.get("target") == "data-service" and refs.get("data_source"):
-        return f"data source {refs['data_source']}"
-    return f"dataset {job['dataset_id']}"
+    return f"{job.get('note') or where_delivered(job)}{status}"
 
 
 def to_json(snap: Snapshot) -> str:

@@ -16,9 +16,9 @@ from typing import Any
 import anyio
 import structlog
 
-from daemon.commands.status import what_to_do
 from daemon.delivery import ImportUpdate, Target
 from daemon.errors import AuthError, InboxdError, scrub_secrets
+from daemon.outcomes import what_to_do
 from daemon.retry import ServiceHold, backoff_delay
 from daemon.service.metrics import Metrics
 from daemon.state.queue import ImportRecord, Job, Queue, QueueError

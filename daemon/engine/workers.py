@@ -20,7 +20,6 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from daemon.commands.status import change_note, what_to_do
 from daemon.delivery import Target, Work, content, service_answers
 from daemon.delivery.marple_db.upload import FileRef, Resume
 from daemon.errors import (
@@ -35,6 +34,7 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.net.bandwidth import UploadWindows
+from daemon.outcomes import change_note, what_to_do
 from daemon.retry import CURRENT_HOLD, ServiceHold, backoff_delay, is_service_trouble
 from daemon.service.metrics import Metrics
 from daemon.state.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage

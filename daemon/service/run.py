@@ -27,7 +27,6 @@ import anyio.abc
 import structlog
 
 from daemon import __version__
-from daemon.commands.status import HEARTBEAT_SECONDS, what_to_do
 from daemon.config import Settings
 from daemon.delivery import Target
 from daemon.delivery.factory import open_target
@@ -48,11 +47,13 @@ from daemon.intake.routing import (
 )
 from daemon.intake.watcher import InboxTrouble, Watcher, WatchRules
 from daemon.net.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
+from daemon.outcomes import what_to_do
 from daemon.retry import RetryPolicy
 from daemon.service import signals as service_signals
 from daemon.service.metrics import Metrics, MetricsServer
 from daemon.service.notify import Notifier, watchdog_interval
 from daemon.state.queue import (
+    HEARTBEAT_SECONDS,
     Delivered,
     FileIdentity,
     Job,

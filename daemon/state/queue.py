@@ -2076,3 +2076,7 @@ class Queue:
             (stream_id, time.time(), job_id),
         )
         self._expect_job(changed, job_id)
+
+
+#: how often the daemon writes its heartbeat (status calls it dead after a few missed ones)
+HEARTBEAT_SECONDS = 2.0
