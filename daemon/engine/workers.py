@@ -40,7 +40,7 @@ from daemon.service.metrics import Metrics
 from daemon.state.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage
 
 if TYPE_CHECKING:
-    from daemon.intake.watcher import InboxTrouble
+    from daemon.state.queue import InboxTrouble
 
 _log = structlog.get_logger(__name__)
 

@@ -71,7 +71,7 @@ from daemon.compat import BaseExceptionGroup
 from daemon.config import DEFAULT_EXCLUDES
 from daemon.intake import inotify, writers
 from daemon.retry import backoff_delay
-from daemon.state.queue import FileIdentity
+from daemon.state.queue import FileIdentity, InboxTrouble
 
 __all__ = [
     "MAX_BATCH",
@@ -165,18 +165,6 @@ class WatchRules:
     #: a file held open for writing but unchanged this long is taken anyway; 0 = writers are
     #: not waited for (settle_seconds alone decides)
     writer_timeout: float = 3600.0
-
-
-@dataclass(frozen=True)
-class InboxTrouble:
-    """The inbox folder is missing, or was just replaced (see ``Watcher.inbox_trouble``)."""
-
-    #: what is wrong, for logs and job messages
-    reason: str
-    #: the folder is not there: nothing can be uploaded from it, uploads wait
-    hold: bool
-    #: how long a job whose file is missing waits before it is looked at again
-    wait: float
 
 
 class _Pending:

@@ -45,7 +45,7 @@ from daemon.intake.routing import (
     stream_for,
     stream_source,
 )
-from daemon.intake.watcher import InboxTrouble, Watcher, WatchRules
+from daemon.intake.watcher import Watcher, WatchRules
 from daemon.net.bandwidth import RateLimiter, format_rate, parse_rate, parse_windows
 from daemon.outcomes import what_to_do
 from daemon.retry import RetryPolicy
@@ -56,6 +56,7 @@ from daemon.state.queue import (
     HEARTBEAT_SECONDS,
     Delivered,
     FileIdentity,
+    InboxTrouble,
     Job,
     NewJob,
     Queue,

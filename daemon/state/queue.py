@@ -2080,3 +2080,15 @@ class Queue:
 
 #: how often the daemon writes its heartbeat (status calls it dead after a few missed ones)
 HEARTBEAT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class InboxTrouble:
+    """The inbox folder is missing, or was just replaced (see ``Watcher.inbox_trouble``)."""
+
+    #: what is wrong, for logs and job messages
+    reason: str
+    #: the folder is not there: nothing can be uploaded from it, uploads wait
+    hold: bool
+    #: how long a job whose file is missing waits before it is looked at again
+    wait: float
