@@ -17,10 +17,10 @@ import anyio
 import structlog
 
 from daemon.delivery import ImportUpdate, Target
+from daemon.engine.metrics import EngineMetrics
 from daemon.errors import AuthError, InboxdError, scrub_secrets
 from daemon.outcomes import what_to_do
 from daemon.retry import ServiceHold, backoff_delay
-from daemon.service.metrics import Metrics
 from daemon.state.queue import ImportRecord, Job, Queue, QueueError
 
 _log = structlog.get_logger(__name__)
@@ -38,7 +38,7 @@ class Poller:
         *,
         interval: float = 2.0,
         batch_size: int = 100,
-        metrics: Metrics | None = None,
+        metrics: EngineMetrics | None = None,
         hold: ServiceHold | None = None,
     ) -> None:
         self.metrics = metrics

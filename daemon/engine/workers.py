@@ -22,6 +22,7 @@ import structlog
 
 from daemon.delivery import Target, Work, content, service_answers
 from daemon.delivery.marple_db.upload import FileRef, Resume
+from daemon.engine.metrics import EngineMetrics
 from daemon.errors import (
     AuthError,
     ConflictError,
@@ -36,7 +37,6 @@ from daemon.errors import (
 from daemon.net.bandwidth import UploadWindows
 from daemon.outcomes import change_note, what_to_do
 from daemon.retry import CURRENT_HOLD, ServiceHold, backoff_delay, is_service_trouble
-from daemon.service.metrics import Metrics
 from daemon.state.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class Workers:
         *,
         pause: Pause | None = None,
         owner: str | None = None,
-        metrics: Metrics | None = None,
+        metrics: EngineMetrics | None = None,
         windows: UploadWindows | None = None,
         resolve_stream: Callable[[Job], Awaitable[int]] | None = None,
         inbox_trouble: Callable[[], InboxTrouble | None] | None = None,
