@@ -568,7 +568,7 @@ def make_files(folder: Path, n: int, size: int, *, prefix: str = "f") -> list[Pa
 def queue_counts(db: Path) -> dict[str, int] | None:
     import anyio
 
-    from daemon.state.queue import Queue, QueueError
+    from daemon.state import Queue, QueueError
 
     async def read() -> dict[str, int] | None:
         try:
@@ -1109,7 +1109,7 @@ async def _build_db(db: Path, n: int, mix: dict[str, int]) -> dict[str, Any]:
     """``n`` jobs through ``enqueue_many``, then transitions through the Queue API."""
     import anyio
 
-    from daemon.state.queue import FileIdentity, NewJob, Queue, Stage
+    from daemon.state import FileIdentity, NewJob, Queue, Stage
 
     t = time.perf_counter()
     q = await Queue.open(db)
@@ -1286,7 +1286,7 @@ def _status_runs(cfg: Path, db: Path, runs: int) -> dict[str, Any]:
     import anyio
 
     from daemon.commands import status
-    from daemon.state.queue import Queue
+    from daemon.state import Queue
 
     say(
         f"\n== status: `inboxd status --config` and `--json` on the database, daemon stopped, "

@@ -277,7 +277,7 @@ def test_retry_on_a_corrupt_database_exits_65_in_one_line(tmp_path: Path) -> Non
 
     import anyio
 
-    from daemon.state.queue import FileIdentity, NewJob, Queue
+    from daemon.state import FileIdentity, NewJob, Queue
 
     db = tmp_path / "state.db"
 
@@ -310,7 +310,7 @@ def test_the_reason_inside_the_daemons_exception_groups() -> None:
     most, with its exit status; anything that is not ours stays a traceback."""
     from daemon.commands.cli import _reason
     from daemon.errors import StateError, TransportError
-    from daemon.state.queue import QueueError
+    from daemon.state import QueueError
 
     generic = QueueError("state database /s/state.db: cannot commit")
     full = QueueError("state database /s/state.db: no space left on its filesystem", reason="full")

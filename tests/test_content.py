@@ -13,7 +13,7 @@ import xxhash
 from daemon.delivery import content
 from daemon.delivery.marple_db.client import FileSlice
 from daemon.errors import FileChangedError
-from daemon.state.queue import PriorDelivery
+from daemon.state import PriorDelivery
 from tests.support.data import content_hash_of
 
 KiB = 1024

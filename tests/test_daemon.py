@@ -12,7 +12,7 @@ import pytest
 
 from daemon.commands import status
 from daemon.sandbox import Sandbox
-from daemon.state.queue import JobState, Queue
+from daemon.state import JobState, Queue
 from tests.support.data import TOKEN, write_file
 from tests.support.runner import counts, inboxd, running_service, server_datasets, write_config
 from tests.support.waits import wait_until

@@ -30,7 +30,7 @@ from daemon.errors import ConfigError
 from daemon.net.addresses import parse_listen
 from daemon.sandbox import Sandbox
 from daemon.service.metrics import UPLOAD_DURATION_BUCKETS, HealthCheck, Metrics, MetricsServer
-from daemon.state.queue import FileIdentity, NewJob, Queue
+from daemon.state import FileIdentity, NewJob, Queue
 from tests.support.runner import running_service, start_daemon, stop_daemon, write_config
 
 # Every metric the daemon exposes, with its type and label names: the interface under test.

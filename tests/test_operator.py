@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 
 def _counts_now(config: Path) -> dict[str, int]:
-    from daemon.state.queue import QueueError
+    from daemon.state import QueueError
 
     try:
         return anyio.run(counts, config)

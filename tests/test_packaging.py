@@ -28,7 +28,7 @@ import pytest
 from daemon.commands.install_files import DOC_DIR, SHIPPED, files
 from daemon.compat import UTC, StrEnum, fromisoformat, sqlite_errorname, tomllib
 from daemon.sandbox import Sandbox
-from daemon.state.queue import JobState
+from daemon.state import JobState
 from tests.support.data import write_file
 from tests.support.runner import REPO, inboxd, start_daemon, write_config
 from tests.support.waits import wait_for

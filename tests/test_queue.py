@@ -15,8 +15,7 @@ import aiosqlite
 import anyio
 import pytest
 
-from daemon.state import queue as queue_module
-from daemon.state.queue import (
+from daemon.state import (
     MIGRATIONS,
     FileIdentity,
     ImportRecord,
@@ -27,6 +26,7 @@ from daemon.state.queue import (
     QueueError,
     Stage,
 )
+from daemon.state import queue as queue_module
 
 T = TypeVar("T")
 

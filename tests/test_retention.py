@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.engine.retention import EMPTY_DIR_GRACE_SECONDS, Retention, disk_free
-from daemon.state.queue import FileIdentity, JobState, NewJob, Queue
+from daemon.state import FileIdentity, JobState, NewJob, Queue
 
 KiB = 1024
 MiB = 1024 * KiB

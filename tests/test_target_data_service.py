@@ -30,7 +30,7 @@ from daemon.sandbox.dataservice import (
     signature_base_string,
     url_of,
 )
-from daemon.state.queue import FileIdentity, JobState, NewJob, Queue
+from daemon.state import FileIdentity, JobState, NewJob, Queue
 from tests.support.runner import counts, inboxd, running_service, start_daemon, write_config
 from tests.support.waits import wait_until
 

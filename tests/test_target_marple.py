@@ -43,7 +43,7 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.sandbox import Sandbox
-from daemon.state.queue import JobState, Queue
+from daemon.state import JobState, Queue
 from tests.support.data import TOKEN, write_file
 from tests.support.runner import counts, inboxd, running_service, start_daemon, write_config
 from tests.support.waits import wait_until

@@ -26,7 +26,7 @@ import pytest
 import watchfiles
 
 from daemon.intake.watcher import MAX_BATCH, Watcher, WatchRules
-from daemon.state.queue import FileIdentity
+from daemon.state import FileIdentity
 
 SETTLE = 0.2
 

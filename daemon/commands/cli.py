@@ -96,7 +96,7 @@ def _reason(exc: BaseException) -> InboxdError | None:
     (see its docstring) until here. An OSError is the machine's answer to something a person
     can fix (a permission, a missing file): it becomes one line too.
     """
-    from daemon.state.queue import QueueError
+    from daemon.state import QueueError
 
     leaves: list[InboxdError] = []
     pending: list[BaseException] = [exc]
@@ -605,7 +605,7 @@ def _state_path(settings: Settings, *, write: bool = False) -> Path:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from daemon.commands import status
-    from daemon.state.queue import Queue, QueueError
+    from daemon.state import Queue, QueueError
 
     settings, _, _ = _settings(args)
     since = None
@@ -641,7 +641,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_retry(args: argparse.Namespace) -> int:
-    from daemon.state.queue import JobState, Queue, QueueError
+    from daemon.state import JobState, Queue, QueueError
 
     settings, _, _ = _settings(args)
     path = _state_path(settings, write=True)

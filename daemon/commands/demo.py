@@ -20,7 +20,7 @@ from daemon.commands import status
 from daemon.config import load_settings
 from daemon.sandbox import SandboxConfig, running_sandbox
 from daemon.service.run import Service
-from daemon.state.queue import Queue
+from daemon.state import Queue
 
 _FILES = {
     "session-1/temperatures.csv": 64 * 1024,

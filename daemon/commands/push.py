@@ -30,7 +30,7 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.retry import RetryPolicy
-from daemon.state.queue import FileIdentity, Job, JobState, Stage
+from daemon.state import FileIdentity, Job, JobState, Stage
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from daemon.outcomes import change_note, what_to_do, where_delivered
-from daemon.state.queue import HEARTBEAT_SECONDS, Job, JobState, Queue
+from daemon.state import HEARTBEAT_SECONDS, Job, JobState, Queue
 
 #: public job states of ``status --json``
 STATES = ("settling", "queued", "uploading", "importing", "done", "failed")

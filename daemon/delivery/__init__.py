@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from daemon.delivery.marple_db.client import Progress
 from daemon.delivery.marple_db.upload import FileRef, Journal, Resume
 from daemon.errors import InboxdError
-from daemon.state.queue import ImportRecord, Job, PriorDelivery
+from daemon.state import ImportRecord, Job, PriorDelivery
 
 KINDS = ("marple-db", "marple", "data-service")
 

@@ -31,7 +31,7 @@ import anyio.lowlevel
 import xxhash
 
 from daemon.delivery.marple_db.client import FileSlice
-from daemon.state.queue import PriorDelivery
+from daemon.state import PriorDelivery
 
 __all__ = [
     "PREFIX",

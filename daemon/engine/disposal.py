@@ -16,7 +16,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from daemon.state.queue import Job, Queue, make_private_dirs
+from daemon.state import Job, Queue, make_private_dirs
 
 _log = structlog.get_logger(__name__)
 

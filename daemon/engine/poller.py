@@ -21,7 +21,7 @@ from daemon.engine.metrics import EngineMetrics
 from daemon.errors import AuthError, InboxdError, scrub_secrets
 from daemon.outcomes import what_to_do
 from daemon.retry import ServiceHold, backoff_delay
-from daemon.state.queue import ImportRecord, Job, Queue, QueueError
+from daemon.state import ImportRecord, Job, Queue, QueueError
 
 _log = structlog.get_logger(__name__)
 #: longest pause after repeated unexpected failures (the interval is used when it is longer)

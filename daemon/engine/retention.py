@@ -3,7 +3,7 @@
 Rules, in order of importance:
 
 1. A file is removed only if the queue confirms it was uploaded *and* imported
-   (:meth:`daemon.state.queue.Queue.is_archived_upload`: a DONE job or a ledger row with the same
+   (:meth:`daemon.state.Queue.is_archived_upload`: a DONE job or a ledger row with the same
    path, size and mtime). Anything else in the archive -- a file put there by hand, a file
    changed after it was archived, a half-copied ``.inboxd-partial`` -- is never touched.
 2. Nothing outside the archive folder is touched: the walk never follows a symlink (symlinks
@@ -40,7 +40,7 @@ import anyio.abc
 import anyio.to_thread
 import structlog
 
-from daemon.state.queue import Queue, QueueError
+from daemon.state import Queue, QueueError
 
 __all__ = ["FreeSpace", "Retention", "RetentionReport", "disk_free"]
 

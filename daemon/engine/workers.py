@@ -37,10 +37,10 @@ from daemon.errors import (
 from daemon.net.bandwidth import UploadWindows
 from daemon.outcomes import change_note, what_to_do
 from daemon.retry import CURRENT_HOLD, ServiceHold, backoff_delay, is_service_trouble
-from daemon.state.queue import Job, JobState, PriorDelivery, Queue, QueueError, Stage
+from daemon.state import Job, JobState, PriorDelivery, Queue, QueueError, Stage
 
 if TYPE_CHECKING:
-    from daemon.state.queue import InboxTrouble
+    from daemon.state import InboxTrouble
 
 _log = structlog.get_logger(__name__)
 

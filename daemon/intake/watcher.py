@@ -71,7 +71,7 @@ from daemon.compat import BaseExceptionGroup
 from daemon.config import DEFAULT_EXCLUDES
 from daemon.intake import inotify, writers
 from daemon.retry import backoff_delay
-from daemon.state.queue import FileIdentity, InboxTrouble
+from daemon.state import FileIdentity, InboxTrouble
 
 __all__ = [
     "MAX_BATCH",

@@ -34,7 +34,7 @@ with a note in the changelog::
 ``reason`` is an error ``kind`` (``network``, ``server``, ``rate_limited``, ``storage``,
 ``url_expired``, ...); a value that does not look like one, and every new one past the first
 64, is counted as ``other`` so the number of series stays bounded. ``state`` is every state
-:meth:`daemon.state.queue.Queue.counts` reports (``settling``, ``queued``, ``uploading``,
+:meth:`daemon.state.Queue.counts` reports (``settling``, ``queued``, ``uploading``,
 ``importing``, ``done``, ``failed``, ``superseded``).
 Counters start at 0 with each daemon process, as Prometheus expects (``rate()`` handles resets).
 
@@ -106,7 +106,7 @@ UPLOAD_DURATION_BUCKETS: Final[tuple[float, ...]] = (
 
 
 class QueueStats(Protocol):
-    """What :meth:`Metrics.refresh` reads; :class:`daemon.state.queue.Queue` provides it."""
+    """What :meth:`Metrics.refresh` reads; :class:`daemon.state.Queue` provides it."""
 
     async def counts(self) -> dict[str, int]:
         """Jobs per state."""

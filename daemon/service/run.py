@@ -52,7 +52,7 @@ from daemon.retry import RetryPolicy
 from daemon.service import signals as service_signals
 from daemon.service.metrics import Metrics, MetricsServer
 from daemon.service.notify import Notifier, watchdog_interval
-from daemon.state.queue import (
+from daemon.state import (
     HEARTBEAT_SECONDS,
     Delivered,
     FileIdentity,

@@ -63,8 +63,6 @@ their two's-complement negative (SQLite integers are signed 64-bit) and converte
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import heapq
 import json
 import os
@@ -72,8 +70,6 @@ import sqlite3
 import time
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
-    Callable,
     Collection,
     Iterable,
     Mapping,
@@ -84,225 +80,38 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, TypedDict
+from typing import Any, Final, Literal
 
 import aiosqlite
 import anyio
 
-from daemon.compat import StrEnum, sqlite_errorname
-from daemon.errors import StateDataError, StateError, StateFullError
-
-__all__ = [
-    "MIGRATIONS",
-    "DaemonInfo",
-    "Delivered",
-    "FileIdentity",
-    "Job",
-    "JobState",
-    "NewJob",
-    "Queue",
-    "QueueError",
-    "QueueErrorReason",
-    "SettlingFile",
-    "Stage",
-    "Totals",
-    "state_os_error",
-]
-
-
-#: Whether a QueueError can clear up: "full" (its filesystem is full), "data" (the file is not a
-#: database this inboxd can use: starting again reads the same bytes) or "" (anything else).
-QueueErrorReason = Literal["full", "data", ""]
-
-
-class QueueError(Exception):
-    """The state database cannot be used: its message says which file and what to do.
-
-    Not an :class:`~daemon.errors.InboxdError` on purpose: the workers and the poller handle
-    InboxdErrors per file and carry on, and carrying on over a database that cannot be written
-    only hides the problem. :meth:`as_state_error` is what stops ``inboxd`` with it.
-    """
-
-    def __init__(self, message: str, *, reason: QueueErrorReason = "") -> None:
-        super().__init__(message)
-        self.reason: QueueErrorReason = reason
-
-    def as_state_error(self) -> StateError:
-        """The InboxdError to stop ``inboxd`` with; its exit status follows ``reason``."""
-        if self.reason == "full":
-            return StateFullError(str(self))
-        if self.reason == "data":
-            return StateDataError(str(self))
-        return StateError(str(self))
-
+from daemon.state.failures import (
+    UNUSABLE_ADVICE,
+    QueueError,
+    create_private_file,
+    make_private_dirs,
+    open_error,
+    sqlite_error,
+    state_os_error,
+    wal_has_frames,
+)
+from daemon.state.models import (
+    DaemonInfo,
+    Delivered,
+    FileIdentity,
+    ImportRecord,
+    Job,
+    JobState,
+    NewJob,
+    PriorDelivery,
+    SettlingFile,
+    Stage,
+    Totals,
+)
+from daemon.state.schema import MIGRATIONS
 
 # ---------------------------------------------------------------------------------------------
 # Data model
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    """One version of one file in the inbox: a changed file is a new identity."""
-
-    rel: str  # relative to the inbox, as os.fsdecode gives it (may hold surrogate escapes)
-    size: int
-    mtime_ns: int
-    inode: int
-    #: the inode's change time: a rewrite that restores the mtime still moves it. 0 = unknown
-    #: (jobs queued before schema v3): then it matches any ctime. Part of the identity in the
-    #: database (its unique index, the ledger, the upload key), not of ``==``: 0 there means
-    #: "unknown", which must not make two sightings of one file unequal.
-    ctime_ns: int = field(default=0, compare=False)
-
-    def upload_key(self) -> str:
-        """The key that tags what this version makes on the server (``inboxd_upload_id``).
-
-        Derived from the identity, not drawn at random: a job re-enqueued after its row was
-        lost (a power cut dropping the WAL's last commits, or all of it) gets the same key, so
-        the dataset its lost attempt made is recognised as its own and taken over or found
-        done, never duplicated as ``name (2)``. Two versions never share a key: each differs
-        in size, mtime, ctime or inode.
-        """
-        text = f"{self.size}:{self.mtime_ns}:{self.ctime_ns}:{self.inode}:"
-        digest = hashlib.blake2b(
-            os.fsencode(self.rel) + b"\0" + text.encode(), digest_size=16, person=b"inboxd-key-v3"
-        )
-        return digest.hexdigest()
-
-
-class JobState(StrEnum):
-    """Where a job is in its life; see the module docstring for the transitions."""
-
-    QUEUED = "queued"
-    UPLOADING = "uploading"
-    IMPORTING = "importing"
-    DONE = "done"
-    FAILED = "failed"
-    SUPERSEDED = "superseded"
-
-
-class Stage(StrEnum):
-    """How far the ingestion flow got; persisted before each side effect."""
-
-    NEW = "new"
-    CREATING = "creating"
-    UPLOADING = "uploading"
-    COMPLETING = "completing"
-    COMPLETED = "completed"
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """What the watcher hands to :meth:`Queue.enqueue_many` for one file."""
-
-    identity: FileIdentity
-    stream_id: int
-    dataset_name: str
-    metadata: dict[str, Any]
-    target: str = "marple-db"
-
-
-@dataclass(frozen=True)
-class Job:
-    """A snapshot of one row of ``jobs``; re-read it after a write to see the new values."""
-
-    id: int
-    identity: FileIdentity
-    state: JobState
-    stage: Stage
-    stream_id: int
-    dataset_name: str
-    metadata: dict[str, Any]
-    upload_key: str  # FileIdentity.upload_key(); tags the dataset (a lost create is recognised)
-    ingestion_id: int | None
-    dataset_id: int | None
-    mode: str | None
-    part_size: int | None
-    bytes_sent: int
-    attempts: int  # tries that ended without success (retry_later, recover, mark_failed)
-    next_attempt_at: float
-    last_error: str | None
-    error_kind: str | None
-    import_status: str | None
-    import_progress: float | None
-    import_message: str | None
-    fell_back: bool
-    after_upload: str | None  # None until archived/deleted/kept
-    created_at: float
-    updated_at: float
-    started_at: float | None
-    uploaded_at: float | None
-    finished_at: float | None
-    lease_owner: str | None
-    lease_expires_at: float | None
-    target: str = "marple-db"
-    #: the target service's own identifiers (source id, share link, data source link)
-    target_refs: dict[str, Any] = field(default_factory=dict)
-    #: hash of the bytes delivered (``daemon.delivery.content``), once uploaded
-    content_hash: str | None = None
-    #: what this version is to the path's last delivery, when that decided how it was
-    #: delivered: "appended" (delivered again into the same dataset), "unchanged" (nothing
-    #: uploaded), "on_server" (a dataset of the name already held it); None otherwise
-    change: str | None = None
-    #: how many other jobs (any state) and ledger rows had the same path when ``claim`` took
-    #: this one; None when not counted. 0 spares the worker a look at the path's history.
-    same_path_jobs: int | None = None
-
-
-@dataclass(frozen=True)
-class PriorDelivery:
-    """The last delivered version of a path: a job uploaded (importing) or done, else the
-    newest ledger row. What a new version of the path is compared with
-    (``daemon.delivery.content``)."""
-
-    size: int
-    mtime_ns: int
-    inode: int
-    ctime_ns: int
-    dataset_id: int | None
-    content_hash: str | None
-    #: the dataset name it went to (None for a ledger row: not kept there)
-    dataset_name: str | None = None
-    #: the delivered job's ``target_refs`` (empty for a ledger row)
-    target_refs: dict[str, Any] = field(default_factory=dict)
-    #: False while its import is still running (the job is IMPORTING)
-    imported: bool = True
-
-
-@dataclass(frozen=True)
-class DaemonInfo:
-    """The running (or last) daemon's heartbeat, for ``inboxd status``."""
-
-    pid: int
-    started_at: float
-    heartbeat_at: float
-    info: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Delivered:
-    """A delivered version of a file, found under another path (see ``delivered_elsewhere``)."""
-
-    rel: str
-    dataset_id: int | None
-    #: its job (DONE, or IMPORTING: uploaded, import still running); None when the job was
-    #: pruned and only the ledger remembers it
-    job: Job | None = None
-
-
-@dataclass(frozen=True)
-class ImportRecord:
-    """A delivered file's import status as the service reports it, for ``record_import(s)``.
-
-    Targets return these from ``poll`` (as ``daemon.delivery.ImportUpdate``).
-    """
-
-    job_id: int
-    status: str
-    progress: float | None
-    message: str | None
-    terminal: bool
-    failed: bool
 
 
 _IMPORT_SET = (
@@ -332,197 +141,11 @@ def _import_params(update: ImportRecord, now: float) -> tuple[str, dict[str, Any
     }
 
 
-@dataclass(frozen=True)
-class SettlingFile:
-    """A file the watcher has seen but is waiting on until it stops changing."""
-
-    rel: str
-    size: int
-    since: float
-
-
-class Totals(TypedDict):
-    """Aggregates for ``status``; ``*_done`` include pruned jobs (from the ledger)."""
-
-    files_done: int
-    bytes_done: int
-    files_pending: int  # queued + uploading
-    bytes_pending: int  # bytes of those not yet sent
-
-
 # ---------------------------------------------------------------------------------------------
 # Schema and migrations
 
 
-Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
 _Params = Sequence[Any] | Mapping[str, Any]
-
-
-async def _migrate_v1(db: aiosqlite.Connection) -> None:
-    """v0 → v1: the initial schema."""
-    statements = [
-        # No CHECK constraints on state/stage: SQLite cannot alter a CHECK, so a new state in
-        # a later version would need a full table rebuild. The enums guard the values.
-        """
-        CREATE TABLE jobs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids never reused after prune
-            rel BLOB NOT NULL,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            inode INTEGER NOT NULL,
-            state TEXT NOT NULL,
-            stage TEXT NOT NULL,
-            stream_id INTEGER NOT NULL,
-            dataset_name TEXT NOT NULL,
-            metadata TEXT NOT NULL,
-            upload_key TEXT NOT NULL,
-            ingestion_id INTEGER,
-            dataset_id INTEGER,
-            mode TEXT,
-            part_size INTEGER,
-            bytes_sent INTEGER NOT NULL DEFAULT 0,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at REAL NOT NULL,
-            last_error TEXT,
-            error_kind TEXT,
-            import_status TEXT,
-            import_progress REAL,
-            import_message TEXT,
-            fell_back INTEGER NOT NULL DEFAULT 0,
-            after_upload TEXT,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            started_at REAL,
-            uploaded_at REAL,
-            finished_at REAL,
-            lease_owner TEXT,
-            lease_expires_at REAL
-        )
-        """,
-        # One job per file identity; its rel prefix also serves find_by_rel and superseding.
-        "CREATE UNIQUE INDEX jobs_identity ON jobs(rel, size, mtime_ns, inode)",
-        # counts (covering), list_jobs/recent_failures per state, jobs_to_poll, recover.
-        "CREATE INDEX jobs_state_updated ON jobs(state, updated_at, id)",
-        # Partial indexes for the hot paths. Without statistics the planner prefers
-        # jobs_state_updated (equality on state) and then sorts every queued row, so the queries
-        # that need these name them with INDEXED BY: a schema change that breaks one fails
-        # loudly instead of silently turning a claim into a full sort.
-        # claim and next_due_at: the queued jobs in due order, nothing else.
-        "CREATE INDEX jobs_due ON jobs(next_attempt_at, id) WHERE state = 'queued'",
-        "CREATE INDEX jobs_queued_created ON jobs(created_at) WHERE state = 'queued'",
-        "CREATE INDEX jobs_after_upload ON jobs(finished_at, id)"
-        " WHERE state = 'done' AND after_upload IS NULL",
-        # WITHOUT ROWID: the key is the row, so 50,000 parts cost one small b-tree entry each.
-        """
-        CREATE TABLE parts (
-            job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-            part_number INTEGER NOT NULL,
-            PRIMARY KEY (job_id, part_number)
-        ) WITHOUT ROWID
-        """,
-        # The primary key is the UNIQUE(rel, size, mtime_ns, inode) that enqueue looks up.
-        """
-        CREATE TABLE ledger (
-            rel BLOB NOT NULL,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            inode INTEGER NOT NULL,
-            dataset_id INTEGER,
-            finished_at REAL NOT NULL,
-            PRIMARY KEY (rel, size, mtime_ns, inode)
-        ) WITHOUT ROWID
-        """,
-        """
-        CREATE TABLE daemon (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            pid INTEGER NOT NULL,
-            started_at REAL NOT NULL,
-            heartbeat_at REAL NOT NULL,
-            info TEXT NOT NULL
-        )
-        """,
-        """
-        CREATE TABLE settling (
-            rel BLOB PRIMARY KEY,
-            size INTEGER NOT NULL,
-            since REAL NOT NULL
-        ) WITHOUT ROWID
-        """,
-    ]
-    for statement in statements:
-        await db.execute(statement)
-
-
-# MIGRATIONS[i] takes the schema from version i to i + 1; the code's schema version is
-# len(MIGRATIONS). A v2 is one more function appended here; all pending steps and the new
-# user_version are applied in a single transaction, so a failed step leaves the file untouched.
-async def _migrate_v2(db: aiosqlite.Connection) -> None:
-    """v1 → v2: jobs name their delivery target and keep its identifiers.
-
-    ``target`` is the kind of service a job is delivered to (Marple DB, the older Marple API,
-    the spreadsheet data service); ``target_refs`` holds that service's own identifiers
-    (a source id, a share link, a data source link) as a JSON object.
-    """
-    await db.execute("ALTER TABLE jobs ADD COLUMN target TEXT NOT NULL DEFAULT 'marple-db'")
-    await db.execute("ALTER TABLE jobs ADD COLUMN target_refs TEXT NOT NULL DEFAULT '{}'")
-
-
-async def _migrate_v3(db: aiosqlite.Connection) -> None:
-    """v2 → v3: ctime joins the file identity; delivered content is remembered.
-
-    ``ctime_ns`` (jobs and ledger; 0 = unknown, for rows from before) makes an in-place
-    rewrite that restores the mtime a new version. ``content_hash`` is the hash of the bytes
-    a job delivered (see ``daemon.delivery.marple_db.upload``), ``parts.digest`` the hash of each
-    stored part while the upload is in flight, so a delivered file that later grows by appending is
-    recognised by its unchanged prefix.
-    """
-    await db.execute("ALTER TABLE jobs ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0")
-    await db.execute("ALTER TABLE jobs ADD COLUMN content_hash TEXT")
-    await db.execute("DROP INDEX jobs_identity")
-    await db.execute(
-        "CREATE UNIQUE INDEX jobs_identity ON jobs(rel, size, mtime_ns, inode, ctime_ns)"
-    )
-    await db.execute("ALTER TABLE parts ADD COLUMN digest BLOB")
-    # The ledger's key is the identity: rebuilt with the ctime in it.
-    await db.execute(
-        """
-        CREATE TABLE ledger_v3 (
-            rel BLOB NOT NULL,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            inode INTEGER NOT NULL,
-            ctime_ns INTEGER NOT NULL,
-            dataset_id INTEGER,
-            finished_at REAL NOT NULL,
-            content_hash TEXT,
-            PRIMARY KEY (rel, size, mtime_ns, inode, ctime_ns)
-        ) WITHOUT ROWID
-        """
-    )
-    await db.execute(
-        "INSERT INTO ledger_v3 (rel, size, mtime_ns, inode, ctime_ns, dataset_id, finished_at)"
-        " SELECT rel, size, mtime_ns, inode, 0, dataset_id, finished_at FROM ledger"
-    )
-    await db.execute("DROP TABLE ledger")
-    await db.execute("ALTER TABLE ledger_v3 RENAME TO ledger")
-
-
-async def _migrate_v4(db: aiosqlite.Connection) -> None:
-    """v3 → v4: a job records what it was to the path's last delivery (``change``).
-
-    "appended" (delivered again into the same dataset), "unchanged" (the same bytes, only
-    the metadata moved: nothing uploaded) or "on_server" (a dataset of the name already held
-    this file: a restore over a fresh state database); NULL for a plain new file or version.
-
-    Also indexes jobs and ledger by (inode, size, mtime_ns): a renamed or moved file is found
-    by what a rename keeps (``delivered_elsewhere``), a lookup instead of a scan.
-    """
-    await db.execute("ALTER TABLE jobs ADD COLUMN change TEXT")
-    await db.execute("CREATE INDEX jobs_inode ON jobs(inode, size, mtime_ns)")
-    await db.execute("CREATE INDEX ledger_inode ON ledger(inode, size, mtime_ns)")
-
-
-MIGRATIONS: list[Migration] = [_migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,123 +242,6 @@ _BUSY_TIMEOUT_MS: Final = 10_000
 _HAS_NEWER: Final = (
     "EXISTS (SELECT 1 FROM jobs AS newer WHERE newer.rel = jobs.rel AND newer.id > jobs.id)"
 )
-
-
-def make_private_dirs(directory: Path, mode: int = 0o700) -> None:
-    """Create ``directory`` and its missing parents, every level with ``mode``.
-
-    Path.mkdir(parents=True) gives the intermediate directories the default mode; create each
-    missing level ourselves so every directory we make is private.
-    """
-    missing: list[Path] = []
-    current = directory
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for level in reversed(missing):
-        level.mkdir(mode=mode, exist_ok=True)
-        level.chmod(mode)  # mkdir's mode is masked by the umask
-
-
-def _create_private_file(path: Path) -> None:
-    # SQLite would create the file 0644 (minus umask), but it names every file uploaded and
-    # holds their metadata: create it 0600 first. SQLite gives -wal and -shm the same mode.
-    if path.exists():
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.close(fd)
-
-
-# What a person can do about an unusable database file. A fresh database forgets which files
-# were uploaded (the jobs and the ledger): the start-up scan takes every file still in the
-# inbox again. The -wal must go with the file: it holds the file's latest commits, and SQLite
-# deletes a -wal it finds next to the fresh, empty file.
-_UNUSABLE_ADVICE: Final = (
-    "restore it from a backup, or stop inboxd and move it away together with its -wal and -shm"
-    " files (the -wal holds its latest changes): inboxd then starts an empty database and takes"
-    " every file in the inbox again, so files kept there after their upload (inbox.after_upload"
-    ' = "keep") are uploaded again'
-)
-
-# Under this much free space an I/O error is taken for a full filesystem. SQLite reports an
-# ENOSPC while it grows -shm or the WAL as a plain "disk I/O error" (SQLITE_IOERR_SHMSIZE,
-# SQLITE_IOERR_WRITE, …) and does not pass on the errno; each such growth asks for 32 KiB or
-# more, and a state filesystem this close to full is the problem to report either way.
-_NEARLY_FULL_BYTES: Final = 1 << 20
-
-
-def _no_space(directory: Path) -> str | None:
-    """How little room the filesystem holding ``directory`` has ("12 KiB free"), or None."""
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return None
-    # Blocks and inodes reserved for root are usable by root only.
-    privileged = os.geteuid() == 0
-    inodes = st.f_ffree if privileged else st.f_favail
-    if st.f_files and not inodes:  # f_files is 0 where inodes are not counted (btrfs)
-        return "no free inodes"
-    free = (st.f_bfree if privileged else st.f_bavail) * st.f_frsize
-    if free < _NEARLY_FULL_BYTES:
-        return f"{free // 1024} KiB free"
-    return None
-
-
-def _full_error(path: Path, detail: str) -> QueueError:
-    return QueueError(
-        f"state database {path}: no space left on its filesystem ({detail}); free space there,"
-        " or point [state] path at a filesystem with room — inboxd resumes where it stopped",
-        reason="full",
-    )
-
-
-def state_os_error(path: Path, exc: OSError, action: str) -> QueueError:
-    """The QueueError for ``exc``, raised while doing ``action`` ("create", …) on ``path`` (the
-    state database or a file next to it)."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        said = exc.strerror or os.strerror(exc.errno)
-        room = _no_space(path.parent)
-        return _full_error(path, f"{said}; {room}" if room else said)
-    return QueueError(
-        f"cannot {action} {path}: {exc}; check the [state] path setting and that this user may"
-        " read and write its directory"
-    )
-
-
-def _sqlite_error(path: Path, exc: sqlite3.Error) -> QueueError | None:
-    """The QueueError for a full filesystem or an unusable file, or None for anything else."""
-    name = sqlite_errorname(exc)
-    if name == "SQLITE_NOTADB":
-        return QueueError(
-            f"state database {path} is not a valid SQLite database ({exc}); {_UNUSABLE_ADVICE}",
-            reason="data",
-        )
-    if name == "SQLITE_CORRUPT" or name.startswith("SQLITE_CORRUPT_"):
-        return QueueError(
-            f"state database {path} is corrupt ({exc}); {_UNUSABLE_ADVICE}", reason="data"
-        )
-    if name == "SQLITE_FULL" or name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN")):
-        room = _no_space(path.parent)
-        if room is not None:
-            return _full_error(path, f"{room}; SQLite: {exc}")
-        if name == "SQLITE_FULL":
-            return _full_error(path, f"SQLite: {exc}")
-    return None
-
-
-def _wal_has_frames(db: Path) -> bool:
-    # A WAL file holds a 32-byte header before its first frame.
-    try:
-        return db.with_name(db.name + "-wal").stat().st_size > 32
-    except FileNotFoundError:
-        return False
-
-
-def _open_error(path: Path, exc: sqlite3.Error) -> QueueError:
-    return _sqlite_error(path, exc) or QueueError(
-        f"cannot open state database {path}: {exc}; check that the path is on a local"
-        " filesystem and that its directory and file are readable and writable by this user"
-    )
 
 
 #: After new jobs were added (ids above ``:max_before``): older jobs of the same path that are
@@ -845,7 +351,7 @@ class Queue:
         if not readonly:
             try:
                 make_private_dirs(path.parent)
-                _create_private_file(path)
+                create_private_file(path)
             except OSError as exc:
                 raise state_os_error(path, exc, "create state database") from exc
             return await cls._connect(path, str(path), readonly=False)
@@ -861,7 +367,7 @@ class Queue:
             # A reader that may not create -shm (a group member, the folder is 0750) while no
             # daemon has the database open (no -shm to share) is the same case as below.
             cannot_make_shm = not os.access(path.parent, os.W_OK)
-            if (exc.reason != "full" and not cannot_make_shm) or _wal_has_frames(path):
+            if (exc.reason != "full" and not cannot_make_shm) or wal_has_frames(path):
                 raise
         # A reader of a WAL database must create -shm, which a full filesystem refuses, and
         # `status` is most needed exactly then. With no WAL frames the file alone is the whole
@@ -876,7 +382,7 @@ class Queue:
             # opens a transaction behind our back.
             db = await aiosqlite.connect(target, uri=readonly, isolation_level=None)
         except sqlite3.Error as exc:
-            raise _open_error(path, exc) from exc
+            raise open_error(path, exc) from exc
         queue = cls(db, path, readonly=readonly)
         try:
             await queue._configure()
@@ -904,7 +410,7 @@ class Queue:
                 await self._configure_writer(db)
                 version = await self._user_version()
         except sqlite3.Error as exc:
-            raise _open_error(self._path, exc) from exc
+            raise open_error(self._path, exc) from exc
 
         known = len(MIGRATIONS)
         if version > known:
@@ -941,7 +447,7 @@ class Queue:
             said = said[:157] + "..."
         raise QueueError(
             f"state database {self._path} is corrupt (database disk image is malformed;"
-            f" PRAGMA quick_check: {said}); {_UNUSABLE_ADVICE}",
+            f" PRAGMA quick_check: {said}); {UNUSABLE_ADVICE}",
             reason="data",
         )
 
@@ -989,7 +495,7 @@ class Queue:
                 for step in MIGRATIONS[version:target]:
                     await step(db)
             except sqlite3.Error as exc:
-                full = _sqlite_error(self._path, exc)
+                full = sqlite_error(self._path, exc)
                 if full is not None and full.reason == "full":
                     raise full from exc  # the upgrade itself is fine: it needs room
                 raise QueueError(
@@ -1036,7 +542,7 @@ class Queue:
         return self._db
 
     def _error(self, exc: sqlite3.Error) -> QueueError:
-        return _sqlite_error(self._path, exc) or QueueError(f"state database {self._path}: {exc}")
+        return sqlite_error(self._path, exc) or QueueError(f"state database {self._path}: {exc}")
 
     def _check_writable(self) -> None:
         if self._readonly:
@@ -2076,19 +1582,3 @@ class Queue:
             (stream_id, time.time(), job_id),
         )
         self._expect_job(changed, job_id)
-
-
-#: how often the daemon writes its heartbeat (status calls it dead after a few missed ones)
-HEARTBEAT_SECONDS = 2.0
-
-
-@dataclass(frozen=True)
-class InboxTrouble:
-    """The inbox folder is missing, or was just replaced (see ``Watcher.inbox_trouble``)."""
-
-    #: what is wrong, for logs and job messages
-    reason: str
-    #: the folder is not there: nothing can be uploaded from it, uploads wait
-    hold: bool
-    #: how long a job whose file is missing waits before it is looked at again
-    wait: float

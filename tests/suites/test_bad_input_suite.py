@@ -43,7 +43,7 @@ import structlog
 from daemon.commands.cli import main as cli_main
 from daemon.compat import BaseExceptionGroup
 from daemon.sandbox import Sandbox
-from daemon.state.queue import Job, JobState, Queue
+from daemon.state import Job, JobState, Queue
 from tests.support.data import TOKEN, write_file
 from tests.support.runner import (
     REPO,

@@ -44,7 +44,7 @@ import anyio
 import pytest
 
 from daemon.sandbox import Sandbox, SandboxConfig, running_sandbox
-from daemon.state.queue import MIGRATIONS, FileIdentity, NewJob, Queue
+from daemon.state import MIGRATIONS, FileIdentity, NewJob, Queue
 from tests.support.data import TOKEN, write_file
 from tests.support.runner import (
     REPO,

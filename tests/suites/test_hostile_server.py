@@ -59,7 +59,7 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.retry import RetryPolicy
-from daemon.state.queue import FileIdentity, Job, JobState, NewJob, Queue, Stage
+from daemon.state import FileIdentity, Job, JobState, NewJob, Queue, Stage
 from tests.support.data import TOKEN
 from tests.support.hostile import (
     Answer,

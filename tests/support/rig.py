@@ -23,7 +23,7 @@ import anyio
 
 from daemon.config import load_settings
 from daemon.sandbox import Sandbox
-from daemon.state.queue import Job, Queue, QueueError
+from daemon.state import Job, Queue, QueueError
 from tests.support.data import KiB, MiB, write_file
 from tests.support.runner import inboxd
 from tests.support.waits import wait_for

@@ -19,7 +19,7 @@ import anyio
 from daemon.config import Settings, load_settings
 from daemon.sandbox import Sandbox
 from daemon.service.run import Service
-from daemon.state.queue import Queue
+from daemon.state import Queue
 from tests.support.data import TOKEN
 
 REPO = Path(__file__).resolve().parents[2]

@@ -132,7 +132,7 @@ from daemon.errors import (
 from daemon.intake.routing import first_route
 from daemon.net import backend
 from daemon.net.bandwidth import RateLimiter
-from daemon.state.queue import Job, Stage
+from daemon.state import Job, Stage
 
 _log = structlog.get_logger(__name__)
 _T = TypeVar("_T")

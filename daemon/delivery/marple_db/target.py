@@ -24,7 +24,7 @@ from daemon.delivery.marple_db.upload import (
     upload_file,
 )
 from daemon.errors import InboxdError
-from daemon.state.queue import Job, Stage
+from daemon.state import Job, Stage
 
 _log = structlog.get_logger(__name__)
 

@@ -61,7 +61,7 @@ from daemon.errors import (
     UploadFailed,
     UrlExpiredError,
 )
-from daemon.state.queue import Stage
+from daemon.state import Stage
 
 _log = structlog.get_logger(__name__)
 

@@ -107,7 +107,7 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.net.addresses import is_loopback
-from daemon.state.queue import Job, Stage
+from daemon.state import Job, Stage
 
 _T = TypeVar("_T")
 _log = structlog.get_logger(__name__)
