@@ -147,7 +147,7 @@ async def test_scrape_every_metric(queue: Queue) -> None:
     ids = await queue.enqueue_many([new_job(f"in/{i}.csv", i + 1) for i in range(4)])
     await queue.claim("worker", lease_seconds=60)  # → uploading
     await queue.mark_failed(ids[3], error="boom", kind="server")  # never claimed: still allowed
-    await queue.set_settling("in/growing.csv", 5, time.time())
+    await queue.apply_settling({"in/growing.csv": (5, time.time())})
     # 1000 s in the future: the oldest queued job is ~1000 s old without sleeping.
     metrics = Metrics(clock=lambda: time.time() + 1000, version="1.2.3-test")
     metrics.upload_succeeded(1000, 0.2)

@@ -24,7 +24,6 @@ from daemon.state.models import (
     PriorDelivery,
     SettlingFile,
     Stage,
-    Totals,
 )
 from daemon.state.queue import Queue
 from daemon.state.schema import MIGRATIONS
@@ -46,7 +45,6 @@ __all__ = [
     "QueueErrorReason",
     "SettlingFile",
     "Stage",
-    "Totals",
     "make_private_dirs",
     "state_os_error",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any
 
 from daemon.compat import StrEnum
 
@@ -183,15 +183,6 @@ class SettlingFile:
     rel: str
     size: int
     since: float
-
-
-class Totals(TypedDict):
-    """Aggregates for ``status``; ``*_done`` include pruned jobs (from the ledger)."""
-
-    files_done: int
-    bytes_done: int
-    files_pending: int  # queued + uploading
-    bytes_pending: int  # bytes of those not yet sent
 
 
 #: how often the daemon writes its heartbeat (status calls it dead after a few missed ones)

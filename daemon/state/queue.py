@@ -106,7 +106,6 @@ from daemon.state.models import (
     PriorDelivery,
     SettlingFile,
     Stage,
-    Totals,
 )
 from daemon.state.schema import MIGRATIONS
 
@@ -1403,21 +1402,10 @@ class Queue:
             info=json.loads(row["info"]),
         )
 
-    async def set_settling(self, rel: str, size: int, since: float) -> None:
-        """Record (or update) a file the watcher is waiting on."""
-        await self._execute(
-            "INSERT INTO settling (rel, size, since) VALUES (?, ?, ?)"
-            " ON CONFLICT (rel) DO UPDATE SET size = excluded.size, since = excluded.since",
-            (os.fsencode(rel), size, since),
-        )
-
-    async def clear_settling(self, rel: str) -> None:
-        """The watcher stopped waiting on ``rel`` (enqueued or gone)."""
-        await self._execute("DELETE FROM settling WHERE rel = ?", (os.fsencode(rel),))
-
     async def apply_settling(self, changes: Mapping[str, tuple[int, float] | None]) -> None:
-        """Many ``set_settling``/``clear_settling`` in one transaction: rel → (size, since),
-        or None to clear. A burst of thousands of files is one write, not thousands."""
+        """Record the files the watcher waits on, and forget those it stopped waiting on, in
+        one transaction: rel → (size, since), or None to forget. A burst of thousands of files
+        is one write, not thousands."""
         if not changes:
             return
         upserts = [(os.fsencode(r), v[0], v[1]) for r, v in changes.items() if v is not None]
@@ -1550,26 +1538,6 @@ class Queue:
         )
         value = rows[0][0]
         return None if value is None else float(value)
-
-    async def totals(self) -> Totals:
-        """Files and bytes done (pruned jobs included, via the ledger) and still pending."""
-        rows = await self._fetch(
-            "SELECT"
-            " (SELECT count(*) FROM jobs WHERE state = 'done'),"
-            " (SELECT coalesce(sum(size), 0) FROM jobs WHERE state = 'done'),"
-            " (SELECT count(*) FROM ledger),"
-            " (SELECT coalesce(sum(size), 0) FROM ledger),"
-            " (SELECT count(*) FROM jobs WHERE state IN ('queued', 'uploading')),"
-            " (SELECT coalesce(sum(max(size - bytes_sent, 0)), 0) FROM jobs"
-            "   WHERE state IN ('queued', 'uploading'))"
-        )
-        done, done_bytes, ledger, ledger_bytes, pending, pending_bytes = rows[0]
-        return Totals(
-            files_done=done + ledger,
-            bytes_done=done_bytes + ledger_bytes,
-            files_pending=pending,
-            bytes_pending=pending_bytes,
-        )
 
     async def set_stream_id(self, job_id: int, stream_id: int) -> None:
         """Record the stream a job's configured stream name resolved to.
