@@ -22,7 +22,7 @@ from pathlib import Path
 
 import anyio
 
-from daemon.delivery.marple_db.client import CHUNK_SIZE, FileSlice
+from daemon.delivery.files import CHUNK_SIZE, FileSlice
 
 GiB = 1 << 30
 

@@ -11,7 +11,7 @@ import pytest
 import xxhash
 
 from daemon.delivery import content
-from daemon.delivery.marple_db.client import FileSlice
+from daemon.delivery.files import FileSlice
 from daemon.errors import FileChangedError
 from daemon.state import PriorDelivery
 from tests.support.data import content_hash_of

@@ -389,7 +389,8 @@ async def test_file_bodies_go_to_https_in_cache_sized_chunks(tmp_path: Path) -> 
     that arrive are the file's either way."""
     from pydantic import SecretStr
 
-    from daemon.delivery.marple_db.client import CHUNK_SIZE, TLS_CHUNK_SIZE, FileSlice, MarpleClient
+    from daemon.delivery.files import CHUNK_SIZE, TLS_CHUNK_SIZE, FileSlice
+    from daemon.delivery.marple_db.client import MarpleClient
 
     ca = trustme.CA()
     cert = ca.issue_cert("localhost")

@@ -379,7 +379,7 @@ async def test_client_reads_times_as_epoch_seconds_or_iso_text(
 
 
 async def test_size_mismatch_at_complete_is_reported(client_factory, tmp_path: Path) -> None:
-    from daemon.delivery.marple_db.client import FileSlice
+    from daemon.delivery.files import FileSlice
 
     path = tmp_path / "short.csv"
     write_file(path, 1000)
@@ -394,7 +394,7 @@ async def test_size_mismatch_at_complete_is_reported(client_factory, tmp_path: P
 async def test_fifo_swapped_in_for_the_file_fails_at_once(tmp_path: Path) -> None:
     # Opened in the event loop: a blocking open of a FIFO (no writer ever comes) would stall
     # the whole daemon, not just this upload.
-    from daemon.delivery.marple_db.client import FileSlice
+    from daemon.delivery.files import FileSlice
     from daemon.errors import FileChangedError
 
     path = tmp_path / "run.csv"

@@ -30,7 +30,7 @@ from typing import Final, Literal
 import anyio.lowlevel
 import xxhash
 
-from daemon.delivery.marple_db.client import FileSlice
+from daemon.delivery.files import FileSlice
 from daemon.state import PriorDelivery
 
 __all__ = [
@@ -94,7 +94,7 @@ async def hash_file(
 
     ``known`` maps 1-based segment numbers to digests already computed (parts hashed while
     they were uploaded): those segments are not read. ``inode``/``pinned`` as for
-    :class:`~daemon.delivery.marple_db.client.FileSlice`: reading another file, a shorter one, or
+    :class:`~daemon.delivery.files.FileSlice`: reading another file, a shorter one, or
     one written to during the read raises ``FileChangedError``.
     """
     out: list[bytes] = []

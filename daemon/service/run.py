@@ -30,7 +30,7 @@ from daemon import __version__
 from daemon.config import Settings
 from daemon.delivery import Target
 from daemon.delivery.factory import open_target
-from daemon.delivery.marple_db.client import CHUNK_SIZE
+from daemon.delivery.files import CHUNK_SIZE
 from daemon.delivery.marple_db.upload import UploadOptions
 from daemon.engine.disposal import Disposal
 from daemon.engine.poller import Poller

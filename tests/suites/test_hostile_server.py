@@ -34,16 +34,14 @@ from pydantic import SecretStr
 from daemon.commands import status as status_view
 from daemon.compat import BaseExceptionGroup
 from daemon.delivery import ImportUpdate
+from daemon.delivery.files import FileSlice
 from daemon.delivery.marple_db.client import (
-    DEADLINE_FACTOR,
     Dataset,
     DatasetStatus,
-    FileSlice,
     Ingestion,
     MarpleClient,
     PartUrls,
     Stream,
-    send_request,
 )
 from daemon.delivery.marple_db.target import MarpleDbTarget
 from daemon.delivery.marple_db.upload import FileRef, UploadOptions, UploadRequest, upload_file
@@ -58,6 +56,7 @@ from daemon.errors import (
     TransportError,
     UploadFailed,
 )
+from daemon.net.answers import DEADLINE_FACTOR, send_request
 from daemon.retry import RetryPolicy
 from daemon.state import FileIdentity, Job, JobState, NewJob, Queue, Stage
 from tests.support.data import TOKEN

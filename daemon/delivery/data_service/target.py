@@ -104,14 +104,7 @@ from daemon import __version__, retry
 from daemon.compat import UTC, fromisoformat
 from daemon.config import ApiSettings, DataServiceGrant, DataServiceSettings, RouteSettings
 from daemon.delivery import CheckLine, Delivered, ImportUpdate, Work
-from daemon.delivery.marple_db.client import (
-    FileSlice,
-    Progress,
-    forget_cookies,
-    multipart_file_body,
-    send_request,
-    tls_verify,
-)
+from daemon.delivery.files import FileSlice, Progress, multipart_file_body
 from daemon.delivery.marple_db.upload import UploadOptions, delivered_hash
 from daemon.errors import (
     AuthError,
@@ -131,7 +124,9 @@ from daemon.errors import (
 )
 from daemon.intake.routing import first_route
 from daemon.net import backend
+from daemon.net.answers import send_request
 from daemon.net.bandwidth import RateLimiter
+from daemon.net.clients import forget_cookies, tls_verify
 from daemon.state import Job, Stage
 
 _log = structlog.get_logger(__name__)

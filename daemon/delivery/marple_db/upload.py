@@ -35,16 +35,13 @@ import structlog
 from daemon import retry
 from daemon.compat import BaseExceptionGroup
 from daemon.delivery import content
+from daemon.delivery.files import CHUNK_SIZE, FileSlice, Progress, Throttle
 from daemon.delivery.marple_db.client import (
-    CHUNK_SIZE,
     FAILED_STATUSES,
     Dataset,
-    FileSlice,
     Ingestion,
     MarpleClient,
-    Progress,
     Stream,
-    Throttle,
 )
 from daemon.errors import (
     ApiError,

@@ -79,13 +79,8 @@ from daemon import retry
 from daemon.compat import UTC, fromisoformat
 from daemon.config import MarpleSettings
 from daemon.delivery import CheckLine, Delivered, ImportUpdate, Work
-from daemon.delivery.marple_db.client import (
-    FileSlice,
-    MarpleClient,
-    Progress,
-    multipart_file_body,
-    parse_answer,
-)
+from daemon.delivery.files import FileSlice, Progress, multipart_file_body
+from daemon.delivery.marple_db.client import MarpleClient
 from daemon.delivery.marple_db.upload import (
     BytesSent,
     FileRef,
@@ -107,6 +102,7 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.net.addresses import is_loopback
+from daemon.net.answers import parse_answer
 from daemon.state import Job, Stage
 
 _T = TypeVar("_T")
