@@ -100,7 +100,7 @@ import structlog
 from authlib.oauth1 import ClientAuth  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from daemon import __version__, retry
+from daemon import retry
 from daemon.compat import UTC, fromisoformat
 from daemon.config import ApiSettings, DataServiceGrant, DataServiceSettings, RouteSettings
 from daemon.delivery import CheckLine, Delivered, ImportUpdate, Work
@@ -123,10 +123,9 @@ from daemon.errors import (
     UploadFailed,
 )
 from daemon.intake.routing import first_route
-from daemon.net import backend
 from daemon.net.answers import send_request
 from daemon.net.bandwidth import RateLimiter
-from daemon.net.clients import forget_cookies, tls_verify
+from daemon.net.clients import ACCEPT_ENCODING, USER_AGENT, build_client, tls_verify
 from daemon.state import Job, Stage
 
 _log = structlog.get_logger(__name__)
@@ -155,7 +154,6 @@ HEADER_ROW = "headerRow"
 #: than our clock saw the answer, and a retry refused for a rounding error would cost a 429.
 REFRESH_MARGIN = 0.5
 _MARKER_HEX = 16
-_USER_AGENT = f"inboxd/{__version__}"
 
 Adapter = Literal["csv", "excel"]
 #: adapterTypes spellings (normalised: upper case, no spaces/underscores) per adapter
@@ -449,24 +447,20 @@ class DataServiceClient:
         self.base_url = url.rstrip("/")
         self.rate_limit_wait = rate_limit_wait
         self.gate = CallGate()
-        self._http = httpx.AsyncClient(
+        self._http = build_client(
             base_url=self.base_url,
             auth=signer,
             # Only the encodings send_request decodes itself (with its size cap), whatever
             # optional decoders (brotli, zstandard) happen to be installed.
             headers={
                 "Accept": ACCEPT,
-                "User-Agent": _USER_AGENT,
-                "Accept-Encoding": "gzip, deflate",
+                "User-Agent": USER_AGENT,
+                "Accept-Encoding": ACCEPT_ENCODING,
             },
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
+            timeout=timeout,
             verify=verify,
             transport=transport,
-            follow_redirects=False,
         )
-        if transport is None:
-            backend.adopt(self._http)
-        forget_cookies(self._http)
 
     @classmethod
     def from_settings(cls, api: ApiSettings, ds: DataServiceSettings) -> DataServiceClient:

@@ -35,7 +35,9 @@ part, which may take hours on a slow link) is not under it: its clock starts onc
 is sent, so only the answer is timed.
 
 Answers are read capped at 16 MiB, gzip/deflate decoded by us in bounded steps (the decoded size
-is capped too: a decompression bomb is refused, not inflated).
+is capped too: a decompression bomb is refused, not inflated). The deadline, the capped reads
+and the status → error mapping are ``daemon/net/answers.py``; both clients are built by
+``daemon/net/clients.py``.
 """
 
 from __future__ import annotations
@@ -73,7 +75,6 @@ from daemon.errors import (
     StorageError,
     UrlExpiredError,
 )
-from daemon.net import backend
 from daemon.net.answers import (
     answer_field,
     deadline_scope,
@@ -87,7 +88,13 @@ from daemon.net.answers import (
     shorten,
     storage_error_code,
 )
-from daemon.net.clients import ACCEPT_ENCODING, USER_AGENT, forget_cookies, pool_size, tls_verify
+from daemon.net.clients import (
+    ACCEPT_ENCODING,
+    USER_AGENT,
+    build_client,
+    pool_size,
+    tls_verify,
+)
 
 BUSY_STATUSES = frozenset({"UPLOADING", "WAITING", "IMPORTING", "POSTPROCESSING", "COOLING"})
 OK_STATUSES = frozenset({"FINISHED", "LIVE"})
@@ -202,15 +209,13 @@ class MarpleClient:
         verify = tls_verify(verify_tls, ca_file)
         # Uploads of big parts may sit in one write for long on a slow link: the write timeout
         # bounds one socket write, not the whole body, so it can stay at the API timeout.
-        tmo = httpx.Timeout(timeout, connect=min(timeout, 15.0))
         # Each pool keeps as many connections alive as requests can be in flight
         # (``pool_size``): one closed after each request would cost a new handshake (a round
         # trip, two with TLS) on the next.
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         self._base = url.rstrip("/")
         self._secret = token.get_secret_value()
         hooks = {"response": [refuse_redirect]}
-        self._api = httpx.AsyncClient(
+        self._api = build_client(
             base_url=self._base,
             headers={
                 "Authorization": f"Bearer {token.get_secret_value()}",
@@ -218,28 +223,20 @@ class MarpleClient:
                 "User-Agent": USER_AGENT,
                 "Accept-Encoding": ACCEPT_ENCODING,
             },
-            timeout=tmo,
+            timeout=timeout,
             verify=verify,
-            limits=limits,
+            connections=connections,
             transport=transport,
-            follow_redirects=False,
             event_hooks=hooks,
         )
         # Nothing of ours may reach a storage URL: Accept-Encoding only narrows httpx's own.
-        self._storage = httpx.AsyncClient(
+        self._storage = build_client(
             headers={"Accept-Encoding": ACCEPT_ENCODING},
-            timeout=tmo,
+            timeout=timeout,
             verify=verify,
-            limits=limits,
-            follow_redirects=False,
+            connections=connections,
             event_hooks=hooks,
         )
-        if transport is None:
-            # A fifth less CPU per small request than httpcore's anyio streams (see netio).
-            backend.adopt(self._api)
-        backend.adopt(self._storage)
-        forget_cookies(self._api)
-        forget_cookies(self._storage)
 
     @classmethod
     def from_settings(cls, api: ApiSettings, upload: UploadSettings | None = None) -> MarpleClient:
