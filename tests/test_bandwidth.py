@@ -15,8 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import UploadOptions
 from daemon.delivery.marple_db.client import MarpleClient, Stream
-from daemon.delivery.marple_db.upload import FileRef, UploadOptions, UploadRequest, upload_file
+from daemon.delivery.marple_db.upload import UploadRequest, upload_file
 from daemon.net.bandwidth import (
     BURST_SECONDS,
     RateLimiter,

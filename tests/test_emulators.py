@@ -21,14 +21,12 @@ import pytest
 import structlog
 from pydantic import SecretStr
 
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import MemoryJournal, Resume, UploadOptions
 from daemon.delivery.marple_db.client import MarpleClient, Stream
 from daemon.delivery.marple_db.upload import (
     _AZURE_BLOCK_SIZE,
     _AZURE_PUT_BLOB_MAX,
-    FileRef,
-    MemoryJournal,
-    Resume,
-    UploadOptions,
     UploadRequest,
     upload_file,
 )

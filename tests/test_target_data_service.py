@@ -20,7 +20,8 @@ from authlib.oauth1.rfc5849 import client_auth  # type: ignore[import-untyped]
 from daemon.config import load_settings
 from daemon.delivery import Work
 from daemon.delivery.data_service.target import RateLimits, _check_still_newest, marker, source_name
-from daemon.delivery.marple_db.upload import FileRef, MemoryJournal, Resume
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import MemoryJournal, Resume
 from daemon.errors import ConfigError, FileChangedError, NotYetError
 from daemon.sandbox import Sandbox
 from daemon.sandbox.dataservice import (

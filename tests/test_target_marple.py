@@ -22,8 +22,8 @@ import structlog
 from pydantic import SecretStr
 
 from daemon.config import MarpleSettings, load_settings
+from daemon.delivery.flow import UploadOptions
 from daemon.delivery.marple_db.client import MarpleClient
-from daemon.delivery.marple_db.upload import UploadOptions
 from daemon.delivery.marple_legacy.target import (
     MarpleLegacyApi,
     MarpleLegacyTarget,

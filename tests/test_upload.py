@@ -9,15 +9,13 @@ from pathlib import Path
 import anyio
 import pytest
 
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import MemoryJournal, Resume, UploadOptions
 from daemon.delivery.marple_db.client import MarpleClient, Stream
 from daemon.delivery.marple_db.upload import (
     FILE_MTIME_FIELD,
     FILE_SIZE_FIELD,
     UPLOAD_KEY_FIELD,
-    FileRef,
-    MemoryJournal,
-    Resume,
-    UploadOptions,
     UploadRequest,
     upload_file,
 )

@@ -502,7 +502,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 async def _check_service(settings: Settings) -> bool:
     from daemon.delivery.factory import open_target
-    from daemon.delivery.marple_db.upload import UploadOptions
+    from daemon.delivery.flow import UploadOptions
 
     refs: list[int | str] = [settings.upload.stream]
     refs += [r.stream for r in settings.routes if r.stream is not None and r.stream not in refs]

@@ -20,7 +20,8 @@ import anyio
 from daemon.config import Settings
 from daemon.delivery import Delivered, ImportUpdate, Target, Work
 from daemon.delivery.factory import open_target
-from daemon.delivery.marple_db.upload import FileRef, MemoryJournal, Resume, UploadOptions
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import MemoryJournal, Resume, UploadOptions
 from daemon.errors import (
     AuthError,
     FileChangedError,

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from daemon.delivery.files import Progress
-from daemon.delivery.marple_db.upload import FileRef, Journal, Resume
+from daemon.delivery.files import FileRef, Progress
+from daemon.delivery.flow import Journal, Resume
 from daemon.errors import InboxdError
 from daemon.state import ImportRecord, Job, PriorDelivery
 

@@ -7,8 +7,8 @@ from contextlib import asynccontextmanager
 
 from daemon.config import Settings
 from daemon.delivery import Target
+from daemon.delivery.flow import UploadOptions
 from daemon.delivery.marple_db.client import MarpleClient
-from daemon.delivery.marple_db.upload import UploadOptions
 from daemon.errors import ConfigError
 from daemon.extras import require_for_kind
 

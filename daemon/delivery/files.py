@@ -205,3 +205,51 @@ def _open_for_read(path: Path, inode: int | None, min_size: int | None) -> int:
         os.close(fd)
         raise FileChangedError(f"{path.name}: the file was replaced or truncated during the upload")
     return fd
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """The file to upload, pinned to the identity it had when it was taken."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    inode: int
+    #: 0 = unknown (a job queued before ctime was recorded): not compared
+    ctime_ns: int = 0
+
+    @classmethod
+    def stat(cls, path: Path) -> FileRef:
+        """Pin ``path`` as it is now."""
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise FileChangedError(
+                f"{path.name}: the file vanished before it was uploaded"
+            ) from None
+        except OSError as exc:
+            raise FileProblem(f"{path.name}: cannot stat it ({exc.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise FileProblem(
+                f"{path.name}: not a regular file", advice="only plain files are uploaded"
+            )
+        return cls(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+    def check_unchanged(self) -> None:
+        """Raise FileChangedError unless the path still names this very file, unmodified.
+
+        The ctime is compared too (when known): a rewrite that restores the mtime (``rsync
+        --inplace -t``, ``touch -r``) still moves it.
+        """
+        now = FileRef.stat(self.path)
+        same = (now.size, now.mtime_ns, now.inode) == (self.size, self.mtime_ns, self.inode)
+        if same and self.ctime_ns and now.ctime_ns != self.ctime_ns:
+            raise FileChangedError(
+                f"{self.path.name}: was rewritten in place (its change time moved, the "
+                "modification time was restored)"
+            )
+        if not same:
+            raise FileChangedError(
+                f"{self.path.name}: was {self.size} bytes (inode {self.inode}), now "
+                f"{now.size} bytes (inode {now.inode}) with another modification time"
+            )

@@ -21,7 +21,8 @@ import anyio.to_thread
 import structlog
 
 from daemon.delivery import Target, Work, content, service_answers
-from daemon.delivery.marple_db.upload import FileRef, Resume
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import Resume
 from daemon.engine.metrics import EngineMetrics
 from daemon.errors import (
     AuthError,

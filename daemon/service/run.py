@@ -31,7 +31,7 @@ from daemon.config import Settings
 from daemon.delivery import Target
 from daemon.delivery.factory import open_target
 from daemon.delivery.files import CHUNK_SIZE
-from daemon.delivery.marple_db.upload import UploadOptions
+from daemon.delivery.flow import UploadOptions
 from daemon.engine.disposal import Disposal
 from daemon.engine.poller import Poller
 from daemon.engine.retention import Retention, disk_free

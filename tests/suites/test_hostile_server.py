@@ -34,7 +34,8 @@ from pydantic import SecretStr
 from daemon.commands import status as status_view
 from daemon.compat import BaseExceptionGroup
 from daemon.delivery import ImportUpdate
-from daemon.delivery.files import FileSlice
+from daemon.delivery.files import FileRef, FileSlice
+from daemon.delivery.flow import UploadOptions
 from daemon.delivery.marple_db.client import (
     Dataset,
     DatasetStatus,
@@ -44,7 +45,7 @@ from daemon.delivery.marple_db.client import (
     Stream,
 )
 from daemon.delivery.marple_db.target import MarpleDbTarget
-from daemon.delivery.marple_db.upload import FileRef, UploadOptions, UploadRequest, upload_file
+from daemon.delivery.marple_db.upload import UploadRequest, upload_file
 from daemon.engine.poller import Poller
 from daemon.errors import (
     InboxdError,

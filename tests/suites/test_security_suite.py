@@ -58,8 +58,10 @@ from pydantic import SecretStr
 
 from daemon.commands import cli
 from daemon.config import load_settings
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import UploadOptions
 from daemon.delivery.marple_db.client import MarpleClient, Stream
-from daemon.delivery.marple_db.upload import FileRef, UploadOptions, UploadRequest, upload_file
+from daemon.delivery.marple_db.upload import UploadRequest, upload_file
 from daemon.errors import (
     AuthError,
     ConfigError,

@@ -105,7 +105,7 @@ from daemon.compat import UTC, fromisoformat
 from daemon.config import ApiSettings, DataServiceGrant, DataServiceSettings, RouteSettings
 from daemon.delivery import CheckLine, Delivered, ImportUpdate, Work
 from daemon.delivery.files import FileSlice, Progress, multipart_file_body
-from daemon.delivery.marple_db.upload import UploadOptions, delivered_hash
+from daemon.delivery.flow import UploadOptions, delivered_hash
 from daemon.errors import (
     AuthError,
     ConfigError,

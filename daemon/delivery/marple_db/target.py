@@ -14,15 +14,10 @@ import structlog
 
 from daemon import retry
 from daemon.delivery import CheckLine, Delivered, ImportUpdate, Work
+from daemon.delivery.flow import Resume, UploadOptions
 from daemon.delivery.marple_db.client import FAILED_STATUSES, OK_STATUSES, MarpleClient, Stream
 from daemon.delivery.marple_db.streams import StreamDirectory
-from daemon.delivery.marple_db.upload import (
-    NameClash,
-    Resume,
-    UploadOptions,
-    UploadRequest,
-    upload_file,
-)
+from daemon.delivery.marple_db.upload import NameClash, UploadRequest, upload_file
 from daemon.errors import InboxdError
 from daemon.state import Job, Stage
 

@@ -22,12 +22,10 @@ from __future__ import annotations
 import base64
 import math
 import os
-import stat
 import time
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import anyio
 import structlog
@@ -35,7 +33,15 @@ import structlog
 from daemon import retry
 from daemon.compat import BaseExceptionGroup
 from daemon.delivery import content
-from daemon.delivery.files import CHUNK_SIZE, FileSlice, Progress, Throttle
+from daemon.delivery.files import FileRef, FileSlice, Progress
+from daemon.delivery.flow import (
+    BytesSent,
+    Journal,
+    MemoryJournal,
+    Resume,
+    UploadOptions,
+    delivered_hash,
+)
 from daemon.delivery.marple_db.client import (
     FAILED_STATUSES,
     Dataset,
@@ -83,100 +89,6 @@ _AZURE_MAX_BLOCKS = 50_000
 NameClash = Literal["rename", "fail", "overwrite"]
 
 
-@dataclass
-class Resume:
-    """What an earlier attempt of this upload got done (what the queue persisted)."""
-
-    stage: Stage = Stage.NEW
-    ingestion_id: int | None = None
-    dataset_id: int | None = None
-    dataset_name: str | None = None
-    mode: str | None = None
-    part_size: int | None = None
-    parts_done: set[int] = field(default_factory=set)
-    fell_back: bool = False
-    #: xxh3_128 digests of the parts (or Azure blocks) stored, where known
-    #: (``daemon.delivery.content``)
-    part_digests: dict[int, bytes] = field(default_factory=dict)
-
-
-class Journal(Protocol):
-    """Where the flow records progress; the daemon's implementation writes to the queue."""
-
-    async def save(self, resume: Resume) -> None:
-        """Persist the whole ``resume`` (stage, ingestion fields) durably before returning."""
-
-    async def part_done(self, part_number: int, digest: bytes | None = None) -> None:
-        """Persist that a part (or Azure block) is stored, with the digest of its bytes."""
-
-
-class MemoryJournal:
-    """A journal for one-shot uploads: keeps the state in memory only."""
-
-    def __init__(self) -> None:
-        self.resume = Resume()
-        self.saves = 0
-
-    async def save(self, resume: Resume) -> None:
-        self.resume = replace(
-            resume, parts_done=set(resume.parts_done), part_digests=dict(resume.part_digests)
-        )
-        self.saves += 1
-
-    async def part_done(self, part_number: int, digest: bytes | None = None) -> None:
-        self.resume.parts_done.add(part_number)
-        if digest is not None:
-            self.resume.part_digests[part_number] = digest
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """The file to upload, pinned to the identity it had when it was taken."""
-
-    path: Path
-    size: int
-    mtime_ns: int
-    inode: int
-    #: 0 = unknown (a job queued before ctime was recorded): not compared
-    ctime_ns: int = 0
-
-    @classmethod
-    def stat(cls, path: Path) -> FileRef:
-        """Pin ``path`` as it is now."""
-        try:
-            st = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            raise FileChangedError(
-                f"{path.name}: the file vanished before it was uploaded"
-            ) from None
-        except OSError as exc:
-            raise FileProblem(f"{path.name}: cannot stat it ({exc.strerror})") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise FileProblem(
-                f"{path.name}: not a regular file", advice="only plain files are uploaded"
-            )
-        return cls(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-
-    def check_unchanged(self) -> None:
-        """Raise FileChangedError unless the path still names this very file, unmodified.
-
-        The ctime is compared too (when known): a rewrite that restores the mtime (``rsync
-        --inplace -t``, ``touch -r``) still moves it.
-        """
-        now = FileRef.stat(self.path)
-        same = (now.size, now.mtime_ns, now.inode) == (self.size, self.mtime_ns, self.inode)
-        if same and self.ctime_ns and now.ctime_ns != self.ctime_ns:
-            raise FileChangedError(
-                f"{self.path.name}: was rewritten in place (its change time moved, the "
-                "modification time was restored)"
-            )
-        if not same:
-            raise FileChangedError(
-                f"{self.path.name}: was {self.size} bytes (inode {self.inode}), now "
-                f"{now.size} bytes (inode {now.inode}) with another modification time"
-            )
-
-
 @dataclass(frozen=True)
 class UploadRequest:
     file: FileRef
@@ -214,80 +126,6 @@ class UploadResult:
     #: "appended" (delivered into ``UploadRequest.append_to``), "on_server" (a dataset of the
     #: name already held this very file: nothing uploaded), else None
     change: str | None = None
-
-
-@dataclass(frozen=True)
-class UploadOptions:
-    policy: retry.RetryPolicy = field(default_factory=retry.RetryPolicy)
-    part_concurrency: int = 4
-    #: storage attempts per part/object before giving up on storage (then: fallback or abort)
-    storage_attempts: int = 5
-    server_fallback: bool = True
-    #: refresh signed URLs once this fraction of their lifetime is left (0.1 = at 90 %)
-    url_refresh_margin: float = 0.1
-    #: awaited per chunk read from disk, in every mode: the global bandwidth limit
-    throttle: Throttle | None = None
-    #: bytes read and sent at a time (smaller at low rate limits, so bodies never stall long)
-    chunk_size: int = CHUNK_SIZE
-    #: told the error kind of every retried step (metrics)
-    on_retry: retry.OnRetry | None = None
-    abort_on_give_up: bool = False
-    abort_on_cancel: bool = False
-    #: recognise a dataset of the name whose metadata has this file's size and mtime as this
-    #: file already delivered (the daemon: a restore over a fresh state database); off for a
-    #: one-shot ``inboxd push``, which uploads what it is told to
-    recognise_delivered: bool = True
-
-
-class BytesSent:
-    """Counts bytes sent; a failed request's bytes are taken back so the total stays honest."""
-
-    def __init__(self, progress: Progress | None) -> None:
-        self.total = 0
-        self._progress = progress
-
-    def tracker(self) -> tuple[Progress, Callable[[], None]]:
-        sent = 0
-
-        def add(n: int) -> None:
-            nonlocal sent
-            sent += n
-            self.total += n
-            if self._progress is not None:
-                self._progress(n)
-
-        def undo() -> None:
-            nonlocal sent
-            self.total -= sent
-            if self._progress is not None and sent:
-                self._progress(-sent)
-            sent = 0
-
-        return add, undo
-
-
-async def delivered_hash(
-    file: FileRef, segment: int, known: Mapping[int, bytes] | None = None
-) -> str | None:
-    """The content hash (``daemon.delivery.content``) of ``file``, delivered in ``segment``-byte
-    segments of which ``known`` were hashed while they were sent; the others are read now.
-
-    The caller checked that the file is still the version pinned, so its bytes are the ones
-    delivered. If it changed since, None (the hash is unknown: the next version of the file
-    then counts as a new one) rather than a wrong hash.
-    """
-    try:
-        return await content.hash_file(
-            file.path,
-            file.size,
-            segment,
-            inode=file.inode,
-            pinned=(file.mtime_ns, file.ctime_ns),
-            known=known,
-        )
-    except InboxdError as exc:
-        _log.warning("content_hash.unknown", file=file.path.name, reason=str(exc))
-        return None
 
 
 async def upload_file(

@@ -79,15 +79,9 @@ from daemon import retry
 from daemon.compat import UTC, fromisoformat
 from daemon.config import MarpleSettings
 from daemon.delivery import CheckLine, Delivered, ImportUpdate, Work
-from daemon.delivery.files import FileSlice, Progress, multipart_file_body
+from daemon.delivery.files import FileRef, FileSlice, Progress, multipart_file_body
+from daemon.delivery.flow import BytesSent, Resume, UploadOptions, delivered_hash
 from daemon.delivery.marple_db.client import MarpleClient
-from daemon.delivery.marple_db.upload import (
-    BytesSent,
-    FileRef,
-    Resume,
-    UploadOptions,
-    delivered_hash,
-)
 from daemon.errors import (
     AuthError,
     ConflictError,
