@@ -19,7 +19,8 @@ from authlib.oauth1.rfc5849 import client_auth  # type: ignore[import-untyped]
 
 from daemon.config import load_settings
 from daemon.delivery import Work
-from daemon.delivery.data_service.target import RateLimits, _check_still_newest, marker, source_name
+from daemon.delivery.data_service.client import RateLimits
+from daemon.delivery.data_service.target import _check_still_newest, marker, source_name
 from daemon.delivery.files import FileRef
 from daemon.delivery.flow import MemoryJournal, Resume
 from daemon.errors import ConfigError, FileChangedError, NotYetError
