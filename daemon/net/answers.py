@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
 import httpx
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from daemon.errors import (
     AuthError,
@@ -48,6 +48,7 @@ _INFLATE_STEP = 64 * 1024  # most bytes one inflate step may produce: a bomb nev
 
 
 _T = TypeVar("_T")
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def retry_after_header(headers: httpx.Headers) -> float | None:
@@ -312,10 +313,21 @@ def answer_field(body: Any, key: str, endpoint: str) -> Any:
     return body[key]
 
 
-def parse_answer(adapter: TypeAdapter[_T], data: Any, endpoint: str) -> _T:
-    """``data`` (a decoded answer of ``endpoint``) as ``adapter``'s type, or ProtocolError."""
+@overload
+def parse_answer(shape: TypeAdapter[_T], data: Any, endpoint: str) -> _T: ...
+
+
+@overload
+def parse_answer(shape: type[_M], data: Any, endpoint: str) -> _M: ...
+
+
+def parse_answer(shape: TypeAdapter[Any] | type[BaseModel], data: Any, endpoint: str) -> Any:
+    """``data`` (a decoded answer of ``endpoint``) as ``shape`` (a TypeAdapter or a pydantic
+    model), or ProtocolError naming the first field that does not fit."""
     try:
-        return adapter.validate_python(data)
+        if isinstance(shape, TypeAdapter):
+            return shape.validate_python(data)
+        return shape.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 from authlib.oauth1 import ClientAuth  # type: ignore[import-untyped]
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from daemon.compat import UTC, fromisoformat
 from daemon.config import ApiSettings, DataServiceGrant, DataServiceSettings
@@ -28,7 +28,7 @@ from daemon.errors import (
     RateLimitedError,
     RejectedError,
 )
-from daemon.net.answers import send_request
+from daemon.net.answers import parse_answer, send_request
 from daemon.net.bandwidth import RateLimiter
 from daemon.net.clients import ACCEPT_ENCODING, USER_AGENT, build_client, tls_verify
 
@@ -207,19 +207,8 @@ def link_id(link: str, kind: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _parse(model: type[_M], data: Any, endpoint: str) -> _M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ProtocolError(
-            f"unexpected answer ({where}: {first['msg']})", endpoint=endpoint
-        ) from None
-
-
 def _source(data: Any, endpoint: str) -> DataSourceInfo:
-    source = _parse(DataSourceInfo, data, endpoint)
+    source = parse_answer(DataSourceInfo, data, endpoint)
     if link_id(source.uri, "dataSources") is None:
         raise ProtocolError(f"the data source link {source.uri!r} ends in no id", endpoint=endpoint)
     return source
@@ -423,7 +412,7 @@ class DataServiceClient:
     async def rate_limits(self) -> RateLimits:
         """``GET /rateLimits``."""
         body = await self._send("GET", "/rateLimits", endpoint="GET /rateLimits")
-        return _parse(RateLimits, body, "GET /rateLimits")
+        return parse_answer(RateLimits, body, "GET /rateLimits")
 
     async def upload(
         self,
@@ -464,7 +453,7 @@ class DataServiceClient:
         """One page of ``GET /dataSources``: its data sources and the next page's link."""
         ep = "GET /dataSources"
         target = self._own(url, ep) if url is not None else "/dataSources"
-        page = _parse(_Page, await self._send("GET", target, endpoint=ep), ep)
+        page = parse_answer(_Page, await self._send("GET", target, endpoint=ep), ep)
         return page.data_sources, page.next
 
     async def set_data_set(self, source: DataSourceInfo, data_set: str) -> DataSourceInfo:
@@ -486,7 +475,7 @@ class DataServiceClient:
         )
         if not isinstance(body, list):
             raise ProtocolError("the answer is not a list of source grants", endpoint=ep)
-        return [_parse(SourceGrantInfo, item, ep) for item in body]
+        return [parse_answer(SourceGrantInfo, item, ep) for item in body]
 
     async def add_source_grant(self, data_source: str, grant: DataServiceGrant) -> None:
         """``POST /sourceGrants``."""
@@ -512,14 +501,14 @@ class DataServiceClient:
         """One page of ``GET /collections`` (pending data sources' collections included)."""
         ep = "GET /collections"
         target = self._own(url, ep) if url is not None else "/collections"
-        page = _parse(_CollectionPage, await self._send("GET", target, endpoint=ep), ep)
+        page = parse_answer(_CollectionPage, await self._send("GET", target, endpoint=ep), ep)
         return page.collections, page.next
 
     async def data_sets_page(self, url: str | None = None) -> tuple[list[DataSetInfo], str | None]:
         """One page of ``GET /dataSets``: its data sets and the next page's link."""
         ep = "GET /dataSets"
         target = self._own(url, ep) if url is not None else "/dataSets"
-        page = _parse(_DataSetPage, await self._send("GET", target, endpoint=ep), ep)
+        page = parse_answer(_DataSetPage, await self._send("GET", target, endpoint=ep), ep)
         return page.data_sets, page.next
 
     async def create_data_set(self, name: str, properties: Mapping[str, str]) -> DataSetInfo:
@@ -528,7 +517,7 @@ class DataServiceClient:
         body = await self._send(
             "POST", "/dataSets", endpoint=ep, json={"name": name, "properties": dict(properties)}
         )
-        data_set = _parse(DataSetInfo, body, ep)
+        data_set = parse_answer(DataSetInfo, body, ep)
         if link_id(data_set.uri, "dataSets") is None:
             raise ProtocolError(f"the data set link {data_set.uri!r} ends in no id", endpoint=ep)
         return data_set
