@@ -24,10 +24,9 @@ from pydantic import SecretStr
 from daemon.config import MarpleSettings, load_settings
 from daemon.delivery.flow import UploadOptions
 from daemon.delivery.marple_db.client import MarpleClient
+from daemon.delivery.marple_legacy.client import MarpleLegacyApi, SourceStatus
 from daemon.delivery.marple_legacy.target import (
-    MarpleLegacyApi,
     MarpleLegacyTarget,
-    SourceStatus,
     _update,
     _utc_seconds,
     plain_http_warning,
