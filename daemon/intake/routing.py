@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from daemon.config import RouteSettings, Settings
-from daemon.intake.watcher import compile_globs
+from daemon.intake.globs import compile_globs
 
 SIDECAR_SUFFIX = ".meta.json"
 _SIDECAR_MAX = 64 * 1024

@@ -45,13 +45,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import heapq
 import itertools
 import math
 import os
 import platform
-import re
 import stat
 import sys
 import time
@@ -70,6 +68,7 @@ import watchfiles
 from daemon.compat import BaseExceptionGroup
 from daemon.config import DEFAULT_EXCLUDES
 from daemon.intake import inotify, writers
+from daemon.intake.globs import compile_globs
 from daemon.retry import backoff_delay
 from daemon.state import FileIdentity, InboxTrouble
 
@@ -79,7 +78,6 @@ __all__ = [
     "InboxTrouble",
     "WatchRules",
     "Watcher",
-    "compile_globs",
     "completeness",
 ]
 
@@ -212,24 +210,6 @@ class _Pending:
             and self.ctime_ns == ctime_ns
             and self.inode == inode
         )
-
-
-def compile_globs(patterns: Iterable[str]) -> re.Pattern[str] | None:
-    """One case-insensitive regex for a list of fnmatch globs (``None`` if there are none).
-
-    The one glob dialect of the config (include, exclude, ``[[routes]]``): ``*`` also matches
-    ``/``, ``**/`` may stand for no folder, letters match in either case.
-    """
-    parts: list[str] = []
-    for pattern in patterns:
-        # "**/" may stand for no folder at all: add every variant with some of them removed.
-        pieces = pattern.split("**/")
-        for keep in itertools.product(("**/", ""), repeat=min(len(pieces) - 1, 6)):
-            variant = pieces[0] + "".join(k + p for k, p in zip(keep, pieces[1:], strict=False))
-            parts.append(fnmatch.translate(variant))
-    if not parts:
-        return None
-    return re.compile("|".join(dict.fromkeys(parts)), re.IGNORECASE)
 
 
 def _display(text: str) -> str:
