@@ -4,6 +4,10 @@ Precedence, highest first: explicit overrides (command-line flags) → environme
 (``INBOXD_`` prefix, ``__`` between levels: ``INBOXD_API__TOKEN``) → the TOML file (``--config``,
 else ``$INBOXD_CONFIG``, else ``/etc/inboxd/config.toml``) → defaults.
 ``config.example.toml`` mirrors this module key by key.
+
+Why one module: one frozen settings model, every section's fields beside the checks that tie
+them together (precedence: argument → environment → file → default), read as the one reference
+of what a config may say; config.example.toml mirrors it section by section.
 """
 
 from __future__ import annotations

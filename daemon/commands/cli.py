@@ -19,6 +19,10 @@ an exit status from this table (sysexits.h where one fits; README "Exit statuses
     130  interrupted (Ctrl-C)
 
 A bug still shows its traceback: that is a report to file, not a mistake of the user's.
+
+Why one module: the argument parser of every subcommand with its small handler, read as the
+one map of the command line; a subcommand with more than a screen of logic has its own
+module (status, push, check, demo, completion, install_files).
 """
 
 from __future__ import annotations

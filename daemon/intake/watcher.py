@@ -39,6 +39,11 @@ Meanwhile :meth:`Watcher.inbox_trouble` says what is wrong, for the workers and 
 Each waiting file has one due time in a heap; a single timer task sleeps until the earliest one,
 re-stats, and either reports the file or moves its due time. Everything that becomes ready in
 the same wake-up is handed over together (at most ``MAX_BATCH`` per ``on_ready`` call).
+
+Why one module: the Watcher is one state machine run by one task: the pending files, their
+timers, the scans and the event stream all change the same tables, and split up each part
+would reach into the others' state. The glob dialect (globs.py), the writer check
+(writers.py), the inotify binding (inotify.py) and routing (routing.py) live apart.
 """
 
 from __future__ import annotations

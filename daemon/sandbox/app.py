@@ -7,6 +7,9 @@ be inspected by tests: `sandbox.datasets`, `sandbox.ingestions`, `sandbox.reques
 
 The server runs on its own event loop thread (see `server.py`) while tests read the state from
 theirs; every mutation is a plain attribute or dict assignment, which the GIL keeps atomic.
+
+Why one module: the Marple DB API's routes as one server, read against the contract route by
+route; the faults, route keys and answers shared with the other two APIs are in common.py.
 """
 
 from __future__ import annotations

@@ -55,6 +55,11 @@ Schema (``PRAGMA user_version`` = number of migrations applied, see ``MIGRATIONS
 Conventions: times are ``time.time()`` floats; ``rel`` is stored as ``os.fsencode(rel)`` so
 names that are not UTF-8 round-trip byte for byte; inodes at or above 2**63 are stored as
 their two's-complement negative (SQLite integers are signed 64-bit) and converted back on read.
+
+Why one module: the Queue is one class over one connection. Every method shares its write
+lock, its transaction helpers and its error mapping, and the claim and transition methods are
+read side by side to see that a job only moves forward. The schema, the models and the
+failures live apart (schema.py, models.py, failures.py).
 """
 
 # Every f-string SQL in this module interpolates module constants or fixed column names, never

@@ -77,6 +77,10 @@ answer was lost is repeated, so it too is made once.
 Rate limits: a 429 makes every worker wait ``Retry-After`` (or ``[data_service]
 rate_limit_wait`` seconds, 60 as the service advises, without one); the step is then retried
 under the ``[retry]`` policy like any other retryable error.
+
+Why one module: the target and its per-file flow (``_Delivery``) share the plan and the
+data-set types and are read together against the service's documents; the API client, its
+models and the call-rate gate live in client.py.
 """
 
 from __future__ import annotations

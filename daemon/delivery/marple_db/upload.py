@@ -15,6 +15,11 @@ Failures end one of three ways:
   refusing even the server fallback) aborts the ingestion with a reason and raises
   ``UploadFailed`` (or ``FileChangedError`` so the caller can start the new version);
 * cancellation is re-raised; the ingestion is aborted only when ``abort_on_cancel`` is set.
+
+Why one module: one ingestion (create → upload in the server's mode → complete, or abort) is
+one class whose steps share the saved ``Resume`` and the journal; the three upload modes
+differ in a few methods each and are read against each other. The client and the models
+live in client.py, the file slices in daemon/delivery/files.py.
 """
 
 from __future__ import annotations
