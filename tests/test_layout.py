@@ -22,8 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 DAEMON = ROOT / "daemon"
 STAGES = ("intake", "state", "engine", "delivery", "net", "service", "commands", "sandbox")
@@ -75,10 +73,6 @@ HTTP_BUILDERS = {
     ("ssl", "create_default_context"),
 }
 LONG_MODULE = 700
-#: The daemon-side checks read the stage folders (until the move lands they are skipped).
-moved = pytest.mark.skipif(
-    not (DAEMON / "state").is_dir(), reason="daemon/ is not in stage folders yet"
-)
 
 
 @dataclass(frozen=True)
@@ -183,7 +177,6 @@ def _under(module: str, prefix: str) -> bool:
 # ----------------------------------------------------------------------------- the tree
 
 
-@moved
 def test_every_stage_folder_exists_and_says_its_job() -> None:
     for stage in STAGES:
         init = DAEMON / stage / "__init__.py"
@@ -193,14 +186,12 @@ def test_every_stage_folder_exists_and_says_its_job() -> None:
         assert doc and len(doc) > 20, f"{init.relative_to(ROOT)}: no docstring naming its job"
 
 
-@moved
 def test_no_module_outside_a_stage_but_the_top_level_ones() -> None:
     allowed = {"daemon", "daemon.__main__", *(f"daemon.{m}" for m in TOP_LEVEL)}
     stray = [m for m in MODULES if stage_of(m) is None and m not in allowed]
     assert not stray, f"modules outside the stage folders: {stray}"
 
 
-@moved
 def test_a_long_module_says_why_it_is_one_module() -> None:
     unexplained = []
     for name, path in MODULES.items():
@@ -267,7 +258,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-@moved
 def test_the_import_graph_has_no_cycle() -> None:
     assert not _cycles(_graph(module_level_only=True))
 
@@ -303,13 +293,11 @@ def _violations() -> list[str]:
     return bad
 
 
-@moved
 def test_each_stage_imports_only_the_stages_below_it() -> None:
     bad = _violations()
     assert not bad, "\n".join(bad)
 
 
-@moved
 def test_no_module_imports_another_modules_private_name() -> None:
     bad = [
         f"{imp.source}:{imp.line} imports {name} from {imp.target}"
@@ -343,7 +331,6 @@ def _calls(path: Path) -> Iterator[tuple[int, str, str]]:
             yield node.lineno, imported[func.id], func.id
 
 
-@moved
 def test_only_state_runs_sql() -> None:
     bad = []
     for name, path in MODULES.items():
@@ -355,7 +342,6 @@ def test_only_state_runs_sql() -> None:
     assert not bad, "SQL outside daemon/state/:\n" + "\n".join(bad)
 
 
-@moved
 def test_only_net_builds_http_clients_and_tls_contexts() -> None:
     bad = []
     for name, path in MODULES.items():
