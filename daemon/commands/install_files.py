@@ -23,7 +23,8 @@ from typing import TextIO
 
 from daemon.errors import NoPermissionError, NotThereError
 
-_HERE = Path(__file__).resolve().parent
+#: the ``daemon`` package folder (this module is in ``daemon/commands/``)
+_PACKAGE = Path(__file__).resolve().parents[1]
 
 #: name in ``daemon/share/`` (the wheel) -> where it lives in a checkout of the repository.
 #: ``pyproject.toml``'s ``[tool.hatch.build.targets.wheel.force-include]`` lists the same.
@@ -43,11 +44,11 @@ SHIPPED_EXEC = "/opt/inboxd/bin/inboxd"
 
 def shipped(name: str) -> Path:
     """The shipped file ``name``: from the installed package, else from the checkout."""
-    for path in (_HERE / "share" / name, _HERE.parent / SHIPPED[name]):
+    for path in (_PACKAGE / "share" / name, _PACKAGE.parent / SHIPPED[name]):
         if path.is_file():
             return path
     raise NotThereError(
-        f"{name} is missing from this installation of inboxd (looked in {_HERE / 'share'})",
+        f"{name} is missing from this installation of inboxd (looked in {_PACKAGE / 'share'})",
         advice="reinstall inboxd from its wheel or offline bundle",
     )
 
