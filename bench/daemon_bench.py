@@ -1367,7 +1367,7 @@ def _status_runs(cfg: Path, db: Path, runs: int) -> dict[str, Any]:
     # import cost of the status command's modules, in a fresh interpreter
     probe = (
         "import time; t=time.perf_counter(); import daemon.commands.cli; a=time.perf_counter(); "
-        "from daemon import status; b=time.perf_counter(); "
+        "from daemon.commands import status; b=time.perf_counter(); "
         "print(round(a-t,3), round(b-a,3))"
     )
     p = subprocess.run([PY, "-c", probe], env=denv, cwd=CTX.work, capture_output=True, text=True)

@@ -1029,7 +1029,7 @@ async def test_writer_timeout_zero_takes_open_files_by_settle_alone(inbox: Path)
 _SCAN_AS_OTHER_USER = """
 import json, os, sys
 from pathlib import Path
-from daemon import writers
+from daemon.intake import writers
 fh = open(sys.argv[1], "wb")
 st = os.fstat(fh.fileno())
 seen = writers.scan(None)
