@@ -4,8 +4,8 @@
     python bench/_push_driver.py sdk RESULT_JSON URL TOKEN STREAM FILE NAME CONCURRENCY
     python bench/_push_driver.py sdk-loop RESULT_JSON URL TOKEN STREAM DIR COUNT
 
-``inboxd`` runs exactly what the ``inboxd`` console script runs (``daemon.cli.main``) with the
-given arguments; ``sdk`` runs the official ``marpledata`` SDK's ``DataStream.push_file``.
+``inboxd`` runs exactly what the ``inboxd`` console script runs (``daemon.commands.cli.main``) with
+the given arguments; ``sdk`` runs the official ``marpledata`` SDK's ``DataStream.push_file``.
 Writes ``{"import_s", "upload_s", "ok", ...}`` to RESULT_JSON: ``import_s`` is the time to import
 the client library, ``upload_s`` the time from the first API call to the return of the upload
 (connection check, ingestion, parts, complete), without interpreter start and imports
@@ -27,7 +27,7 @@ def _inboxd(result: Path, argv: list[str]) -> int:
     t0 = time.perf_counter()
     import httpcore  # noqa: F401 - httpx imports it lazily when the first client is made
 
-    from daemon import cli
+    from daemon.commands import cli
 
     t1 = time.perf_counter()
     out = io.StringIO()

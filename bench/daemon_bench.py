@@ -450,10 +450,10 @@ def cmd_loop(ns: argparse.Namespace) -> int:
             ) as client:
                 if ns.netio:
                     # inboxd's socket layer under the same loop (context: what httpx costs
-                    # without anyio's per-call overhead; see daemon/netio.py)
-                    from daemon import netio
+                    # without anyio's per-call overhead; see daemon/net/backend.py)
+                    from daemon.net import backend
 
-                    netio.adopt(client)
+                    backend.adopt(client)
                 todo = iter(files)
 
                 async def worker() -> None:
@@ -568,7 +568,7 @@ def make_files(folder: Path, n: int, size: int, *, prefix: str = "f") -> list[Pa
 def queue_counts(db: Path) -> dict[str, int] | None:
     import anyio
 
-    from daemon.queue import Queue, QueueError
+    from daemon.state import Queue, QueueError
 
     async def read() -> dict[str, int] | None:
         try:
@@ -1109,7 +1109,7 @@ async def _build_db(db: Path, n: int, mix: dict[str, int]) -> dict[str, Any]:
     """``n`` jobs through ``enqueue_many``, then transitions through the Queue API."""
     import anyio
 
-    from daemon.queue import FileIdentity, NewJob, Queue, Stage
+    from daemon.state import FileIdentity, NewJob, Queue, Stage
 
     t = time.perf_counter()
     q = await Queue.open(db)
@@ -1285,8 +1285,8 @@ def _rss_run(cfg: Path, dlog: Path, seconds: float) -> dict[str, Any]:
 def _status_runs(cfg: Path, db: Path, runs: int) -> dict[str, Any]:
     import anyio
 
-    from daemon import status
-    from daemon.queue import Queue
+    from daemon.commands import status
+    from daemon.state import Queue
 
     say(
         f"\n== status: `inboxd status --config` and `--json` on the database, daemon stopped, "
@@ -1366,8 +1366,8 @@ def _status_runs(cfg: Path, db: Path, runs: int) -> dict[str, Any]:
     )
     # import cost of the status command's modules, in a fresh interpreter
     probe = (
-        "import time; t=time.perf_counter(); import daemon.cli; a=time.perf_counter(); "
-        "from daemon import status; b=time.perf_counter(); "
+        "import time; t=time.perf_counter(); import daemon.commands.cli; a=time.perf_counter(); "
+        "from daemon.commands import status; b=time.perf_counter(); "
         "print(round(a-t,3), round(b-a,3))"
     )
     p = subprocess.run([PY, "-c", probe], env=denv, cwd=CTX.work, capture_output=True, text=True)
@@ -1375,8 +1375,8 @@ def _status_runs(cfg: Path, db: Path, runs: int) -> dict[str, Any]:
         cli_s, status_s = (float(x) for x in p.stdout.split())
         out["import_cli_s"], out["import_status_s"] = cli_s, status_s
         say(
-            f"  imports in a fresh interpreter: daemon.cli {1000 * cli_s:.0f} ms, then "
-            f"daemon.status (→ daemon.service) {1000 * status_s:.0f} ms"
+            f"  imports in a fresh interpreter: daemon.commands.cli {1000 * cli_s:.0f} ms, then "
+            f"daemon.commands.status (→ daemon.service.run) {1000 * status_s:.0f} ms"
         )
     note_load("status end")
     return out
@@ -1655,7 +1655,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     lp.add_argument("--token", required=True)
     lp.add_argument("--dir", required=True)
     lp.add_argument("--concurrency", type=int, default=1)
-    lp.add_argument("--netio", action="store_true", help="use daemon.netio under httpx")
+    lp.add_argument("--netio", action="store_true", help="use daemon.net.backend under httpx")
     lp.add_argument("--out", required=True)
 
     def ints(text: str) -> list[int]:
@@ -1791,7 +1791,10 @@ def main(argv: list[str] | None = None) -> int:
         f"pinning {'on' if CTX.pin else 'off'}; load {loadavg()}"
     )
     # warm the private bytecode cache (an installed package ships compiled .pyc files)
-    warm = "import daemon.cli, daemon.service, daemon.status, daemon.sandbox, httpx, uvicorn"
+    warm = (
+        "import daemon.commands.cli, daemon.service.run, daemon.commands.status, daemon.sandbox, "
+        "httpx, uvicorn"
+    )
     for e in (env, CTX.daemon_env):
         subprocess.run([PY, "-c", warm], env=e, cwd=work, check=True)
     if a.daemon_path or a.label:

@@ -2,7 +2,7 @@
 
 Reads one file (page-cached after a first read) through the upload path's reader, as the
 upload of a part or of a whole file does, and reports the process CPU seconds per GiB with
-and without the xxh3_128 digest (``daemon/content.py``), runs interleaved, medians.
+and without the xxh3_128 digest (``daemon/delivery/content.py``), runs interleaved, medians.
 
     .venv/bin/python bench/hash_cost.py                  # 1 GiB file, 7 rounds
     .venv/bin/python bench/hash_cost.py --size 256M --rounds 5
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import anyio
 
-from daemon.client import CHUNK_SIZE, FileSlice
+from daemon.delivery.files import CHUNK_SIZE, FileSlice
 
 GiB = 1 << 30
 

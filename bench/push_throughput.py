@@ -501,9 +501,16 @@ def prepare_variants(specs: list[str], workdir: Path) -> dict[str, Path]:
 
 def prime_bytecode(ctx: Ctx) -> None:
     """Fill the runs' private pycache (see ``client_env``) before anything is timed."""
-    jobs = [(sys.executable, None, "import httpcore, daemon.cli, daemon.sandbox, daemon.upload")]
+    jobs = [
+        (
+            sys.executable,
+            None,
+            "import httpcore, daemon.commands.cli, daemon.sandbox, "
+            "daemon.delivery.marple_db.upload",
+        )
+    ]
     jobs += [
-        (sys.executable, str(path), "import httpcore, daemon.cli, daemon.sandbox")
+        (sys.executable, str(path), "import httpcore, daemon.commands.cli, daemon.sandbox")
         for path in ctx.variants.values()
     ]
     if ctx.sdk_python:

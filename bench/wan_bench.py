@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """WAN benchmark (issue #14): many small files over a link with a real round-trip time.
 
-The sandbox sits behind the in-tree proxy (``tests/faultproxy.py``) with ``set_latency``: every
-byte is delivered RTT/2 after it arrived, each way, and a new connection's first bytes wait one
-more RTT for the handshake, so a request and its answer cost one RTT as on a real link (no
+The sandbox sits behind the in-tree proxy (``tests/support/faultproxy.py``) with ``set_latency``:
+every byte is delivered RTT/2 after it arrived, each way, and a new connection's first bytes wait
+one more RTT for the handshake, so a request and its answer cost one RTT as on a real link (no
 netem, no root). Per RTT (default 40 ms and 10 ms), in the same round, through the same proxy:
 
 * **loop**: an ``httpx.AsyncClient`` loop with 32 files in flight making the three calls of a
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import daemon_bench as db
 
 REPO = db.REPO
-PROXY = REPO / "tests" / "faultproxy.py"
+PROXY = REPO / "tests" / "support" / "faultproxy.py"
 DRIVER = REPO / "bench" / "_push_driver.py"
 START = "<!-- wan-bench:start -->"
 END = "<!-- wan-bench:end -->"
@@ -325,11 +325,11 @@ def report(a: argparse.Namespace, runs: list[dict[str, Any]], facts: dict[str, s
         f"Run {facts['date']}: {facts['nproc']} CPUs ({facts['cpu']}), Python {facts['python']}, "
         f"Linux {facts['kernel']}. Command: `{a.command}`.",
         "",
-        f"{a.files:,} files of {a.file_kib} KiB per run; the sandbox behind `tests/faultproxy.py` "
-        "with `set_latency(RTT)` (every byte delivered RTT/2 later each way, a new connection's "
-        "first bytes one RTT later still: the TCP handshake). Loop: `httpx.AsyncClient`, "
-        f"{a.loop_concurrency} files in flight, the three calls per file. Daemon: `inboxd run`, "
-        "`[upload]` at its defaults unless the label says otherwise, "
+        f"{a.files:,} files of {a.file_kib} KiB per run; the sandbox behind "
+        "`tests/support/faultproxy.py` with `set_latency(RTT)` (every byte delivered RTT/2 later "
+        "each way, a new connection's first bytes one RTT later still: the TCP handshake). Loop: "
+        f"`httpx.AsyncClient`, {a.loop_concurrency} files in flight, the three calls per file. "
+        "Daemon: `inboxd run`, `[upload]` at its defaults unless the label says otherwise, "
         f"`settle_seconds = {a.settle}` "
         "(subtracted), log at info. SDK: `marpledata` `push_file` in a loop over "
         f"{a.sdk_files} files (context). Sandbox and proxy pinned to CPU 1, each client to CPU 0"
@@ -359,7 +359,7 @@ def report(a: argparse.Namespace, runs: list[dict[str, Any]], facts: dict[str, s
             fr = list(fast.values())
             fratio = _med([r["rate"] / loops[r["tag"]]["rate"] for r in fr if r["tag"] in loops])
             L.append(
-                f"| {rtt:g} ms | same loop on inboxd's socket layer (`daemon.netio`) | "
+                f"| {rtt:g} ms | same loop on inboxd's socket layer (`daemon.net.backend`) | "
                 f"{_med([r['rate'] for r in fr]):.1f} | {fratio:.2f} | context | "
                 f"{_med([r['cpu_ms'] for r in fr]):.2f} | "
                 f"{_med([r['sandbox_util'] for r in fr]):.0%} / "
@@ -432,7 +432,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--no-loop-netio",
         dest="loop_netio",
         action="store_false",
-        help="leave out the context loop on daemon.netio",
+        help="leave out the context loop on daemon.net.backend",
     )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--settle", type=float, default=0.1)
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     env["PYTHONUNBUFFERED"] = "1"
     ctx.env, ctx.daemon_env = env, dict(env)
-    warm = "import daemon.cli, daemon.service, daemon.sandbox, httpx, uvicorn"
+    warm = "import daemon.commands.cli, daemon.service.run, daemon.sandbox, httpx, uvicorn"
     subprocess.run([db.PY, "-c", warm], env=env, cwd=work, check=True)
     facts = db.machine()
     _say(

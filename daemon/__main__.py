@@ -12,10 +12,10 @@ import sys
 def main() -> int:
     """Run the command line."""
     if sys.argv[1:2] == ["run"]:
-        from daemon.service_signals import catch_early_signals
+        from daemon.service.signals import catch_early_signals
 
         catch_early_signals()
-    from daemon.cli import main as cli_main
+    from daemon.commands.cli import main as cli_main
 
     return cli_main()
 

@@ -4,6 +4,10 @@ Precedence, highest first: explicit overrides (command-line flags) → environme
 (``INBOXD_`` prefix, ``__`` between levels: ``INBOXD_API__TOKEN``) → the TOML file (``--config``,
 else ``$INBOXD_CONFIG``, else ``/etc/inboxd/config.toml``) → defaults.
 ``config.example.toml`` mirrors this module key by key.
+
+Why one module: one frozen settings model, every section's fields beside the checks that tie
+them together (precedence: argument → environment → file → default), read as the one reference
+of what a config may say; config.example.toml mirrors it section by section.
 """
 
 from __future__ import annotations
@@ -687,7 +691,7 @@ def _cross_checks(settings: Settings) -> list[str]:
         )
     if settings.retry.cap_seconds < settings.retry.base_seconds:
         problems.append("retry.cap_seconds must be >= retry.base_seconds")
-    from daemon.bandwidth import parse_rate, parse_windows
+    from daemon.net.bandwidth import parse_rate, parse_windows
 
     bw = settings.bandwidth
     try:
@@ -699,7 +703,7 @@ def _cross_checks(settings: Settings) -> list[str]:
     except ValueError as exc:
         problems.append(f"bandwidth.windows = {bw.windows!r}: {exc}")
     if settings.metrics.listen:
-        from daemon.listen import parse_listen
+        from daemon.net.addresses import parse_listen
 
         try:
             parse_listen(settings.metrics.listen, key="metrics.listen")

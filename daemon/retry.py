@@ -1,7 +1,7 @@
 """The one retry policy: exponential backoff with full jitter, a cap, and ``Retry-After``.
 
 Steps are retried, not whole jobs: each call site wraps exactly one request whose repetition
-is known to be safe (see the table in ``daemon.client``).
+is known to be safe (see the table in ``daemon.delivery.marple_db.client``).
 
 Every wait a server can ask for goes through two functions here: :func:`parse_retry_after`
 reads the header once, whatever it holds (seconds, an HTTP date, garbage, ``inf``, a date in

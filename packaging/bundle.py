@@ -41,7 +41,7 @@ except ImportError:  # ... else the copy every pip carries: this script needs pi
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the shipped files' list, from the package (standard library only)
-from daemon.install_files import SHIPPED  # noqa: E402
+from daemon.commands.install_files import SHIPPED  # noqa: E402
 
 SUPPORTED = ("3.10", "3.11", "3.12", "3.13")
 #: the first glibc with manylinux wheels per architecture (manylinux1 / manylinux2014)

@@ -1,4 +1,7 @@
-"""Shared fixtures: a real sandbox server over loopback, real files, real SQLite."""
+"""Shared fixtures only: a real sandbox server over loopback, the storage emulators.
+
+What tests import as a library lives in ``tests/support/`` (this module is not imported).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,12 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from daemon.client import MarpleClient
+from daemon.delivery.marple_db.client import MarpleClient
 from daemon.sandbox import Sandbox, SandboxConfig, running_sandbox
+from tests.support.data import TOKEN
 
 # Storage-emulator fixtures (moto's S3 server, Azurite), shared by every test module.
-from tests.emulators import azurite, moto_s3, moto_s3_server_for_module  # noqa: F401
-
-MiB = 1024 * 1024
-TOKEN = "test-token-s3cr3t-value"
+from tests.support.emulators import azurite, moto_s3, moto_s3_server_for_module  # noqa: F401
 
 # The official SDK's test needs marpledata (pandas, pyarrow...), which lives in its own venv
 # (.ci/sdk.sh makes .venv-sdk and runs tests/sdk there); any other venv leaves the folder out.
@@ -49,27 +50,6 @@ def client_factory(sandbox: Sandbox):  # type: ignore[no-untyped-def]
         return MarpleClient(sandbox.url, SecretStr(token), timeout=timeout)
 
     return make
-
-
-def write_file(path: Path, size: int, seed: int = 0) -> bytes:
-    """Write ``size`` deterministic pseudo-random bytes; returns them for comparison."""
-    import random
-
-    rnd = random.Random(seed)
-    data = rnd.randbytes(size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return data
-
-
-def content_hash_of(data: bytes, segment: int) -> str:
-    """daemon/content.py's content hash of ``data`` cut into ``segment``-byte segments,
-    written out here on its own from the definition, to check the daemon's against."""
-    import xxhash
-
-    parts = [data[i : i + segment] for i in range(0, len(data), segment)]
-    joined = segment.to_bytes(8, "big") + b"".join(xxhash.xxh3_128(p).digest() for p in parts)
-    return f"xxh3-128:{segment}:{xxhash.xxh3_128(joined).hexdigest()}"
 
 
 @pytest.fixture

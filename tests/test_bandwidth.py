@@ -15,7 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.bandwidth import (
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import UploadOptions
+from daemon.delivery.marple_db.client import MarpleClient, Stream
+from daemon.delivery.marple_db.upload import UploadRequest, upload_file
+from daemon.net.bandwidth import (
     BURST_SECONDS,
     RateLimiter,
     UploadWindows,
@@ -23,11 +27,9 @@ from daemon.bandwidth import (
     parse_rate,
     parse_windows,
 )
-from daemon.client import MarpleClient, Stream
 from daemon.retry import RetryPolicy
 from daemon.sandbox import Sandbox
-from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file
-from tests.conftest import MiB, write_file
+from tests.support.data import MiB, write_file
 
 KiB = 1024
 

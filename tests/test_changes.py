@@ -22,10 +22,10 @@ import httpx
 import pytest
 
 from daemon.sandbox import Sandbox
-from tests.conftest import TOKEN, content_hash_of
-from tests.daemon_helpers import inboxd, start_daemon, write_config
-from tests.suites.rig import jobs, log_records, status_json, wait_for
-from tests.test_crash import _stop
+from tests.support.data import TOKEN, content_hash_of
+from tests.support.rig import jobs, log_records, status_json
+from tests.support.runner import inboxd, start_daemon, stop_daemon, write_config
+from tests.support.waits import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -103,7 +103,7 @@ def test_append_after_delivery(sandbox: Sandbox, tmp_path: Path, on_append: str)
         row = _status_row(config, "run.csv")
         text = _status_text(config)
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     datasets = _datasets(sandbox, "run")
     newest = _newest(config, "run.csv")
     if on_append == "same-dataset":
@@ -136,7 +136,7 @@ def test_rewrite_with_other_content_is_a_new_version(sandbox: Sandbox, tmp_path:
         path.write_bytes(second)
         _wait_done(config, 2)
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     datasets = _datasets(sandbox, "run")
     assert sorted(datasets) == ["run (2).csv", "run.csv"], datasets
     assert sandbox.dataset_bytes(datasets["run.csv"][0]) == first
@@ -162,7 +162,7 @@ def test_multipart_file_appended(sandbox: Sandbox, tmp_path: Path) -> None:
             fh.write(more)
         _wait_done(config, 2)
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     datasets = _datasets(sandbox, "big")
     assert datasets == {"big.bin": [delivered.dataset_id]}, datasets
     assert sandbox.dataset_bytes(delivered.dataset_id) == first + more
@@ -198,7 +198,7 @@ def test_chmod_and_touch_of_a_delivered_file_upload_nothing(
         row = _status_row(config, "run.csv")
         text = _status_text(config)
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     assert _creates(sandbox) == creates, "something was uploaded again"
     assert _datasets(sandbox, "run") == {"run.csv": [row["dataset_id"]]}
     changes = [j.change for j in sorted(jobs(config), key=lambda j: j.id)]
@@ -229,7 +229,7 @@ def test_changes_while_the_import_still_runs(sandbox: Sandbox, tmp_path: Path) -
             fh.write(more)
         _wait_done(config, 3)
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     datasets = _datasets(sandbox, "run")
     assert datasets == {"run.csv": [unchanged.dataset_id]}, datasets
     assert sandbox.dataset_bytes(unchanged.dataset_id) == first + more
@@ -256,7 +256,7 @@ def test_same_size_and_time_but_other_bytes_is_a_new_version(
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
         _wait_done(config, 2)
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     datasets = _datasets(sandbox, "run")
     assert sorted(datasets) == ["run (2).csv", "run.csv"], datasets
     assert sandbox.dataset_bytes(datasets["run (2).csv"][0]) == new
@@ -302,7 +302,7 @@ def test_restore_over_a_fresh_state_database(sandbox: Sandbox, tmp_path: Path) -
             (inbox / rel).write_bytes(data)
         _wait_done(config, len(files))
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     delivered = {rel: ids[0] for rel, ids in _datasets(sandbox, "").items()}
     assert sorted(delivered) == sorted(files)
     old_style = "old.csv"
@@ -331,7 +331,7 @@ def test_restore_over_a_fresh_state_database(sandbox: Sandbox, tmp_path: Path) -
         rows = {r["path"]: r for r in status_json(config)["jobs"]}
         text = _status_text(config)
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     assert _creates(sandbox) == creates + 1  # old.csv only: its dataset has no facts to match
     datasets = _datasets(sandbox, "")
     assert {rel: datasets[rel] for rel in files} == {rel: [i] for rel, i in delivered.items()}
@@ -370,7 +370,7 @@ def test_restored_file_with_a_precision_loss_mtime(sandbox: Sandbox, tmp_path: P
     try:
         _wait_done(config, 1)
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     for name in ("state.db", "state.db-wal", "state.db-shm"):
         (tmp_path / "state" / name).unlink(missing_ok=True)
     path.unlink()
@@ -380,7 +380,7 @@ def test_restored_file_with_a_precision_loss_mtime(sandbox: Sandbox, tmp_path: P
     try:
         _wait_done(config, 1)
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     assert list(_datasets(sandbox, "run")) == ["run.csv"]
     assert _newest(config, "run.csv").change == "on_server"
     meta = next(iter(sandbox.datasets.values())).metadata

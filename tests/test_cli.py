@@ -12,8 +12,8 @@ from daemon.compat import ExceptionGroup, tomllib
 from daemon.config import Settings, load_settings
 from daemon.errors import ConfigError
 from daemon.sandbox import Sandbox
-from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import REPO, inboxd, write_config
+from tests.support.data import TOKEN, write_file
+from tests.support.runner import REPO, inboxd, write_config
 
 
 def run(
@@ -248,7 +248,7 @@ def test_version_and_help() -> None:
 def test_progress_bar_shows_bytes_rate_and_eta() -> None:
     import io
 
-    from daemon.push import ProgressBar as _ProgressBar
+    from daemon.commands.push import ProgressBar as _ProgressBar
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
@@ -277,7 +277,7 @@ def test_retry_on_a_corrupt_database_exits_65_in_one_line(tmp_path: Path) -> Non
 
     import anyio
 
-    from daemon.queue import FileIdentity, NewJob, Queue
+    from daemon.state import FileIdentity, NewJob, Queue
 
     db = tmp_path / "state.db"
 
@@ -308,9 +308,9 @@ def test_retry_on_a_corrupt_database_exits_65_in_one_line(tmp_path: Path) -> Non
 def test_the_reason_inside_the_daemons_exception_groups() -> None:
     """`inboxd run` fails out of nested task groups; the person gets the one error that says
     most, with its exit status; anything that is not ours stays a traceback."""
-    from daemon.cli import _reason
+    from daemon.commands.cli import _reason
     from daemon.errors import StateError, TransportError
-    from daemon.queue import QueueError
+    from daemon.state import QueueError
 
     generic = QueueError("state database /s/state.db: cannot commit")
     full = QueueError("state database /s/state.db: no space left on its filesystem", reason="full")

@@ -1,4 +1,5 @@
-"""daemon.content on real files: the content hash, and what a new version is to a delivery."""
+"""daemon.delivery.content on real files: the content hash, and what a new version is to a
+delivery."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from daemon import content
-from daemon.client import FileSlice
+from daemon.delivery import content
+from daemon.delivery.files import FileSlice
 from daemon.errors import FileChangedError
-from daemon.queue import PriorDelivery
-from tests.conftest import content_hash_of
+from daemon.state import PriorDelivery
+from tests.support.data import content_hash_of
 
 KiB = 1024
 

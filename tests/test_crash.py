@@ -3,35 +3,26 @@
 from __future__ import annotations
 
 import random
-import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from daemon.sandbox import Sandbox
-from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import (
+from tests.support.data import TOKEN, write_file
+from tests.support.runner import (
     catches_sigterm,
     inboxd,
+    kill_daemon,
     server_datasets,
     start_daemon,
     stop_daemon,
     write_config,
 )
+from tests.support.waits import wait_for
 
 KiB = 1024
 pytestmark = pytest.mark.slow
-
-
-def _wait(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _status(config: Path) -> dict:  # type: ignore[type-arg]
@@ -46,14 +37,6 @@ def _done(config: Path, n: int) -> bool:
     if not (config.parent / "state" / "state.db").exists():
         return False  # the daemon is still starting
     return _status(config)["counts"]["done"] == n
-
-
-_stop = stop_daemon
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    proc.kill()
-    proc.wait(timeout=10)
 
 
 def _check_exactly_once(sb: Sandbox, files: dict[str, bytes]) -> None:
@@ -88,9 +71,9 @@ def test_sigterm_during_start_up_still_exits_zero(sandbox: Sandbox, tmp_path: Pa
         proc = start_daemon(config, tmp_path / "daemon.log")
         # The first thing `python -m daemon run` does is to catch SIGTERM; everything after
         # (imports, config, queue, watcher) is start-up that a stop must not break.
-        _wait(lambda p=proc: catches_sigterm(p.pid), 10, "the SIGTERM handler")
+        wait_for(lambda p=proc: catches_sigterm(p.pid), 10, "the SIGTERM handler", step=0.005)
         time.sleep(extra)
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
 
 
 def test_sigterm_stops_gracefully_and_exits_zero(sandbox: Sandbox, tmp_path: Path) -> None:
@@ -98,10 +81,10 @@ def test_sigterm_stops_gracefully_and_exits_zero(sandbox: Sandbox, tmp_path: Pat
     files = _files(tmp_path / "inbox")
     proc = start_daemon(config, tmp_path / "daemon.log")
     try:
-        _wait(lambda: _done(config, len(files)), 60, "all files done")
+        wait_for(lambda: _done(config, len(files)), 60, "all files done")
         assert _status(config)["daemon"]["alive"] is True
     finally:
-        code = _stop(proc)
+        code = stop_daemon(proc)
     assert code == 0
     log = (tmp_path / "daemon.log").read_text()
     assert "daemon.stopped" in log
@@ -116,21 +99,21 @@ def test_sigterm_mid_upload_resumes_after_restart(sandbox: Sandbox, tmp_path: Pa
     data = write_file(tmp_path / "inbox" / "big.bin", 2048 * KiB)
     proc = start_daemon(config, tmp_path / "daemon.log")
     try:
-        _wait(
+        wait_for(
             lambda: any(r.kind == "storage" and r.status == 200 for r in sandbox.requests),
             30,
             "a part",
         )
     finally:
-        code = _stop(proc)  # grace (3 s) is shorter than the upload: it is cancelled and kept
+        code = stop_daemon(proc)  # grace (3 s) is shorter than the upload: it is cancelled and kept
     assert code == 0
     parts_before = sum(1 for r in sandbox.requests if r.kind == "storage" and r.status == 200)
     sandbox.faults.storage_delay_per_mib = 0.0
     proc = start_daemon(config, tmp_path / "daemon.log")
     try:
-        _wait(lambda: _done(config, 1), 60, "upload after restart")
+        wait_for(lambda: _done(config, 1), 60, "upload after restart")
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     parts = [r.path for r in sandbox.requests if r.kind == "storage" and r.status == 200]
     assert {p.rsplit("/", 1)[-1] for p in parts} == {str(n) for n in range(1, 9)}
     # Parts acknowledged before the stop are not sent again; at most the one part that was
@@ -160,15 +143,15 @@ def test_sigkill_at_a_point_then_restart(sandbox: Sandbox, tmp_path: Path, point
 
     proc = start_daemon(config, tmp_path / "daemon.log")
     try:
-        _wait(reached, 30, point)
+        wait_for(reached, 30, point)
     finally:
-        _kill(proc)
+        kill_daemon(proc)
     sandbox.faults.storage_delay_per_mib = 0.0
     proc = start_daemon(config, tmp_path / "daemon.log")
     try:
-        _wait(lambda: _done(config, 1), 60, "done after restart")
+        wait_for(lambda: _done(config, 1), 60, "done after restart")
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     _check_exactly_once(sandbox, {"victim.bin": data})
     if point == "after_complete":
         # Completed before the kill: nothing is uploaded again, no second ingestion.
@@ -187,7 +170,7 @@ def test_random_sigkills_lose_nothing_and_duplicate_nothing(
     for _ in range(10):
         proc = start_daemon(config, tmp_path / "daemon.log")
         time.sleep(rnd.uniform(0.4, 1.6))
-        _kill(proc)
+        kill_daemon(proc)
         kills += 1
         if rnd.random() < 0.3:  # files keep arriving between crashes
             name = f"late/{kills}.csv"
@@ -195,9 +178,9 @@ def test_random_sigkills_lose_nothing_and_duplicate_nothing(
     sandbox.faults.storage_delay_per_mib = 0.0
     proc = start_daemon(config, tmp_path / "daemon.log")
     try:
-        _wait(lambda: _done(config, len(files)), 90, "all files done")
+        wait_for(lambda: _done(config, len(files)), 90, "all files done")
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     assert kills == 10
     _check_exactly_once(sandbox, files)
     _assert_token_nowhere(tmp_path)

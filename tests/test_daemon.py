@@ -10,18 +10,12 @@ from typing import Any
 import anyio
 import pytest
 
-from daemon import status
-from daemon.queue import JobState, Queue
+from daemon.commands import status
 from daemon.sandbox import Sandbox
-from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import (
-    counts,
-    inboxd,
-    running_service,
-    server_datasets,
-    wait_until,
-    write_config,
-)
+from daemon.state import JobState, Queue
+from tests.support.data import TOKEN, write_file
+from tests.support.runner import counts, inboxd, running_service, server_datasets, write_config
+from tests.support.waits import wait_until
 
 KiB = 1024
 

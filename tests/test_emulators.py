@@ -21,23 +21,21 @@ import pytest
 import structlog
 from pydantic import SecretStr
 
-from daemon.client import MarpleClient, Stream
-from daemon.retry import RetryPolicy
-from daemon.sandbox import Sandbox, SandboxConfig, StreamDef, running_sandbox
-from daemon.upload import (
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import MemoryJournal, Resume, UploadOptions
+from daemon.delivery.marple_db.client import MarpleClient, Stream
+from daemon.delivery.marple_db.upload import (
     _AZURE_BLOCK_SIZE,
     _AZURE_PUT_BLOB_MAX,
-    FileRef,
-    MemoryJournal,
-    Resume,
-    UploadOptions,
     UploadRequest,
     upload_file,
 )
-from tests.conftest import TOKEN, content_hash_of, write_file
+from daemon.retry import RetryPolicy
+from daemon.sandbox import Sandbox, SandboxConfig, StreamDef, running_sandbox
+from tests.support.data import TOKEN, content_hash_of, write_file
 
 if TYPE_CHECKING:
-    from tests.emulators import Azurite, MotoS3, S3Request
+    from tests.support.emulators import Azurite, MotoS3, S3Request
 
 pytestmark = pytest.mark.emulator
 

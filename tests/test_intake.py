@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,17 +26,11 @@ from typing import Any
 import pytest
 
 from daemon.config import load_settings
-from daemon.routing import matching_route
+from daemon.intake.routing import matching_route
 from daemon.sandbox import Sandbox
-from tests.daemon_helpers import inboxd, server_datasets, start_daemon, stop_daemon, write_config
-from tests.suites.rig import (
-    describe_unfinished,
-    jobs,
-    log_records,
-    status_json,
-    wait_all_done,
-    wait_for,
-)
+from tests.support.rig import describe_unfinished, jobs, log_records, status_json, wait_all_done
+from tests.support.runner import inboxd, server_datasets, start_daemon, stop_daemon, write_config
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -119,13 +113,6 @@ def daemon(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
         assert proc.poll() is None, f"inboxd run exited {proc.returncode}:\n{log.read_text()}"
     finally:
         stop_daemon(proc)
-
-
-def wait_for_value(read: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """``read()`` once it is truthy (wait_for only says when)."""
-    found: list[Any] = []
-    wait_for(lambda: found.append(read()) or found[-1], timeout, "a value")
-    return found[-1]
 
 
 def _config(tmp_path: Path, sb: Sandbox, **sections: dict[str, Any]) -> Path:
@@ -301,7 +288,9 @@ def test_inbox_missing_at_start_is_waited_for_not_exit_78(sandbox: Sandbox, tmp_
     config, log = _config(tmp_path, sandbox), tmp_path / "daemon.log"
     inbox.rmdir()
     with daemon(config, log):  # ready (READY=1), running
-        problem = wait_for_value(lambda: status_json(config)["daemon"]["inbox_problem"])
+        problem = wait_for(
+            lambda: status_json(config)["daemon"]["inbox_problem"], 10, "an inbox problem"
+        )
         assert "does not exist" in problem["problem"]
         assert "INBOX MISSING since" in inboxd("status", "--config", str(config)).stdout
         inbox.mkdir()

@@ -27,11 +27,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import __version__
 from daemon.errors import ConfigError
-from daemon.listen import parse_listen
-from daemon.metrics import UPLOAD_DURATION_BUCKETS, HealthCheck, Metrics, MetricsServer
-from daemon.queue import FileIdentity, NewJob, Queue
+from daemon.net.addresses import parse_listen
 from daemon.sandbox import Sandbox
-from tests.daemon_helpers import running_service, start_daemon, stop_daemon, write_config
+from daemon.service.metrics import UPLOAD_DURATION_BUCKETS, HealthCheck, Metrics, MetricsServer
+from daemon.state import FileIdentity, NewJob, Queue
+from tests.support.runner import running_service, start_daemon, stop_daemon, write_config
 
 # Every metric the daemon exposes, with its type and label names: the interface under test.
 EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -147,7 +147,7 @@ async def test_scrape_every_metric(queue: Queue) -> None:
     ids = await queue.enqueue_many([new_job(f"in/{i}.csv", i + 1) for i in range(4)])
     await queue.claim("worker", lease_seconds=60)  # → uploading
     await queue.mark_failed(ids[3], error="boom", kind="server")  # never claimed: still allowed
-    await queue.set_settling("in/growing.csv", 5, time.time())
+    await queue.apply_settling({"in/growing.csv": (5, time.time())})
     # 1000 s in the future: the oldest queued job is ~1000 s old without sleeping.
     metrics = Metrics(clock=lambda: time.time() + 1000, version="1.2.3-test")
     metrics.upload_succeeded(1000, 0.2)

@@ -1,4 +1,4 @@
-"""daemon.netio: httpx over the asyncio backend, against real sockets on loopback.
+"""daemon.net.backend: httpx over the asyncio backend, against real sockets on loopback.
 
 Each test scripts a small raw TCP server (``asyncio.start_server``) to do what real servers
 and networks do to a client: keep connections alive and close them when idle, answer slowly
@@ -22,7 +22,7 @@ import httpx
 import pytest
 import trustme
 
-from daemon.netio import AsyncioBackend, adopt, uses_asyncio_backend
+from daemon.net.backend import AsyncioBackend, adopt, uses_asyncio_backend
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MiB = 1024 * 1024
@@ -265,7 +265,7 @@ def test_proxies_from_the_environment_are_kept(monkeypatch: pytest.MonkeyPatch) 
 def test_marple_client_sends_through_the_asyncio_backend() -> None:
     from pydantic import SecretStr
 
-    from daemon.client import MarpleClient
+    from daemon.delivery.marple_db.client import MarpleClient
 
     client = MarpleClient("http://127.0.0.1:9/api/v1", SecretStr("t"))
     assert uses_asyncio_backend(client._api)
@@ -275,7 +275,7 @@ def test_marple_client_sends_through_the_asyncio_backend() -> None:
 async def test_marple_client_keeps_and_sends_no_cookies() -> None:
     from pydantic import SecretStr
 
-    from daemon.client import MarpleClient
+    from daemon.delivery.marple_db.client import MarpleClient
 
     heads: list[bytes] = []
 
@@ -335,7 +335,7 @@ async def test_many_requests_in_flight_share_kept_alive_connections_in_linear_ti
     pool's bookkeeping per request grows with the pool (httpcore's own is quadratic)."""
     import httpcore
 
-    from daemon.netio import _POOL_FIX_APPLIES
+    from daemon.net.backend import _POOL_FIX_APPLIES
 
     assert _POOL_FIX_APPLIES, f"httpcore {httpcore.__version__}: check netio._assign_requests"
     gate = asyncio.Event()
@@ -389,7 +389,8 @@ async def test_file_bodies_go_to_https_in_cache_sized_chunks(tmp_path: Path) -> 
     that arrive are the file's either way."""
     from pydantic import SecretStr
 
-    from daemon.client import CHUNK_SIZE, TLS_CHUNK_SIZE, FileSlice, MarpleClient
+    from daemon.delivery.files import CHUNK_SIZE, TLS_CHUNK_SIZE, FileSlice
+    from daemon.delivery.marple_db.client import MarpleClient
 
     ca = trustme.CA()
     cert = ca.issue_cert("localhost")

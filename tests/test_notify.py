@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.notify import Notifier, watchdog_interval
 from daemon.sandbox import Sandbox
-from tests.daemon_helpers import REPO, write_config
+from daemon.service.notify import Notifier, watchdog_interval
+from tests.support.runner import REPO, write_config
 
 
 @pytest.fixture

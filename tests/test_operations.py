@@ -11,8 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.config import load_settings
 from daemon.errors import ConfigError
 from daemon.sandbox import Sandbox
-from tests.conftest import write_file
-from tests.daemon_helpers import counts, running_service, wait_until, write_config
+from tests.support.data import write_file
+from tests.support.runner import counts, running_service, write_config
+from tests.support.waits import wait_until
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -84,7 +85,7 @@ async def test_upload_window_closed_holds_uploads_and_status_says_so(
     import datetime as dt
     import json
 
-    from tests.daemon_helpers import inboxd
+    from tests.support.runner import inboxd
 
     now = dt.datetime.now()
     start = (now + dt.timedelta(hours=2)).strftime("%H:%M")

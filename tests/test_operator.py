@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,16 +28,9 @@ import pytest
 
 from daemon import logs
 from daemon.sandbox import Sandbox
-from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import (
-    REPO,
-    counts,
-    inboxd,
-    running_service,
-    start_daemon,
-    wait_until,
-    write_config,
-)
+from tests.support.data import TOKEN, write_file
+from tests.support.runner import REPO, counts, inboxd, running_service, start_daemon, write_config
+from tests.support.waits import wait_for, wait_until
 
 # ---- helpers --------------------------------------------------------------------------------
 
@@ -59,17 +51,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for(cond: object, timeout: float = 30.0) -> None:
-    assert callable(cond)
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
-
-
 def _counts_now(config: Path) -> dict[str, int]:
-    from daemon.queue import QueueError
+    from daemon.state import QueueError
 
     try:
         return anyio.run(counts, config)
@@ -117,11 +100,13 @@ def test_daemon_stderr_has_a_warning_line_per_failure_with_job_id_reason_and_act
         else:
             os.environ["JOURNAL_STREAM"] = env_before
     try:
-        _wait_for(lambda: _counts_now(config).get("failed", 0) >= 4, 60)
-        _wait_for(lambda: _counts_now(config).get("done", 0) >= 1, 60)
+        wait_for(lambda: _counts_now(config).get("failed", 0) >= 4, 60, "4 failed jobs", step=0.1)
+        wait_for(lambda: _counts_now(config).get("done", 0) >= 1, 60, "a done job", step=0.1)
         sandbox.config.token = "revoked-" + uuid.uuid4().hex  # the token is refused from now
         write_file(inbox / "later.csv", 100)
-        _wait_for(lambda: '"upload.paused"' in log.read_text(), 60)
+        wait_for(
+            lambda: '"upload.paused"' in log.read_text(), 60, "upload.paused in the log", step=0.1
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -403,8 +388,8 @@ def test_status_works_for_group_members_without_root_and_says_why_for_others(
                 cwd=base,
                 env=env,
             )  # fmt: skip
-        _wait_for(lambda: _counts_now(config).get("done", 0) == 1, 60)
-        _wait_for(lambda: _counts_now(config).get("failed", 0) == 1, 60)
+        wait_for(lambda: _counts_now(config).get("done", 0) == 1, 60, "one done job", step=0.1)
+        wait_for(lambda: _counts_now(config).get("failed", 0) == 1, 60, "one failed job", step=0.1)
         db = state / "state.db"
         assert oct(db.stat().st_mode & 0o777) == "0o640"
         assert db.stat().st_gid == grp.getgrnam(g).gr_gid
@@ -647,7 +632,7 @@ def _one_line_error_config(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_every_command_has_a_description_and_an_example() -> None:
-    from daemon.cli import _EXAMPLES
+    from daemon.commands.cli import _EXAMPLES
 
     for command in _EXAMPLES:
         helped = inboxd(command, "--help")

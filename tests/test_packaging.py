@@ -17,8 +17,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
@@ -26,12 +25,13 @@ from typing import Any
 
 import pytest
 
+from daemon.commands.install_files import DOC_DIR, SHIPPED, files
 from daemon.compat import UTC, StrEnum, fromisoformat, sqlite_errorname, tomllib
-from daemon.install_files import DOC_DIR, SHIPPED, files
-from daemon.queue import JobState
 from daemon.sandbox import Sandbox
-from tests.conftest import write_file
-from tests.daemon_helpers import REPO, inboxd, start_daemon, write_config
+from daemon.state import JobState
+from tests.support.data import write_file
+from tests.support.runner import REPO, inboxd, start_daemon, write_config
+from tests.support.waits import wait_for
 
 #: the modules only the extras bring: a core install has none of them
 EXTRA_MODULES = ("starlette", "uvicorn", "authlib", "cryptography")
@@ -100,16 +100,6 @@ def _status(config: Path, program: Sequence[str]) -> dict[str, Any]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def _wait_for(what: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-
-
 @pytest.mark.field
 @pytest.mark.parametrize("kind", ["marple-db", "marple"])
 def test_a_core_install_runs_the_daemon_for_marple_db_and_marple(
@@ -138,7 +128,7 @@ def test_a_core_install_runs_the_daemon_for_marple_db_and_marple(
             counts = snap["counts"]
             return snap if counts["done"] == 1 and counts["failed"] == 1 else None
 
-        snap = _wait_for(settled)
+        snap = wait_for(settled, 60, "the status to settle", step=0.2)
         assert snap["daemon"]["alive"], log.read_text()
         (failed,) = [job for job in snap["jobs"] if job["state"] == "failed"]
         assert failed["path"] == "empty.csv" and failed["error_kind"] == "empty_file"

@@ -1,4 +1,4 @@
-"""Tests for daemon.queue against real SQLite files in tmp_path (no mocks)."""
+"""Tests for daemon.state.queue against real SQLite files in tmp_path (no mocks)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import aiosqlite
 import anyio
 import pytest
 
-from daemon import queue as queue_module
-from daemon.queue import (
+from daemon.state import (
     MIGRATIONS,
     FileIdentity,
     ImportRecord,
@@ -27,6 +26,7 @@ from daemon.queue import (
     QueueError,
     Stage,
 )
+from daemon.state import queue as queue_module
 
 T = TypeVar("T")
 
@@ -328,9 +328,9 @@ async def test_non_utf8_and_big_inode_identity_round_trip(q: Queue) -> None:
     assert os.fsencode(job.identity.rel) == b"caf\xe9/na\xefve.csv"
     assert [j.id for j in await q.find_by_rel(rel)] == [job_id]
     assert await q.enqueue_many([NewJob(identity, 1, "x", {})]) == []
-    await q.set_settling(rel, 3, 1.0)
+    await q.apply_settling({rel: (3, 1.0)})
     assert [s.rel for s in await q.list_settling()] == [rel]
-    await q.clear_settling(rel)
+    await q.apply_settling({rel: None})
     assert await q.list_settling() == []
 
 
@@ -566,8 +566,6 @@ async def test_upload_and_import_transitions(q: Queue) -> None:
     await q.set_after_upload(ok, "archived")
     assert await q.jobs_for_after_upload(10) == []
     assert (await get(q, ok)).after_upload == "archived"
-    totals = await q.totals()
-    assert (totals["files_done"], totals["bytes_done"]) == (1, 10)
 
 
 async def test_mark_uploaded_stores_the_outcome_in_one_statement(q: Queue) -> None:
@@ -716,9 +714,7 @@ async def test_ledger_prevents_reupload_after_prune(q: Queue) -> None:
     assert len(await q.enqueue_many([new("kept.csv", size=11)])) == 1
     # A failed job leaves no ledger entry: the file is retried when it is seen again.
     assert len(await q.enqueue_many([new("failed.csv")])) == 1
-    totals = await q.totals()
-    assert totals["files_done"] == 2  # one from the ledger, one still a job
-    assert totals["files_pending"] == 3
+    assert (await q.counts())["queued"] == 3
 
 
 async def test_vacuum_if_worthwhile(q: Queue) -> None:
@@ -746,15 +742,14 @@ async def test_heartbeat_and_daemon_info(q: Queue) -> None:
 
 
 async def test_settling(q: Queue) -> None:
-    await q.set_settling("a.csv", 1, 10.0)
-    await q.set_settling("b.csv", 2, 5.0)
-    await q.set_settling("a.csv", 3, 12.0)
+    await q.apply_settling({"a.csv": (1, 10.0), "b.csv": (2, 5.0)})
+    await q.apply_settling({"a.csv": (3, 12.0)})
     assert [(s.rel, s.size, s.since) for s in await q.list_settling()] == [
         ("b.csv", 2, 5.0),
         ("a.csv", 3, 12.0),
     ]
     assert (await q.counts())["settling"] == 2
-    await q.clear_settling("b.csv")
+    await q.apply_settling({"b.csv": None})
     assert (await q.counts())["settling"] == 1
     await q.clear_all_settling()
     assert (await q.counts())["settling"] == 0
@@ -833,7 +828,6 @@ async def test_status_reads_fast_on_100k_jobs(db_path: Path) -> None:
         assert [j.id for j in oldest[:2]] == [4, 5]
         await timed("recent_failures", q.recent_failures(20))
         await timed("oldest_queued_at", q.oldest_queued_at())
-        await timed("totals", q.totals())
         await timed("jobs_to_poll", q.jobs_to_poll())
         await timed("jobs_for_after_upload", q.jobs_for_after_upload(100))
         await timed("next_due_at", q.next_due_at())
@@ -987,7 +981,7 @@ async def test_claim_counts_other_jobs_of_the_same_path(q: Queue) -> None:
 
 
 async def test_status_shows_no_stream_id_before_a_stream_name_is_looked_up(q: Queue) -> None:
-    from daemon import status
+    from daemon.commands import status
 
     named = NewJob(identity=ident("named.csv"), stream_id=0, dataset_name="named.csv", metadata={})
     await q.enqueue_many([named, new("plain.csv")])

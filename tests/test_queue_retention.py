@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.queue import FileIdentity, JobState, NewJob, Queue
+from daemon.state import FileIdentity, JobState, NewJob, Queue
 
 
 def new(rel: str, size: int, mtime_ns: int, inode: int) -> NewJob:

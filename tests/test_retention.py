@@ -13,8 +13,8 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.queue import FileIdentity, JobState, NewJob, Queue
-from daemon.retention import EMPTY_DIR_GRACE_SECONDS, Retention, disk_free
+from daemon.engine.retention import EMPTY_DIR_GRACE_SECONDS, Retention, disk_free
+from daemon.state import FileIdentity, JobState, NewJob, Queue
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -29,7 +29,8 @@ from daemon.sandbox import (
 )
 from daemon.sandbox.backends import AzureBackend, S3Backend
 from daemon.sandbox.formdata import FormDataError, FormDataParser, PartData, PartEnd, PartStart
-from tests.emulators import azurite_server, require_azurite, wait_for
+from tests.support.emulators import azurite_server, require_azurite
+from tests.support.waits import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "sandbox-token"

@@ -18,8 +18,12 @@ from authlib.oauth1 import ClientAuth  # type: ignore[import-untyped]
 from authlib.oauth1.rfc5849 import client_auth  # type: ignore[import-untyped]
 
 from daemon.config import load_settings
+from daemon.delivery import Work
+from daemon.delivery.data_service.client import RateLimits
+from daemon.delivery.data_service.target import _check_still_newest, marker, source_name
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import MemoryJournal, Resume
 from daemon.errors import ConfigError, FileChangedError, NotYetError
-from daemon.queue import FileIdentity, JobState, NewJob, Queue
 from daemon.sandbox import Sandbox
 from daemon.sandbox.dataservice import (
     DataServiceConfig,
@@ -28,17 +32,9 @@ from daemon.sandbox.dataservice import (
     signature_base_string,
     url_of,
 )
-from daemon.targets import Work
-from daemon.targets.data_service import RateLimits, _check_still_newest, marker, source_name
-from daemon.upload import FileRef, MemoryJournal, Resume
-from tests.daemon_helpers import (
-    counts,
-    inboxd,
-    running_service,
-    start_daemon,
-    wait_until,
-    write_config,
-)
+from daemon.state import FileIdentity, JobState, NewJob, Queue
+from tests.support.runner import counts, inboxd, running_service, start_daemon, write_config
+from tests.support.waits import wait_until
 
 ACCEPT = {"Accept": "application/json;v=1"}
 MiB = 1024 * 1024

@@ -21,8 +21,16 @@ import pytest
 import structlog
 from pydantic import SecretStr
 
-from daemon.client import MarpleClient
 from daemon.config import MarpleSettings, load_settings
+from daemon.delivery.flow import UploadOptions
+from daemon.delivery.marple_db.client import MarpleClient
+from daemon.delivery.marple_legacy.client import MarpleLegacyApi, SourceStatus
+from daemon.delivery.marple_legacy.target import (
+    MarpleLegacyTarget,
+    _update,
+    _utc_seconds,
+    plain_http_warning,
+)
 from daemon.errors import (
     AuthError,
     ConfigError,
@@ -33,26 +41,11 @@ from daemon.errors import (
     ServerError,
     UploadFailed,
 )
-from daemon.queue import JobState, Queue
 from daemon.sandbox import Sandbox
-from daemon.targets.marple_legacy import (
-    MarpleLegacyApi,
-    MarpleLegacyTarget,
-    SourceStatus,
-    _update,
-    _utc_seconds,
-    plain_http_warning,
-)
-from daemon.upload import UploadOptions
-from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import (
-    counts,
-    inboxd,
-    running_service,
-    start_daemon,
-    wait_until,
-    write_config,
-)
+from daemon.state import JobState, Queue
+from tests.support.data import TOKEN, write_file
+from tests.support.runner import counts, inboxd, running_service, start_daemon, write_config
+from tests.support.waits import wait_until
 
 KiB = 1024
 MARPLE = {"kind": "marple"}

@@ -9,7 +9,16 @@ from pathlib import Path
 import anyio
 import pytest
 
-from daemon.client import MarpleClient, Stream
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import MemoryJournal, Resume, UploadOptions
+from daemon.delivery.marple_db.client import MarpleClient, Stream
+from daemon.delivery.marple_db.upload import (
+    FILE_MTIME_FIELD,
+    FILE_SIZE_FIELD,
+    UPLOAD_KEY_FIELD,
+    UploadRequest,
+    upload_file,
+)
 from daemon.errors import (
     AuthError,
     EmptyFileError,
@@ -20,18 +29,7 @@ from daemon.errors import (
 )
 from daemon.retry import RetryPolicy
 from daemon.sandbox import Sandbox
-from daemon.upload import (
-    FILE_MTIME_FIELD,
-    FILE_SIZE_FIELD,
-    UPLOAD_KEY_FIELD,
-    FileRef,
-    MemoryJournal,
-    Resume,
-    UploadOptions,
-    UploadRequest,
-    upload_file,
-)
-from tests.conftest import TOKEN, content_hash_of, write_file
+from tests.support.data import TOKEN, content_hash_of, write_file
 
 FAST = RetryPolicy(attempts=6, base=0.01, cap=0.1)
 STREAM = Stream(id=1, name="inbox", datapool="default")
@@ -357,8 +355,8 @@ async def test_client_reads_times_as_epoch_seconds_or_iso_text(
     """The service sends epoch seconds (what the sandbox sends now); ISO 8601 text is read too."""
     from datetime import datetime
 
-    from daemon.client import Dataset
     from daemon.compat import UTC
+    from daemon.delivery.marple_db.client import Dataset
 
     write_file(tmp_path / "t.bin", 100)
     async with client_factory() as client:
@@ -379,7 +377,7 @@ async def test_client_reads_times_as_epoch_seconds_or_iso_text(
 
 
 async def test_size_mismatch_at_complete_is_reported(client_factory, tmp_path: Path) -> None:
-    from daemon.client import FileSlice
+    from daemon.delivery.files import FileSlice
 
     path = tmp_path / "short.csv"
     write_file(path, 1000)
@@ -394,7 +392,7 @@ async def test_size_mismatch_at_complete_is_reported(client_factory, tmp_path: P
 async def test_fifo_swapped_in_for_the_file_fails_at_once(tmp_path: Path) -> None:
     # Opened in the event loop: a blocking open of a FIFO (no writer ever comes) would stall
     # the whole daemon, not just this upload.
-    from daemon.client import FileSlice
+    from daemon.delivery.files import FileSlice
     from daemon.errors import FileChangedError
 
     path = tmp_path / "run.csv"

@@ -1,4 +1,4 @@
-"""Tests for daemon.watcher: real files in tmp_path, real inotify events.
+"""Tests for daemon.intake.watcher: real files in tmp_path, real inotify events.
 
 Negative assertions ("x is never reported") use a sentinel: a file written *after* the thing
 under test. Events are handled in order and every file waits the same settle time, so once the
@@ -25,8 +25,8 @@ import anyio
 import pytest
 import watchfiles
 
-from daemon.queue import FileIdentity
-from daemon.watcher import MAX_BATCH, Watcher, WatchRules
+from daemon.intake.watcher import MAX_BATCH, Watcher, WatchRules
+from daemon.state import FileIdentity
 
 SETTLE = 0.2
 
@@ -658,7 +658,7 @@ async def test_symlink_to_root_is_never_listed_or_watched(
         await rec.wait_ready("sentinel.csv")
         watched = inotify_watches()
     # Before the checks below list folders themselves. /proc is read on purpose: the writer
-    # check (daemon.writers) lists processes' open files there.
+    # check (daemon.intake.writers) lists processes' open files there.
     listed = [p for p in opened if p != "/proc" and not p.startswith("/proc/")]
     assert real_dirs(inbox) <= watched
     assert not (watched & (root_and_top_dirs() | real_dirs(outside)))
@@ -1029,7 +1029,7 @@ async def test_writer_timeout_zero_takes_open_files_by_settle_alone(inbox: Path)
 _SCAN_AS_OTHER_USER = """
 import json, os, sys
 from pathlib import Path
-from daemon import writers
+from daemon.intake import writers
 fh = open(sys.argv[1], "wb")
 st = os.fstat(fh.fileno())
 seen = writers.scan(None)
@@ -1041,15 +1041,17 @@ sys.stdin.read()
 
 
 def _as_nobody(*args: str) -> subprocess.Popen[bytes] | None:
-    """A Python process as user nobody (daemon.writers needs only the standard library), or
+    """A Python process as user nobody (daemon.intake.writers needs only the standard library), or
     None when no interpreter here is reachable for that user (a venv under /root)."""
-    from tests.daemon_helpers import REPO
+    from tests.support.runner import REPO
 
     for python in (os.path.realpath(sys.executable), "/usr/bin/python3"):
         kw: dict[str, Any] = {"cwd": "/", "user": "nobody", "group": "nogroup"}
         env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
         try:
-            subprocess.run([python, "-c", "import daemon.writers"], env=env, check=True, **kw)
+            subprocess.run(
+                [python, "-c", "import daemon.intake.writers"], env=env, check=True, **kw
+            )
         except (OSError, subprocess.CalledProcessError):
             continue
         return subprocess.Popen(
@@ -1061,7 +1063,7 @@ def _as_nobody(*args: str) -> subprocess.Popen[bytes] | None:
 @linux_only
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
 def test_proc_pass_as_a_user_sees_only_its_own_writers() -> None:
-    from daemon import writers
+    from daemon.intake import writers
 
     folder = Path(tempfile.mkdtemp(prefix="inboxd-writers-"))
     try:

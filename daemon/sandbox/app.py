@@ -10,6 +10,9 @@ State lives in memory (plus files under `data_dir`) and is meant to be inspected
 The server runs on its own event loop thread (see `server.py`) while tests read the state from
 theirs; every mutation is a plain attribute or dict assignment (or a delete's dict pop), which
 the GIL keeps atomic.
+
+Why one module: the Marple DB API's routes as one server, read against the contract route by
+route; the faults, route keys and answers shared with the other two APIs are in common.py.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from daemon.net.clients import build_client
 from daemon.sandbox import files
 from daemon.sandbox.backends import AzureBackend, S3Backend, StorageError
 from daemon.sandbox.common import (
@@ -944,7 +948,7 @@ class Sandbox:
     @staticmethod
     async def _relay(url: str, disposition: str) -> Response:
         """Stream an object from S3 or Azure through to the client, chunk by chunk."""
-        client = httpx.AsyncClient(timeout=30)
+        client = build_client(timeout=30)
         try:
             upstream = await client.send(client.build_request("GET", url), stream=True)
         except httpx.HTTPError as exc:

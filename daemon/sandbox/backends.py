@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
+from daemon.net.clients import build_client, build_sync_client
 from daemon.sandbox.signing import SAS_VERSION, account_sas, blob_sas
 
 
@@ -175,7 +176,8 @@ class AzureBackend:
         )
         url = f"{self.account_url}/{self.container}?restype=container&{sas}"
         try:
-            answer = httpx.put(url, headers={"x-ms-version": "2025-01-05"}, timeout=10)
+            with build_sync_client(timeout=10) as http:
+                answer = http.put(url, headers={"x-ms-version": "2025-01-05"})
         except httpx.HTTPError as exc:
             raise StorageError(f"cannot reach Azure blob service: {exc}") from exc
         if answer.status_code not in (201, 409):
@@ -187,7 +189,7 @@ class AzureBackend:
         """Size of the committed blob, or None when there is none (Get Blob Properties)."""
         url = self.blob_url(blob, "r", 300)
         try:
-            async with httpx.AsyncClient(timeout=30) as client:
+            async with build_client(timeout=30) as client:
                 answer = await client.head(url)
         except httpx.HTTPError as exc:
             raise StorageError(f"Get Blob Properties failed: {exc}") from exc
@@ -200,7 +202,7 @@ class AzureBackend:
     async def delete(self, blob: str) -> None:
         """Delete Blob; a blob that is already gone is not an error."""
         try:
-            async with httpx.AsyncClient(timeout=30) as client:
+            async with build_client(timeout=30) as client:
                 answer = await client.delete(
                     self.blob_url(blob, "d", 300), headers={"x-ms-version": SAS_VERSION}
                 )
@@ -211,7 +213,8 @@ class AzureBackend:
 
     def read(self, blob: str) -> bytes:
         """The whole blob (blocking; for tests)."""
-        answer = httpx.get(self.blob_url(blob, "r", 300), timeout=30)
+        with build_sync_client(timeout=30) as http:
+            answer = http.get(self.blob_url(blob, "r", 300))
         if answer.status_code != 200:
             raise StorageError(f"Get Blob answered {answer.status_code}")
         return answer.content

@@ -42,6 +42,10 @@ Faults are the main sandbox's :class:`~daemon.sandbox.config.Faults` (503/429 ra
 ``"GET /dataSources"``); ``adapter_delay`` holds an adapter answer back after the work is done,
 so a test can kill a client while it waits. Tests read ``data_sources``, ``data_sets`` and
 ``requests`` directly, and count the refusals in ``refused`` (e.g. ``refused["refresh"]``).
+
+Why one module: the data service API's routes as one server, read against its seed document
+route by route; the faults, route keys and answers shared with the other two APIs are in
+common.py.
 """
 
 from __future__ import annotations

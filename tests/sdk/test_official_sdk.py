@@ -36,7 +36,9 @@ import requests
 from marple import DB, Insight
 from marple.db import Dataset, DatasetList, DataStream
 
-from tests.emulators import AZURE_VERSION, Azurite, MotoS3, wait_for
+from tests.support.emulators import AZURE_VERSION, Azurite, MotoS3
+from tests.support.runner import terminate
+from tests.support.waits import wait_for
 
 TOKEN = "sdk-test-token-5ec2e7"  # the subprocess sandbox's made-up token
 SERVER_MAX = 4 * 1024
@@ -134,23 +136,13 @@ def _start(
     try:
         wait_for(lambda: proc.poll() is not None or url() is not None, START_TIMEOUT, "sandbox up")
     except TimeoutError:
-        _stop(proc)
+        terminate(proc)
         raise
     found = url()
     if found is None:
-        _stop(proc)
+        terminate(proc)
         raise RuntimeError(f"inboxd sandbox exited with {proc.returncode}:\n{log.read_text()}")
     return proc, SandboxProcess(found, storage, data_dir, log, moto, azurite)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module", params=["local", "s3"])
@@ -167,7 +159,7 @@ def sandbox(
     try:
         yield sb
     finally:
-        _stop(proc)
+        terminate(proc)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: a clean stop ends by it.
     assert proc.returncode in (0, -signal.SIGTERM), sb.log.read_text()[-3000:]
 

@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -41,20 +40,21 @@ import anyio
 import pytest
 import structlog
 
-from daemon.cli import main as cli_main
+from daemon.commands.cli import main as cli_main
 from daemon.compat import BaseExceptionGroup
-from daemon.queue import Job, JobState, Queue
 from daemon.sandbox import Sandbox
-from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import (
+from daemon.state import Job, JobState, Queue
+from tests.support.data import TOKEN, write_file
+from tests.support.runner import (
     REPO,
     counts,
     running_service,
     server_datasets,
     start_daemon,
-    wait_until,
+    stop_daemon,
     write_config,
 )
+from tests.support.waits import wait_for, wait_until
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -100,11 +100,11 @@ def _count_case() -> None:
 # suite would otherwise spend half a minute waiting for the resume).
 _WRAPPER = """
 import sys
-from daemon.service_signals import catch_early_signals
+from daemon.service.signals import catch_early_signals
 catch_early_signals()
-import daemon.service
-daemon.service.Service.__init__.__kwdefaults__["probe_seconds"] = 1.0
-from daemon.cli import main
+import daemon.service.run
+daemon.service.run.Service.__init__.__kwdefaults__["probe_seconds"] = 1.0
+from daemon.commands.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -177,26 +177,6 @@ def _jobs(db: Path) -> list[Job]:
         return anyio.run(read)
     except Exception:  # the database is still being created
         return []
-
-
-def _wait(cond: Callable[[], object], timeout: float, what: str, step: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-        raise
 
 
 def _log_events(log: Path) -> list[dict[str, Any]]:
@@ -398,7 +378,7 @@ def test_bad_input_corpus(sandbox: Sandbox, workdir: Path) -> None:
             busy += [j for j in jobs if j.state == JobState.IMPORTING]
             return not busy and set(corpus.good) <= done
 
-        _wait(quiet, 90, "the corpus to be processed")
+        wait_for(quiet, 90, "the corpus to be processed")
         assert proc.poll() is None, "the daemon stopped"
         failed_before = _status(user, config)["counts"]["failed"]
 
@@ -412,7 +392,7 @@ def test_bad_input_corpus(sandbox: Sandbox, workdir: Path) -> None:
         def paused() -> Any:
             return _status(user, config)["daemon"]["paused"]
 
-        _wait(paused, 30, "uploads to pause on the refused token")
+        wait_for(paused, 30, "uploads to pause on the refused token")
         doc = _status(user, config)
         revoked = {"paused": doc["daemon"]["paused"], "failed": doc["counts"]["failed"]}
         time.sleep(1.5)  # a few worker and probe rounds while paused
@@ -422,8 +402,8 @@ def test_bad_input_corpus(sandbox: Sandbox, workdir: Path) -> None:
         assert all(j["state"] in ("queued", "settling") for j in late_jobs), late_jobs
         sandbox.config.token = TOKEN
         corpus.good.update(late)
-        _wait(lambda: not paused(), 20, "uploads to resume")
-        _wait(quiet, 30, "the late files after the resume")
+        wait_for(lambda: not paused(), 20, "uploads to resume")
+        wait_for(quiet, 30, "the late files after the resume")
 
         # --- what status says, while the daemon still runs
         final = _status(user, config)
@@ -432,7 +412,7 @@ def test_bad_input_corpus(sandbox: Sandbox, workdir: Path) -> None:
         jobs = _jobs(db)
     finally:
         stop_growing.set()
-        code = _stop(proc)
+        code = stop_daemon(proc)
         sandbox.config.token = TOKEN
     assert code == 0, log.read_text()[-3000:]
 
@@ -547,10 +527,10 @@ def test_burst_of_tiny_files_at_start_up(sandbox: Sandbox, tmp_path: Path) -> No
     started = time.monotonic()
     proc = start_daemon(config, tmp_path / "daemon.log")
     try:
-        _wait(lambda: done() == n, 2400 if LONG else 240, f"{n} files done", step=0.5)
+        wait_for(lambda: done() == n, 2400 if LONG else 240, f"{n} files done", step=0.5)
         seconds = time.monotonic() - started
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     names = server_datasets(sandbox)
     lost = [name for name in files if name not in names]
     dups = [name for name, ids in names.items() if len(ids) > 1]

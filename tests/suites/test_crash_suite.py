@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 
 from daemon.sandbox import Sandbox
-from tests.daemon_helpers import start_daemon, write_config
-from tests.suites.rig import (
+from tests.support.rig import (
     SEED,
     Expected,
     UploadBytes,
@@ -36,9 +35,9 @@ from tests.suites.rig import (
     scale,
     summary,
     wait_all_done,
-    wait_for,
 )
-from tests.test_crash import _kill, _stop
+from tests.support.runner import kill_daemon, start_daemon, stop_daemon, write_config
+from tests.support.waits import wait_for
 
 KILLS = scale(12, 200)
 INITIAL_FILES = scale(10, 30)
@@ -99,7 +98,7 @@ def test_random_sigkills_every_file_exactly_once(sandbox: Sandbox, tmp_path: Pat
             drop(inbox, expected, rng, 1, f"during/{run}")
         time.sleep(max(0.0, kill_at - time.monotonic()))
         mid_upload += counter.in_flight > 0
-        _kill(proc)
+        kill_daemon(proc)
         kills += 1
 
     sandbox.faults.storage_delay_per_mib = 0.0
@@ -107,7 +106,7 @@ def test_random_sigkills_every_file_exactly_once(sandbox: Sandbox, tmp_path: Pat
     try:
         wait_all_done(config, len(expected), scale(90, 600))
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
 
     states = job_states(config)
     delivery = check_delivery(sandbox, expected)

@@ -43,10 +43,10 @@ import aiosqlite
 import anyio
 import pytest
 
-from daemon.queue import MIGRATIONS, FileIdentity, NewJob, Queue
 from daemon.sandbox import Sandbox, SandboxConfig, running_sandbox
-from tests.conftest import TOKEN, write_file
-from tests.daemon_helpers import (
+from daemon.state import MIGRATIONS, FileIdentity, NewJob, Queue
+from tests.support.data import TOKEN, write_file
+from tests.support.runner import (
     REPO,
     inboxd,
     server_datasets,
@@ -54,6 +54,7 @@ from tests.daemon_helpers import (
     stop_daemon,
     write_config,
 )
+from tests.support.waits import wait_for
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -155,15 +156,6 @@ def _db_counts(db: Path) -> dict[str, int]:
             con.close()
     except sqlite3.Error:
         return {}
-
-
-def _wait(cond: Callable[[], object], timeout: float, what: str, step: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _delivery(sb: Sandbox, files: dict[str, bytes]) -> tuple[int, int, list[str]]:
@@ -289,7 +281,7 @@ def full_while_running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ful
             proc = start_daemon(config, log)
             try:
                 db = state / "state.db"
-                _wait(lambda: _db_counts(db).get("done", 0) >= 1, 60, "a file done")
+                wait_for(lambda: _db_counts(db).get("done", 0) >= 1, 60, "a file done")
                 wal = state / "state.db-wal"
                 _STATS["wal_bytes_at_fill"] = wal.stat().st_size if wal.exists() else 0
                 _fill(state)
@@ -314,7 +306,7 @@ def full_while_running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ful
             sb.faults.storage_delay_per_mib = 0.0
             proc = start_daemon(config, tmp / "daemon2.log")
             try:
-                _wait(
+                wait_for(
                     lambda: _db_counts(db).get("done", 0) == len(files),
                     90,
                     f"all {len(files)} files done after the restart",
@@ -731,7 +723,7 @@ def test_sigkill_during_heavy_intake_then_restart(sandbox: Sandbox, tmp_path: Pa
     # 1: while the start-up scan hands over its first batches (enqueued, not all).
     proc = start_daemon(config, log)
     try:
-        _wait(lambda: total() > 0, 60, "the first enqueued batch")
+        wait_for(lambda: total() > 0, 60, "the first enqueued batch")
     finally:
         proc.kill()
         proc.wait(10)
@@ -739,7 +731,7 @@ def test_sigkill_during_heavy_intake_then_restart(sandbox: Sandbox, tmp_path: Pa
     # 2: with everything taken and uploads under way.
     proc = start_daemon(config, log)
     try:
-        _wait(
+        wait_for(
             lambda: _db_counts(db).get("done", 0) + _db_counts(db).get("importing", 0) > 20,
             60,
             "uploads under way",
@@ -758,7 +750,7 @@ def test_sigkill_during_heavy_intake_then_restart(sandbox: Sandbox, tmp_path: Pa
             kills.append(_db_counts(db))
     proc = start_daemon(config, log)
     try:
-        _wait(
+        wait_for(
             lambda: _db_counts(db).get("done", 0) == n,
             2400 if LONG else 200,
             f"{n} done",

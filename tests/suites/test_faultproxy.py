@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.faultproxy import Chaos, Fault, FaultProxy, running_proxy
+from tests.support.faultproxy import Chaos, Fault, FaultProxy, running_proxy
 
 
 class _Echo(socketserver.BaseRequestHandler):

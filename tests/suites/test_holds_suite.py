@@ -22,18 +22,10 @@ from pathlib import Path
 import pytest
 
 from daemon.sandbox import Sandbox
-from tests.conftest import write_file
-from tests.daemon_helpers import start_daemon, write_config
-from tests.suites.rig import (
-    Expected,
-    check_delivery,
-    log_records,
-    scale,
-    summary,
-    wait_all_done,
-    wait_for,
-)
-from tests.test_crash import _stop
+from tests.support.data import write_file
+from tests.support.rig import Expected, check_delivery, log_records, scale, summary, wait_all_done
+from tests.support.runner import start_daemon, stop_daemon, write_config
+from tests.support.waits import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(scale(120, 600))]
 
@@ -70,7 +62,7 @@ def test_absurd_retry_after_from_the_first_request_is_bounded(
         back = time.time()
         took = wait_all_done(config, 1, 30, when=" after the rate limit ended")
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     holds = [float(h["hold_seconds"]) for h in log_records(log, ("service.unreachable",))]
     summary(
         "holds",
@@ -108,7 +100,7 @@ def test_retry_after_is_capped_for_every_worker(sandbox: Sandbox, tmp_path: Path
         sandbox.faults.api_429_rate = 0.0
         took = wait_all_done(config, 2, 30, when=" after the cap")
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     holds = [float(h["hold_seconds"]) for h in log_records(log, ("service.unreachable",), t0)]
     summary("holds", test="retry_after_cap", cap=cap, holds=holds, done_after=round(took, 2))
     assert holds and max(holds) == pytest.approx(cap, abs=0.01), holds
@@ -149,7 +141,7 @@ def test_503_storm_probe_resumes_within_5s_at_most_one_request_a_second(
         t1 = time.time()
         wait_all_done(config, len(files), 60, when=" after the storm")
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     storm = _api(sandbox, t0, t1)
     per_second = Counter(int(t - t0) for t in storm)
     rates = [per_second.get(i, 0) for i in range(int(STORM_SECONDS))]

@@ -1,11 +1,11 @@
 """The client, the upload flow and the poller against a server that answers badly on purpose.
 
 Every answer the contract's endpoints can give is scripted on a raw TCP server
-(``tests/hostile.py``): invalid JSON, missing fields, wrong types, unknown modes and import
+(``tests/support/hostile.py``): invalid JSON, missing fields, wrong types, unknown modes and import
 statuses, ``status: "failed"`` in a 200, 50 MB bodies, HTML error pages, redirects, slow and
-cut-off answers. What may come out of ``daemon.client.MarpleClient`` is a parsed model or one
-of our own ``InboxdError`` types with a short readable message that never holds the token;
-memory stays bounded; the poller records what it does not know and keeps polling.
+cut-off answers. What may come out of ``daemon.delivery.marple_db.client.MarpleClient`` is a parsed
+model or one of our own ``InboxdError`` types with a short readable message that never holds the
+token; memory stays bounded; the poller records what it does not know and keeps polling.
 
 Scale: ``INBOXD_SUITE=long`` runs many more hypothesis examples.
 """
@@ -31,19 +31,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from daemon import status as status_view
-from daemon.client import (
-    DEADLINE_FACTOR,
+from daemon.commands import status as status_view
+from daemon.compat import BaseExceptionGroup
+from daemon.delivery import ImportUpdate
+from daemon.delivery.files import FileRef, FileSlice
+from daemon.delivery.flow import UploadOptions
+from daemon.delivery.marple_db.client import (
     Dataset,
     DatasetStatus,
-    FileSlice,
     Ingestion,
     MarpleClient,
     PartUrls,
     Stream,
-    send_request,
 )
-from daemon.compat import BaseExceptionGroup
+from daemon.delivery.marple_db.target import MarpleDbTarget
+from daemon.delivery.marple_db.upload import UploadRequest, upload_file
+from daemon.engine.poller import Poller
 from daemon.errors import (
     InboxdError,
     ProtocolError,
@@ -54,14 +57,18 @@ from daemon.errors import (
     TransportError,
     UploadFailed,
 )
-from daemon.poller import Poller
-from daemon.queue import FileIdentity, Job, JobState, NewJob, Queue, Stage
+from daemon.net.answers import DEADLINE_FACTOR, send_request
 from daemon.retry import RetryPolicy
-from daemon.targets import ImportUpdate
-from daemon.targets.marple_db import MarpleDbTarget
-from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file
-from tests.conftest import TOKEN
-from tests.hostile import Answer, HostileServer, Seen, html_page, json_answer, running_hostile
+from daemon.state import FileIdentity, Job, JobState, NewJob, Queue, Stage
+from tests.support.data import TOKEN
+from tests.support.hostile import (
+    Answer,
+    HostileServer,
+    Seen,
+    html_page,
+    json_answer,
+    running_hostile,
+)
 
 LONG = os.environ.get("INBOXD_SUITE") == "long"
 EXAMPLES = 1000 if LONG else 100

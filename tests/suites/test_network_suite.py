@@ -1,6 +1,7 @@
 """Network-fault suite: chaos on the wire and on the server; retries back off, never hot-loop.
 
-* Chaos: a real ``inboxd run`` reaches the sandbox only through ``tests.faultproxy`` (API and
+* Chaos: a real ``inboxd run`` reaches the sandbox only through ``tests.support.faultproxy`` (API
+and
   storage: the sandbox builds storage URLs from the Host the client used, checked in its request
   log), which resets, stalls (longer than ``api.timeout``, so they become timeouts), throttles,
   half-closes and refuses connections, while the sandbox answers some requests 503/429 with
@@ -31,13 +32,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from daemon.sandbox import RequestRecord, Sandbox
-from tests.conftest import write_file
-from tests.daemon_helpers import start_daemon, write_config
-from tests.faultproxy import Chaos, Fault, FaultProxy, running_proxy
-from tests.suites.rig import (
+from tests.support.data import KiB, write_file
+from tests.support.faultproxy import Chaos, Fault, FaultProxy, running_proxy
+from tests.support.rig import (
     SEED,
     Expected,
-    KiB,
     UploadBytes,
     all_done,
     check_delivery,
@@ -49,9 +48,9 @@ from tests.suites.rig import (
     scale,
     summary,
     wait_all_done,
-    wait_for,
 )
-from tests.test_crash import _stop
+from tests.support.runner import start_daemon, stop_daemon, write_config
+from tests.support.waits import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(scale(150, 2400))]
 
@@ -127,7 +126,7 @@ def test_chaos_on_the_wire_and_the_server_delivers_exactly_once(
             drop(inbox, expected, rng, 1, "later")
         wait_all_done(config, len(expected), scale(100, 1800))
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
 
     delivery = check_delivery(sandbox, expected)
     reqs = list(sandbox.requests)
@@ -184,7 +183,7 @@ def test_chaos_on_the_wire_and_the_server_delivers_exactly_once(
 
 #: step retries: attempts, base, cap; job backoff: max(base, 1 s) doubling up to the job cap
 ATTEMPTS, BASE, CAP, JOB_CAP = 4, 0.05, 0.1, 4.0
-JOB_BASE = max(BASE, 1.0)  # daemon/service.py: backoff_base=max(r.base_seconds, 1.0)
+JOB_BASE = max(BASE, 1.0)  # daemon/service/run.py: backoff_base=max(r.base_seconds, 1.0)
 STORM_SECONDS = scale(14.0, 60.0)
 STORM_FILES = 4
 
@@ -211,7 +210,7 @@ def _backoff_config(tmp_path: Path, sb: Sandbox, cap: float = CAP) -> Path:
 def min_pause(a: int) -> float:
     """The shortest wait of a job after its attempt number ``a`` (from 0) failed.
 
-    daemon/workers.py ``_backoff``: uniform in [c/2, c] with c = min(job cap, base * 2**a).
+    daemon/engine/workers.py ``_backoff``: uniform in [c/2, c] with c = min(job cap, base * 2**a).
     """
     return min(JOB_CAP, JOB_BASE * 2**a) / 2
 
@@ -247,7 +246,7 @@ def test_api_503_storm_backs_off_exponentially_without_hot_loops(
         sandbox.faults.api_503_rate = 0.0
         recovered = wait_for(all_done(config, 1 + STORM_FILES), 30, "recovery after the storm")
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
 
     storm = [r for r in list(sandbox.requests) if r.kind == "api" and t0 <= r.time < t1]
     rates = per_second(storm, t0, t1)
@@ -340,7 +339,7 @@ def _cold_storm(
         sandbox.faults.api_503_rate = 0.0
         wait_for(all_done(config, files), 60, lambda: describe_unfinished(config))
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     storm = [r for r in list(sandbox.requests) if r.kind == "api" and t0 <= r.time < t0 + seconds]
     holds = log_records(tmp_path / "daemon.log", ("service.unreachable",), t0, t0 + seconds)
     return storm, t0, holds

@@ -1,7 +1,7 @@
 """Outage suite: the API goes away for a while, files keep arriving, then it comes back.
 
-A real ``inboxd run`` reaches the sandbox (API and storage) through ``tests.faultproxy``. The
-outage is either *refused* (the proxy stops listening: connection refused, keep-alive
+A real ``inboxd run`` reaches the sandbox (API and storage) through ``tests.support.faultproxy``.
+The outage is either *refused* (the proxy stops listening: connection refused, keep-alive
 connections reset) or *stalled* (every connection goes quiet: requests time out after
 ``api.timeout``); a third variant starts the daemon in the middle of a refused outage, before
 it ever reached the API. Uploads are in flight when it starts and files arrive throughout.
@@ -27,9 +27,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from daemon.sandbox import Sandbox
-from tests.daemon_helpers import start_daemon, write_config
-from tests.faultproxy import FaultProxy, running_proxy
-from tests.suites.rig import (
+from tests.support.faultproxy import FaultProxy, running_proxy
+from tests.support.rig import (
     SEED,
     Expected,
     UploadBytes,
@@ -42,9 +41,9 @@ from tests.suites.rig import (
     scale,
     summary,
     wait_all_done,
-    wait_for,
 )
-from tests.test_crash import _stop
+from tests.support.runner import start_daemon, stop_daemon, write_config
+from tests.support.waits import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(scale(120, 1800))]
 
@@ -139,7 +138,7 @@ def test_outage_loses_nothing_and_resumes_within_the_backoff_cap(
         drained = wait_all_done(config, len(expected), scale(60, 300), when=" after it", step=0.1)
     finally:
         come_back()
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
 
     reqs = list(sandbox.requests)
     after = [r for r in reqs if r.time >= t_back]

@@ -29,8 +29,7 @@ from pathlib import Path
 import pytest
 
 from daemon.sandbox import Sandbox
-from tests.daemon_helpers import start_daemon, write_config
-from tests.suites.rig import (
+from tests.support.rig import (
     SEED,
     Expected,
     check_delivery,
@@ -40,7 +39,7 @@ from tests.suites.rig import (
     summary,
     wait_all_done,
 )
-from tests.test_crash import _stop
+from tests.support.runner import start_daemon, stop_daemon, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(scale(240, 3600))]
 
@@ -127,7 +126,7 @@ def test_power_cuts_lose_nothing_and_duplicate_nothing(sandbox: Sandbox, tmp_pat
     try:
         wait_all_done(config, len(expected), scale(120, 900), when=" after the power cuts")
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     delivered = check_delivery(sandbox, expected)
     states = job_states(config)
     summary(

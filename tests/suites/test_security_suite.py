@@ -56,9 +56,12 @@ import structlog
 import trustme
 from pydantic import SecretStr
 
-from daemon import cli
-from daemon.client import MarpleClient, Stream
+from daemon.commands import cli
 from daemon.config import load_settings
+from daemon.delivery.files import FileRef
+from daemon.delivery.flow import UploadOptions
+from daemon.delivery.marple_db.client import MarpleClient, Stream
+from daemon.delivery.marple_db.upload import UploadRequest, upload_file
 from daemon.errors import (
     AuthError,
     ConfigError,
@@ -73,9 +76,9 @@ from daemon.errors import (
 )
 from daemon.retry import RetryPolicy
 from daemon.sandbox import Faults, Sandbox, SandboxConfig, StreamDef, running_sandbox
-from daemon.upload import FileRef, UploadOptions, UploadRequest, upload_file
-from tests.conftest import write_file
-from tests.daemon_helpers import REPO, running_service, wait_until, write_config
+from tests.support.data import write_file
+from tests.support.runner import REPO, daemon_sections, running_service, write_config, write_toml
+from tests.support.waits import wait_for, wait_until
 
 pytestmark = pytest.mark.slow  # about 45 s in all: real daemon processes, strace, emulators
 
@@ -202,8 +205,8 @@ def run_cli_many(
 # its recovery fit into a test); everything else is the real command line.
 _RUN_FAST_PROBE = (
     "import sys\n"
-    "import daemon.service\n"
-    "daemon.service.Service.__init__.__kwdefaults__['probe_seconds'] = 0.5\n"
+    "import daemon.service.run\n"
+    "daemon.service.run.Service.__init__.__kwdefaults__['probe_seconds'] = 0.5\n"
     "from daemon.__main__ import main\n"
     "sys.exit(main())\n"
 )
@@ -236,55 +239,6 @@ def stop_process(proc: subprocess.Popen[bytes], pid: int | None = None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-
-
-def poll(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    return str(value)
-
-
-def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def daemon_sections(tmp: Path, url: str, api: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
-        "api": {"url": url, "timeout": 5.0, **api},
-        "inbox": {"path": tmp / "inbox", "settle_seconds": 0.2},
-        "state": {"path": tmp / "state" / "state.db"},
-        "upload": {"stream": 1, "workers": 2, "part_concurrency": 2},
-        "retry": {
-            "attempts": 6,
-            "base_seconds": 0.05,
-            "cap_seconds": 0.3,
-            "job_backoff_cap_seconds": 0.5,
-        },
-        "poll": {"interval_seconds": 0.2},
-        "log": {"format": "json", "level": "debug"},
-    }
 
 
 def jobs_by_rel(db: Path) -> dict[str, dict[str, Any]]:
@@ -550,7 +504,7 @@ def test_token_never_leaks_end_to_end(tmp_path: Path) -> None:
     inbox, state_db, log = tmp_path / "inbox", tmp_path / "state" / "state.db", tmp_path / "log"
     inbox.mkdir()
     with running_sandbox(config) as sb:
-        sections = daemon_sections(tmp_path, sb.url, {"token_file": token_file})
+        sections = daemon_sections(tmp_path, sb.url, attempts=6, token_file=token_file)
         sections["inbox"].update(after_upload="archive", archive_path=tmp_path / "archive")
         daemon_config = write_toml(tmp_path / "daemon.toml", sections)
         write_file(inbox / "server.csv", 10 * KiB, 1)
@@ -570,7 +524,7 @@ def test_token_never_leaks_end_to_end(tmp_path: Path) -> None:
             return out
 
         with daemon_process(daemon_config, log, clean_env()) as proc:
-            poll(
+            wait_for(
                 lambda: counts() == {"done": 4, "failed": 2},
                 60,
                 "4 files done, bad.csv and empty.csv failed",
@@ -595,7 +549,7 @@ def test_token_never_leaks_end_to_end(tmp_path: Path) -> None:
             f.api_503_rate = f.api_429_rate = f.storage_503_rate = f.drop_response_rate = 0.0
             sb.config.token = new_secret("rotated")
             write_file(inbox / "while-paused.csv", 5 * KiB, 6)
-            poll(lambda: (daemon_row(state_db) or {}).get("paused"), 20, "the daemon to pause")
+            wait_for(lambda: (daemon_row(state_db) or {}).get("paused"), 20, "the daemon to pause")
             results = run_cli_many(
                 {
                     "status (paused)": (status_args, None),
@@ -606,7 +560,7 @@ def test_token_never_leaks_end_to_end(tmp_path: Path) -> None:
                 assert keep(label, result).returncode == 0, result.stderr
             assert "PAUSED" in outputs["status (paused)"]
             sb.config.token = token
-            poll(
+            wait_for(
                 lambda: jobs_by_rel(state_db).get("while-paused.csv", {}).get("state") == "done",
                 20,
                 "the paused upload to finish after the token is accepted again",
@@ -620,7 +574,7 @@ def test_token_never_leaks_end_to_end(tmp_path: Path) -> None:
                     "retry", run_cli("retry", "--config", str(daemon_config), "--all-failed")
                 ).stdout
             )
-            poll(
+            wait_for(
                 lambda: (
                     jobs_by_rel(state_db)["bad.csv"]["state"] == "done"
                     and jobs_by_rel(state_db)["empty.csv"]["state"] == "failed"
@@ -628,7 +582,7 @@ def test_token_never_leaks_end_to_end(tmp_path: Path) -> None:
                 20,
                 "bad.csv to be done after the retry",
             )
-            poll(
+            wait_for(
                 lambda: all(
                     r["after_upload"]
                     for rel, r in jobs_by_rel(state_db).items()
@@ -780,7 +734,7 @@ def test_token_never_leaks_end_to_end(tmp_path: Path) -> None:
 
 def _main_in_process(argv: list[str]) -> tuple[int, str]:
     """``inboxd ARGV`` in this process (config errors stop before any logging set-up)."""
-    from daemon import service_signals
+    from daemon.service import signals
 
     out, err = io.StringIO(), io.StringIO()
     # `inboxd run` records SIGTERM/SIGINT from its first line on: give pytest its handlers back.
@@ -791,7 +745,7 @@ def _main_in_process(argv: list[str]) -> tuple[int, str]:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        service_signals.early.clear()
+        signals.early.clear()
     return status, out.getvalue() + err.getvalue()
 
 
@@ -1532,7 +1486,7 @@ def traced_daemon(tmp_path_factory: pytest.TempPathFactory) -> Trace:
     (inbox / "inside.csv").symlink_to("ok.csv")
     trace_file = tmp / "trace"
     with running_sandbox(small_sandbox_config(tmp / "sb", token)) as sb:
-        sections = daemon_sections(tmp, sb.url, {})
+        sections = daemon_sections(tmp, sb.url, attempts=6)
         sections["inbox"].update(follow_symlinks=True, after_upload="archive", archive_path=archive)
         config = write_toml(tmp / "config.toml", sections)
         syscalls = "open,openat,openat2,creat,inotify_add_watch," + ",".join(sorted(_MUTATING))
@@ -1557,10 +1511,10 @@ def traced_daemon(tmp_path_factory: pytest.TempPathFactory) -> Trace:
             )
         child = None
         try:
-            child = poll(lambda: _child_of(proc.pid, str(config)), 10, "the traced daemon")
+            child = wait_for(lambda: _child_of(proc.pid, str(config)), 10, "the traced daemon")
             environ = Path(f"/proc/{child}/environ").read_bytes()
             db = state / "state.db"
-            poll(
+            wait_for(
                 lambda: (
                     db.exists()
                     and all(

@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 
 from daemon.sandbox import Sandbox
-from tests.conftest import write_file
-from tests.daemon_helpers import start_daemon, write_config
-from tests.suites.rig import job_states, jobs, summary, wait_for
-from tests.test_crash import _stop
+from tests.support.data import write_file
+from tests.support.rig import job_states, jobs, summary
+from tests.support.runner import start_daemon, stop_daemon, write_config
+from tests.support.waits import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
-ATTEMPTS = 4  # tests.daemon_helpers.write_config's [retry] attempts
+ATTEMPTS = 4  # tests.support.runner.write_config's [retry] attempts
 
 
 def _requests(sb: Sandbox, route: str) -> list[Any]:
@@ -46,7 +46,7 @@ def test_refused_complete_is_checked_and_aborted(
         wait_for(lambda: job_states(config).get("failed"), 30, "the job to fail")
         time.sleep(0.5)  # anything still to come (a second complete, another create)
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     [job] = jobs(config)
     states = Counter(i.state for i in sandbox.ingestions.values())
     aborts = _requests(sandbox, "POST /ingestion/{id}/abort")
@@ -98,7 +98,7 @@ def test_protocol_nonsense_is_tried_a_few_times_then_failed(
         failed_at = time.time()
         time.sleep(3.0)  # long enough for another round, had the job looped
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     [job] = jobs(config)
     posted = _requests(sandbox, "POST /ingestion")
     states = Counter(i.state for i in sandbox.ingestions.values())

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from daemon.sandbox import Sandbox
-from tests.daemon_helpers import start_daemon, write_config
-from tests.suites.rig import MiB, job_states, jobs, summary, wait_for
-from tests.test_crash import _stop
+from tests.support.data import MiB
+from tests.support.rig import job_states, jobs, summary
+from tests.support.runner import start_daemon, stop_daemon, write_config
+from tests.support.waits import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -57,7 +58,7 @@ def test_in_place_rewrite_with_restored_mtime_during_upload(
         )
         wait_for(lambda: job_states(config).get("done"), 60, "the new version to be delivered")
     finally:
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     datasets = [d for d in sandbox.datasets.values() if d.path.startswith("run")]
     states = {str(j.state): j.last_error for j in jobs(config)}
     contents = [sandbox.dataset_bytes(d.id) for d in datasets]

@@ -1,0 +1,2 @@
+"""The command line: ``inboxd`` and its subcommands (run, status, retry, push, check,
+demo, sandbox, completion, install-files). May use every stage."""

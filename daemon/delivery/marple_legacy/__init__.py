@@ -1,0 +1,1 @@
+"""The older Marple API: its client and the target the engine calls."""
