@@ -460,8 +460,9 @@ async def test_rate_limit_holds_over_a_real_multipart_upload(
     assert sandbox.dataset_bytes(result.dataset_id) == data
     assert limiter.consumed == size  # every byte went through the limiter once
     expected = (size - limiter.burst) / rate  # a full bucket's burst goes at once
-    # The whole upload, API calls included, is within 10 % of what the rate allows...
-    assert abs(elapsed - expected) / expected < 0.10, (elapsed, expected)
+    # The whole upload, API calls included, never went faster than the rate allows (how much
+    # slower it is depends on the machine's load: that is the benchmarks' business)...
+    assert elapsed > expected * 0.95, (elapsed, expected)
     # ...and the limiter itself, from the first chunk asked for to the last one let through,
     # within 5 %.
     throttled = granted[-1] - called[0]
