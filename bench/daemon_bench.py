@@ -1138,7 +1138,7 @@ async def _build_db(db: Path, n: int, mix: dict[str, int]) -> dict[str, Any]:
                 job.id,
                 stage=Stage.COMPLETED,
                 ingestion_id=job.id,
-                dataset_id=job.id,
+                remote_id=job.id,
                 mode="multipart",
                 part_size=5 * MiB,
                 bytes_sent=job.identity.size,

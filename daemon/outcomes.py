@@ -8,12 +8,12 @@ from typing import Any
 
 
 def change_note(
-    change: str | None, target: str, refs: dict[str, Any], dataset_id: int | None
+    change: str | None, target: str, refs: dict[str, Any], remote_id: int | None
 ) -> str | None:
     """One phrase for ``Job.change``: how a version of a delivered file was delivered."""
     if change is None:
         return None
-    where = where_delivered({"target": target, "target_refs": refs, "dataset_id": dataset_id})
+    where = where_delivered({"target": target, "target_refs": refs, "dataset_id": remote_id})
     if change == "appended":
         return f"appended: delivered again into {where}"
     if change == "unchanged":

@@ -109,7 +109,7 @@ def test_append_after_delivery(sandbox: Sandbox, tmp_path: Path, on_append: str)
     if on_append == "same-dataset":
         assert datasets == {"run.csv": [original]}, datasets
         assert sandbox.dataset_bytes(original) == first + more
-        assert newest.change == "appended" and newest.dataset_id == original
+        assert newest.change == "appended" and newest.remote_id == original
         note = f"appended: delivered again into dataset {original}"
         assert row["change"] == "appended" and row["note"] == note
         assert note in text
@@ -164,8 +164,8 @@ def test_multipart_file_appended(sandbox: Sandbox, tmp_path: Path) -> None:
     finally:
         assert stop_daemon(proc) == 0
     datasets = _datasets(sandbox, "big")
-    assert datasets == {"big.bin": [delivered.dataset_id]}, datasets
-    assert sandbox.dataset_bytes(delivered.dataset_id) == first + more
+    assert datasets == {"big.bin": [delivered.remote_id]}, datasets
+    assert sandbox.dataset_bytes(delivered.remote_id) == first + more
     newest = _newest(config, "big.bin")
     assert newest.change == "appended"
     assert newest.content_hash == content_hash_of(first + more, PART)
@@ -231,8 +231,8 @@ def test_changes_while_the_import_still_runs(sandbox: Sandbox, tmp_path: Path) -
     finally:
         assert stop_daemon(proc) == 0
     datasets = _datasets(sandbox, "run")
-    assert datasets == {"run.csv": [unchanged.dataset_id]}, datasets
-    assert sandbox.dataset_bytes(unchanged.dataset_id) == first + more
+    assert datasets == {"run.csv": [unchanged.remote_id]}, datasets
+    assert sandbox.dataset_bytes(unchanged.remote_id) == first + more
     changes = [j.change for j in sorted(jobs(config), key=lambda j: j.id)]
     assert changes == [None, "unchanged", "appended"], changes
     assert _creates(sandbox) == 2

@@ -72,7 +72,7 @@ def _prior(st: os.stat_result, digest: str | None) -> PriorDelivery:
         mtime_ns=st.st_mtime_ns,
         inode=st.st_ino,
         ctime_ns=st.st_ctime_ns,
-        dataset_id=7,
+        remote_id=7,
         content_hash=digest,
     )
 

@@ -42,7 +42,7 @@ def new(rel: str, size: int = 10, mtime_ns: int = 1, inode: int = 1) -> NewJob:
     return NewJob(
         identity=ident(rel, size, mtime_ns, inode),
         stream_id=7,
-        dataset_name=Path(rel).name,
+        remote_name=Path(rel).name,
         metadata={"source": "test", "rel": rel},
     )
 
@@ -421,20 +421,20 @@ async def test_lease_renew_and_expiry(q: Queue) -> None:
 async def test_save_progress_updates_only_given_fields(q: Queue) -> None:
     (job_id,) = await q.enqueue_many([new("a")])
     await q.save_progress(job_id, stage=Stage.CREATING, ingestion_id=11, mode="multipart")
-    await q.save_progress(job_id, dataset_id=22, part_size=1024, bytes_sent=2048, fell_back=True)
+    await q.save_progress(job_id, remote_id=22, part_size=1024, bytes_sent=2048, fell_back=True)
     job = await get(q, job_id)
-    assert (job.stage, job.ingestion_id, job.dataset_id, job.mode) == (
+    assert (job.stage, job.ingestion_id, job.remote_id, job.mode) == (
         Stage.CREATING,
         11,
         22,
         "multipart",
     )
     assert (job.part_size, job.bytes_sent, job.fell_back) == (1024, 2048, True)
-    await q.save_progress(job_id, mode=None, dataset_name="renamed.csv", upload_key="k" * 32)
+    await q.save_progress(job_id, mode=None, remote_name="renamed.csv", upload_key="k" * 32)
     job = await get(q, job_id)
     assert job.mode is None
     assert job.ingestion_id == 11
-    assert (job.dataset_name, job.upload_key) == ("renamed.csv", "k" * 32)
+    assert (job.remote_name, job.upload_key) == ("renamed.csv", "k" * 32)
     with pytest.raises(QueueError, match="no job 999"):
         await q.save_progress(999, stage=Stage.UPLOADING)
 
@@ -457,13 +457,13 @@ async def test_parts(q: Queue) -> None:
 async def test_retry_later_keeps_ingestion_fields(q: Queue) -> None:
     (job_id,) = await q.enqueue_many([new("a")])
     await q.claim("w", 60)
-    await q.save_progress(job_id, stage=Stage.UPLOADING, ingestion_id=1, dataset_id=2, mode="s3")
+    await q.save_progress(job_id, stage=Stage.UPLOADING, ingestion_id=1, remote_id=2, mode="s3")
     await q.mark_part_done(job_id, 1)
     before = time.time()
     await q.retry_later(job_id, error="connection reset", kind="network", delay=30)
     job = await get(q, job_id)
     assert job.state is JobState.QUEUED
-    assert (job.stage, job.ingestion_id, job.dataset_id, job.mode) == (
+    assert (job.stage, job.ingestion_id, job.remote_id, job.mode) == (
         Stage.UPLOADING,
         1,
         2,
@@ -479,13 +479,13 @@ async def test_reset_ingestion(q: Queue) -> None:
     (job_id,) = await q.enqueue_many([new("a")])
     key = (await get(q, job_id)).upload_key
     await q.save_progress(
-        job_id, stage=Stage.UPLOADING, ingestion_id=1, dataset_id=2, mode="s3", part_size=5
+        job_id, stage=Stage.UPLOADING, ingestion_id=1, remote_id=2, mode="s3", part_size=5
     )
     await q.mark_part_done(job_id, 1)
     job = await q.reset_ingestion(job_id)
     assert job == await get(q, job_id)
     assert job.stage is Stage.NEW
-    assert (job.ingestion_id, job.dataset_id, job.mode, job.part_size) == (None,) * 4
+    assert (job.ingestion_id, job.remote_id, job.mode, job.part_size) == (None,) * 4
     assert job.upload_key == key  # it still names the dataset this job made
     assert await q.parts_done(job_id) == set()
 
@@ -574,22 +574,22 @@ async def test_mark_uploaded_stores_the_outcome_in_one_statement(q: Queue) -> No
     await q.mark_uploaded(
         small,
         bytes_sent=10,
-        dataset_id=41,
-        dataset_name="small (2)",
+        remote_id=41,
+        remote_name="small (2)",
         target_refs={"source_id": 9},
         parts_recorded=False,
     )
     job = await get(q, small)
     assert (job.state, job.stage, job.lease_owner) == (JobState.IMPORTING, Stage.COMPLETED, None)
-    assert (job.bytes_sent, job.dataset_id, job.dataset_name) == (10, 41, "small (2)")
+    assert (job.bytes_sent, job.remote_id, job.remote_name) == (10, 41, "small (2)")
     assert job.target_refs == {"source_id": 9}
     # Fields not given stay as they were; parts recorded are dropped.
     await q.claim("w", 60)
-    await q.save_progress(parted, dataset_id=5, bytes_sent=3)
+    await q.save_progress(parted, remote_id=5, bytes_sent=3)
     await q.mark_part_done(parted, 1)
     await q.mark_uploaded(parted)
     job = await get(q, parted)
-    assert (job.state, job.dataset_id, job.bytes_sent) == (JobState.IMPORTING, 5, 3)
+    assert (job.state, job.remote_id, job.bytes_sent) == (JobState.IMPORTING, 5, 3)
     assert await q.parts_done(parted) == set()
 
 
@@ -660,7 +660,7 @@ async def test_requeue(q: Queue) -> None:
     a, b, c = await q.enqueue_many([new("a"), new("b"), new("c")])
     for job_id in (a, b):
         await q.claim("w", 60)
-        await q.save_progress(job_id, stage=Stage.UPLOADING, ingestion_id=3, dataset_id=4)
+        await q.save_progress(job_id, stage=Stage.UPLOADING, ingestion_id=3, remote_id=4)
         await q.retry_later(job_id, error="x", kind="network", delay=0)
         await q.claim("w", 60)
         await q.mark_failed(job_id, error="gave up", kind="network")
@@ -671,7 +671,7 @@ async def test_requeue(q: Queue) -> None:
     job = await get(q, a)
     assert job.state is JobState.QUEUED
     assert (job.attempts, job.last_error, job.error_kind, job.finished_at) == (0,) + (None,) * 3
-    assert (job.stage, job.ingestion_id, job.dataset_id) == (Stage.NEW, None, None)
+    assert (job.stage, job.ingestion_id, job.remote_id) == (Stage.NEW, None, None)
     assert job.upload_key == old_key
     assert job.next_attempt_at <= time.time()
     assert (await get(q, b)).state is JobState.FAILED
@@ -685,7 +685,7 @@ async def test_requeue(q: Queue) -> None:
 
 async def finish(q: Queue, job_id: int, after: str | None = "kept") -> None:
     await q.claim("w", 60)
-    await q.save_progress(job_id, dataset_id=100 + job_id)
+    await q.save_progress(job_id, remote_id=100 + job_id)
     await q.mark_uploaded(job_id)
     await q.record_import(
         job_id, status="done", progress=1.0, message=None, terminal=True, failed=False
@@ -983,7 +983,7 @@ async def test_claim_counts_other_jobs_of_the_same_path(q: Queue) -> None:
 async def test_status_shows_no_stream_id_before_a_stream_name_is_looked_up(q: Queue) -> None:
     from daemon.commands import status
 
-    named = NewJob(identity=ident("named.csv"), stream_id=0, dataset_name="named.csv", metadata={})
+    named = NewJob(identity=ident("named.csv"), stream_id=0, remote_name="named.csv", metadata={})
     await q.enqueue_many([named, new("plain.csv")])
     rows = {job.identity.rel: status.job_json(job, time.time()) for job in await q.list_jobs()}
     assert rows["named.csv"]["stream_id"] is None
@@ -1007,10 +1007,10 @@ async def test_part_digests_are_kept_and_replaced_when_a_part_is_sent_again(q: Q
 async def test_content_hash_and_change_reach_the_ledger(q: Queue) -> None:
     first, other = await q.enqueue_many([new("a.csv"), new("b.csv", size=3)])
     await q.claim("w", 60)
-    await q.mark_uploaded(first, dataset_id=41, content_hash="xxh3-128:10:" + "ab" * 16)
+    await q.mark_uploaded(first, remote_id=41, content_hash="xxh3-128:10:" + "ab" * 16)
     prior = await q.prior_delivery("a.csv", before=first + 100)
     assert prior is not None
-    assert (prior.size, prior.dataset_id, prior.dataset_name) == (10, 41, "a.csv")
+    assert (prior.size, prior.remote_id, prior.remote_name) == (10, 41, "a.csv")
     assert prior.content_hash == "xxh3-128:10:" + "ab" * 16
     assert await q.prior_delivery("a.csv", before=first) is None  # only older jobs count
     assert await q.prior_delivery("a.csv", before=first + 100, target="marple") is None
@@ -1023,7 +1023,7 @@ async def test_content_hash_and_change_reach_the_ledger(q: Queue) -> None:
     assert await q.prune(0, now=time.time() + 10) == 1
     from_ledger = await q.prior_delivery("a.csv", before=first + 100)
     assert from_ledger is not None
-    assert (from_ledger.size, from_ledger.dataset_id, from_ledger.dataset_name) == (10, 41, None)
+    assert (from_ledger.size, from_ledger.remote_id, from_ledger.remote_name) == (10, 41, None)
     assert from_ledger.content_hash == prior.content_hash
     # A new version of the path is claimed with its ledger row counted as history.
     (changed,) = await q.enqueue_many([new("a.csv", size=20, mtime_ns=2)])
@@ -1036,7 +1036,7 @@ async def test_mark_unchanged_is_delivered_without_an_upload(q: Queue) -> None:
     (first,) = await q.enqueue_many([new("a.csv")])
     await q.claim("w", 60)
     await q.mark_uploaded(
-        first, dataset_id=5, target_refs={"stream_id": 1}, content_hash="xxh3-128:10:" + "cd" * 16
+        first, remote_id=5, target_refs={"stream_id": 1}, content_hash="xxh3-128:10:" + "cd" * 16
     )
     (second,) = await q.enqueue_many([new("a.csv", inode=2)])  # chmod'ed: a new identity
     claimed = await q.claim("w", 60)
@@ -1048,7 +1048,7 @@ async def test_mark_unchanged_is_delivered_without_an_upload(q: Queue) -> None:
     await q.mark_unchanged(second, prior)
     job = await get(q, second)
     assert (job.state, job.stage, job.change) == (JobState.IMPORTING, Stage.COMPLETED, "unchanged")
-    assert (job.dataset_id, job.content_hash) == (5, prior.content_hash)
+    assert (job.remote_id, job.content_hash) == (5, prior.content_hash)
     assert job.target_refs == {"stream_id": 1} and job.finished_at is None
     assert await q.parts_done(second) == set()
     assert {j.id for j in await q.jobs_to_poll()} == {first, second}
@@ -1062,10 +1062,10 @@ async def test_mark_unchanged_is_delivered_without_an_upload(q: Queue) -> None:
     (third,) = await q.enqueue_many([new("a.csv", inode=3)])
     await q.claim("w", 60)
     prior = await q.prior_delivery("a.csv", before=third)
-    assert prior is not None and prior.imported and prior.dataset_id == 5
+    assert prior is not None and prior.imported and prior.remote_id == 5
     await q.mark_unchanged(third, prior)
     job = await get(q, third)
-    assert (job.state, job.change, job.dataset_id) == (JobState.DONE, "unchanged", 5)
+    assert (job.state, job.change, job.remote_id) == (JobState.DONE, "unchanged", 5)
     assert job.finished_at is not None and job.lease_owner is None
     assert third in [j.id for j in await q.jobs_for_after_upload()]  # kept/archived as usual
 
@@ -1088,10 +1088,11 @@ async def test_v3_database_gains_the_change_column(
         m.setattr(queue_module, "MIGRATIONS", MIGRATIONS[:3])
         async with await Queue.open(db_path) as q:
             assert q.created
-            (job_id,) = await q.enqueue_many([new("a.csv")])
-            await q.mark_part_done(job_id, 1)
+    # Rows as a v3 inboxd wrote them: today's Queue names the v5 columns, so by hand.
+    job_id = _insert_old_job(db_path, "a.csv", dataset_id=None, dataset_name="a.csv")
     con = raw(db_path)
     con.execute("UPDATE jobs SET content_hash = 'xxh3-128:10:' || hex(zeroblob(16))")
+    con.execute("INSERT INTO parts (job_id, part_number) VALUES (?, 1)", (job_id,))
     con.close()
     async with await Queue.open(db_path) as q:
         assert not q.created
@@ -1100,9 +1101,117 @@ async def test_v3_database_gains_the_change_column(
         assert await q.part_digests(job_id) == {1: None}
     con = raw(db_path)
     try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     finally:
         con.close()
+
+
+def _insert_old_job(
+    db_path: Path,
+    rel: str,
+    *,
+    dataset_id: int | None,
+    dataset_name: str,
+    state: str = "queued",
+    target: str = "marple-db",
+) -> int:
+    """A job row under the column names of schema v1-v4 (``dataset_id``, ``dataset_name``)."""
+    con = raw(db_path)
+    try:
+        cur = con.execute(
+            "INSERT INTO jobs (rel, size, mtime_ns, inode, state, stage, stream_id,"
+            " dataset_name, dataset_id, metadata, upload_key, target, next_attempt_at,"
+            " created_at, updated_at, uploaded_at)"
+            " VALUES (?, 10, 1, 1, ?, ?, 7, ?, ?, '{}', ?, ?, 0, 0, 0, ?)",
+            (
+                os.fsencode(rel),
+                state,
+                "completed" if state == "importing" else "new",
+                dataset_name,
+                dataset_id,
+                ident(rel).upload_key(),
+                target,
+                0 if state == "importing" else None,
+            ),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+    finally:
+        con.close()
+
+
+async def test_v4_database_gets_target_neutral_column_names(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema v5 renames the Marple-DB-named columns in place: a v4 queue keeps every row
+    and value (jobs of each target, the ledger), its indexes still serve, and an inboxd that
+    knows only v4 refuses the migrated file instead of misreading it."""
+    with monkeypatch.context() as m:
+        m.setattr(queue_module, "MIGRATIONS", MIGRATIONS[:4])
+        async with await Queue.open(db_path):
+            pass
+    importing = _insert_old_job(
+        db_path, "db/run.csv", dataset_id=41, dataset_name="run (2).csv", state="importing"
+    )
+    legacy = _insert_old_job(
+        db_path,
+        "legacy/a.csv",
+        dataset_id=7,
+        dataset_name="/inbox/a.csv",
+        state="importing",
+        target="marple-legacy",
+    )
+    queued = _insert_old_job(db_path, "new.csv", dataset_id=None, dataset_name="new.csv")
+    con = raw(db_path)
+    con.execute(  # a delivered file whose job was pruned: only the ledger remembers it
+        "INSERT INTO ledger (rel, size, mtime_ns, inode, ctime_ns, dataset_id, finished_at,"
+        " content_hash) VALUES (?, 10, 1, 99, 0, 42, 0, NULL)",
+        (b"old/gone.csv",),
+    )
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 4
+    con.close()
+
+    async with await Queue.open(db_path) as q:
+        db_job, legacy_job, queued_job = [await get(q, i) for i in (importing, legacy, queued)]
+        assert (db_job.remote_id, db_job.remote_name) == (41, "run (2).csv")
+        assert (legacy_job.target, legacy_job.remote_id) == ("marple-legacy", 7)
+        assert (legacy_job.remote_name, queued_job.remote_id) == ("/inbox/a.csv", None)
+        # The ledger's column too: a new version of the pruned file finds its delivery.
+        (later,) = await q.enqueue_many([new("old/gone.csv", size=11, inode=99)])
+        prior = await q.prior_delivery("old/gone.csv", before=later)
+        assert prior is not None and (prior.remote_id, prior.remote_name) == (42, None)
+        # The renamed columns are written, not only read.
+        await q.save_progress(queued, remote_id=5, remote_name="new (3).csv")
+        assert ((await get(q, queued)).remote_id, (await get(q, queued)).remote_name) == (
+            5,
+            "new (3).csv",
+        )
+        # The partial indexes that claim names with INDEXED BY survived the rename.
+        claimed = await q.claim("w1", 60)
+        assert claimed is not None and claimed.id in (queued, later)
+
+    con = raw(db_path)
+    try:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 5 == len(MIGRATIONS)
+        for table in ("jobs", "ledger"):
+            columns = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+            assert "remote_id" in columns and "dataset_id" not in columns, table
+        jobs_columns = {row[1] for row in con.execute("PRAGMA table_info(jobs)")}
+        assert "remote_name" in jobs_columns and "dataset_name" not in jobs_columns
+        indexes = {
+            row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+        assert {"jobs_identity", "jobs_due", "jobs_inode", "ledger_inode"} <= indexes
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        con.close()
+
+    # An inboxd that knows only v4 refuses the v5 file (it would name columns that are gone).
+    with monkeypatch.context() as m:
+        m.setattr(queue_module, "MIGRATIONS", MIGRATIONS[:4])
+        for readonly in (False, True):
+            with pytest.raises(QueueError, match=r"newer inboxd \(schema v5, .* up to v4\)"):
+                await Queue.open(db_path, readonly=readonly)
 
 
 async def test_concurrent_writes_share_commits_and_fail_alone(q: Queue, db_path: Path) -> None:

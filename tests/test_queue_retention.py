@@ -17,7 +17,7 @@ def new(rel: str, size: int, mtime_ns: int, inode: int) -> NewJob:
         identity=FileIdentity(rel=rel, size=size, mtime_ns=mtime_ns, inode=inode),
         stream_id=1,
         # os.fsdecode's surrogate escapes cannot go into a TEXT column; the name is not tested
-        dataset_name=Path(rel).name.encode(errors="replace").decode(),
+        remote_name=Path(rel).name.encode(errors="replace").decode(),
         metadata={},
     )
 

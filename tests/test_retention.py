@@ -75,7 +75,7 @@ class Env:
             inode=st.st_ino,
         )
         (job_id,) = await self.queue.enqueue_many(
-            [NewJob(identity=identity, stream_id=1, dataset_name="x", metadata={})]
+            [NewJob(identity=identity, stream_id=1, remote_name="x", metadata={})]
         )
         await drive(self.queue, job_id, state)
         if state is JobState.DONE:
@@ -365,7 +365,7 @@ async def test_symlinks_are_neither_followed_nor_removed(env: Env, tmp_path: Pat
                 NewJob(
                     identity=FileIdentity(rel, st.st_size, st.st_mtime_ns, st.st_ino),
                     stream_id=1,
-                    dataset_name="x",
+                    remote_name="x",
                     metadata={},
                 )
             ]

@@ -407,7 +407,7 @@ async def test_csv_and_xlsx_delivered_then_a_changed_csv_overwrites_its_data_sou
         jobs = await queue.find_by_rel("plant/sales.csv")
         assert [j.state for j in jobs] == [JobState.DONE, JobState.DONE]
         assert jobs[1].target_refs["action"] == "overwritten"
-        assert jobs[1].dataset_id == csv_source.id
+        assert jobs[1].remote_id == csv_source.id
     # Every request was signed and asked for version 1.
     for record in ds.data_service.requests:
         assert (record.authorization or "").startswith("OAuth "), record
@@ -583,7 +583,7 @@ async def test_create_that_kept_failing_is_looked_up_then_posted_under_the_same_
         (job,) = await queue.find_by_rel("stubborn.csv")
     (source,) = one_per_file(ds, {"stubborn.csv": b"a\n1\n"}).values()
     assert source.name == f"stubborn [{marker(job.upload_key)}].csv"
-    assert job.attempts >= 1 and job.dataset_name == source.name
+    assert job.attempts >= 1 and job.remote_name == source.name
     routes = [r.route for r in ds.data_service.requests]
     assert routes.count("GET /dataSources") >= 2  # looked before each repeated POST
 
@@ -848,7 +848,7 @@ async def test_lost_create_of_a_pending_data_source_makes_no_duplicate(
     after = routes[routes.index("POST /adapter/csv") + 1 :]
     looked = after.index("GET /dataSources")
     assert after[looked + 1 : looked + 3] == ["GET /collections", "GET /dataSources/{id}"]
-    assert job.target_refs["action"] == "created" and job.dataset_id == source.id
+    assert job.target_refs["action"] == "created" and job.remote_id == source.id
     # Its properties had to wait for the import (423 while it ran), then were set.
     assert svc.refused.get("locked", 0) >= 1
     assert source.collections[0].properties["inboxd_upload_id"] == job.upload_key

@@ -440,7 +440,7 @@ async def test_changed_file_goes_over_the_old_one_into_the_same_source(
     (source,) = sandbox.legacy.sources.values()
     assert source.import_count == 2  # re-imported in place, not a second source
     assert [j.state for j in jobs] == [JobState.DONE, JobState.DONE]
-    assert {j.dataset_id for j in jobs} == {source.id}
+    assert {j.remote_id for j in jobs} == {source.id}
     # The source kept its share link: no second share for the new version.
     assert len(sandbox.legacy.shares) == 1
     assert jobs[0].target_refs["share_link"] == jobs[1].target_refs["share_link"]

@@ -95,11 +95,11 @@ def _job(n: int, ref: FileRef, name: str, stream_id: int, kind: str, meta: dict[
         state=JobState.UPLOADING,
         stage=Stage.NEW,
         stream_id=stream_id,
-        dataset_name=name,
+        remote_name=name,
         metadata=meta,
         upload_key=uuid.uuid4().hex,
         ingestion_id=None,
-        dataset_id=None,
+        remote_id=None,
         mode=None,
         part_size=None,
         bytes_sent=0,
@@ -192,8 +192,8 @@ async def _push_one(
     done = replace(
         job,
         state=JobState.IMPORTING,
-        dataset_id=delivered.dataset_id,
-        dataset_name=delivered.dataset_name,
+        remote_id=delivered.dataset_id,
+        remote_name=delivered.dataset_name,
         target_refs=dict(delivered.refs),
     )
     return row, done

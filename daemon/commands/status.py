@@ -143,8 +143,11 @@ def job_json(job: Job, now: float) -> dict[str, Any]:
         "size": ident.size,
         # 0 in the queue: a route names its stream, looked up at the first upload attempt
         "stream_id": job.stream_id or None,
-        "dataset_name": job.dataset_name,
-        "dataset_id": job.dataset_id,
+        # The JSON keeps its names from before schema v5 (scripts read them): the queue's
+        # target-neutral remote_name/remote_id are shown as dataset_name/dataset_id here, the
+        # one place that maps them.
+        "dataset_name": job.remote_name,
+        "dataset_id": job.remote_id,
         "ingestion_id": job.ingestion_id,
         "mode": job.mode,
         "target": job.target,
@@ -174,7 +177,7 @@ def job_json(job: Job, now: float) -> dict[str, Any]:
         "change": job.change,
         "note": job.last_error
         if job.error_kind == "renamed"
-        else change_note(job.change, job.target, job.target_refs, job.dataset_id),
+        else change_note(job.change, job.target, job.target_refs, job.remote_id),
     }
 
 

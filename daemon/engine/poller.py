@@ -123,7 +123,7 @@ class Poller:
                 self.metrics.import_finished(not update.failed)
                 if update.failed:
                     self.metrics.failed("import")  # the job ends failed, like upload failures
-            log = _log.bind(job_id=job.id, path=job.identity.rel, dataset_id=job.dataset_id)
+            log = _log.bind(job_id=job.id, path=job.identity.rel, dataset_id=job.remote_id)
             if update.failed:
                 log.warning(
                     "import.failed",

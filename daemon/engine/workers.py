@@ -123,12 +123,12 @@ class _Journal:
     async def save(self, resume: Resume) -> None:
         named: dict[str, Any] = {}
         if resume.dataset_name is not None:
-            named["dataset_name"] = resume.dataset_name
+            named["remote_name"] = resume.dataset_name
         await self._queue.save_progress(
             self._job_id,
             stage=Stage(resume.stage),
             ingestion_id=resume.ingestion_id,
-            dataset_id=resume.dataset_id,
+            remote_id=resume.dataset_id,
             mode=resume.mode,
             part_size=resume.part_size,
             fell_back=resume.fell_back,
@@ -370,8 +370,8 @@ class Workers:
         resume = Resume(
             stage=job.stage if job.stage != Stage.COMPLETED else Stage.COMPLETING,
             ingestion_id=job.ingestion_id,
-            dataset_id=job.dataset_id,
-            dataset_name=job.dataset_name,
+            dataset_id=job.remote_id,
+            dataset_name=job.remote_name,
             mode=job.mode,
             part_size=job.part_size,
             parts_done=set(parts),
@@ -400,8 +400,8 @@ class Workers:
                 await self.queue.mark_unchanged(job.id, prior)
                 log.info(
                     "upload.unchanged",
-                    dataset_id=prior.dataset_id,
-                    note=change_note("unchanged", job.target, prior.target_refs, prior.dataset_id),
+                    dataset_id=prior.remote_id,
+                    note=change_note("unchanged", job.target, prior.target_refs, prior.remote_id),
                 )
                 return
             if change == "appended":
@@ -468,8 +468,8 @@ class Workers:
             await self.queue.mark_uploaded(
                 job.id,
                 bytes_sent=ident.size,
-                dataset_id=result.dataset_id,
-                dataset_name=result.dataset_name,
+                remote_id=result.dataset_id,
+                remote_name=result.dataset_name,
                 target_refs=result.refs,
                 parts_recorded=journal.parts_possible,
                 content_hash=result.content_hash,

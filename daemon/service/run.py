@@ -345,9 +345,9 @@ class Service:
         template = self.settings.upload.dataset_name
         for index, old in renamed.items():
             name = (
-                old.job.dataset_name if old.job is not None else dataset_name_for(old.rel, template)
+                old.job.remote_name if old.job is not None else dataset_name_for(old.rel, template)
             )
-            dataset = f"dataset {name!r}" + (f" (id {old.dataset_id})" if old.dataset_id else "")
+            dataset = f"dataset {name!r}" + (f" (id {old.remote_id})" if old.remote_id else "")
             note = f"renamed from {old.rel}: already delivered as {dataset}; not uploaded again"
             records.append((items[index], old, note))
             _log.info(
@@ -355,7 +355,7 @@ class Service:
                 path=items[index].identity.rel,
                 renamed_from=old.rel,
                 dataset_name=name,
-                dataset_id=old.dataset_id,
+                dataset_id=old.remote_id,
                 hint="not uploaded again; set inbox.upload_renamed = true to upload renamed files",
             )
         await self.queue.record_renamed(records)

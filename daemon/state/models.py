@@ -68,7 +68,7 @@ class NewJob:
 
     identity: FileIdentity
     stream_id: int
-    dataset_name: str
+    remote_name: str
     metadata: dict[str, Any]
     target: str = "marple-db"
 
@@ -82,11 +82,13 @@ class Job:
     state: JobState
     stage: Stage
     stream_id: int
-    dataset_name: str
+    #: the name it is delivered under (dataset name, file path, data source name)
+    remote_name: str
     metadata: dict[str, Any]
     upload_key: str  # FileIdentity.upload_key(); tags the dataset (a lost create is recognised)
     ingestion_id: int | None
-    dataset_id: int | None
+    #: the target's id of what this job made (Marple DB dataset, legacy source, data source)
+    remote_id: int | None
     mode: str | None
     part_size: int | None
     bytes_sent: int
@@ -130,10 +132,10 @@ class PriorDelivery:
     mtime_ns: int
     inode: int
     ctime_ns: int
-    dataset_id: int | None
+    remote_id: int | None
     content_hash: str | None
     #: the dataset name it went to (None for a ledger row: not kept there)
-    dataset_name: str | None = None
+    remote_name: str | None = None
     #: the delivered job's ``target_refs`` (empty for a ledger row)
     target_refs: dict[str, Any] = field(default_factory=dict)
     #: False while its import is still running (the job is IMPORTING)
@@ -155,7 +157,7 @@ class Delivered:
     """A delivered version of a file, found under another path (see ``delivered_elsewhere``)."""
 
     rel: str
-    dataset_id: int | None
+    remote_id: int | None
     #: its job (DONE, or IMPORTING: uploaded, import still running); None when the job was
     #: pruned and only the ledger remembers it
     job: Job | None = None

@@ -37,7 +37,7 @@ Schema (``PRAGMA user_version`` = number of migrations applied, see ``MIGRATIONS
 
     jobs(id INTEGER PRIMARY KEY AUTOINCREMENT, rel BLOB, size, mtime_ns, inode, ctime_ns,
          state, stage,
-         stream_id, dataset_name, metadata JSON, upload_key, ingestion_id, dataset_id, mode,
+         stream_id, remote_name, metadata JSON, upload_key, ingestion_id, remote_id, mode,
          part_size, bytes_sent, attempts, next_attempt_at, last_error, error_kind,
          import_status, import_progress, import_message, fell_back, after_upload,
          created_at, updated_at, started_at, uploaded_at, finished_at,
@@ -46,7 +46,7 @@ Schema (``PRAGMA user_version`` = number of migrations applied, see ``MIGRATIONS
                                               INDEX(inode, size, mtime_ns): renames
     parts(job_id → jobs ON DELETE CASCADE, part_number, digest)  PK(job_id, part_number);
                                               digest: the part's xxh3_128 (daemon.delivery.content)
-    ledger(rel, size, mtime_ns, inode, ctime_ns, dataset_id, finished_at, content_hash)
+    ledger(rel, size, mtime_ns, inode, ctime_ns, remote_id, finished_at, content_hash)
                                               files done, jobs pruned; INDEX(inode, size,
                                               mtime_ns): renames
     daemon(id = 1, pid, started_at, heartbeat_at, info JSON)     liveness for ``status``
@@ -156,8 +156,8 @@ _Params = Sequence[Any] | Mapping[str, Any]
 # Row mapping
 
 _JOB_COLUMNS: Final = (
-    "id, rel, size, mtime_ns, inode, state, stage, stream_id, dataset_name, metadata, upload_key,"
-    " ingestion_id, dataset_id, mode, part_size, bytes_sent, attempts, next_attempt_at,"
+    "id, rel, size, mtime_ns, inode, state, stage, stream_id, remote_name, metadata, upload_key,"
+    " ingestion_id, remote_id, mode, part_size, bytes_sent, attempts, next_attempt_at,"
     " last_error, error_kind, import_status, import_progress, import_message, fell_back,"
     " after_upload, created_at, updated_at, started_at, uploaded_at, finished_at,"
     " lease_owner, lease_expires_at, target, target_refs, ctime_ns, content_hash, change"
@@ -189,11 +189,11 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         state=JobState(row["state"]),
         stage=Stage(row["stage"]),
         stream_id=row["stream_id"],
-        dataset_name=row["dataset_name"],
+        remote_name=row["remote_name"],
         metadata=json.loads(row["metadata"]),
         upload_key=row["upload_key"],
         ingestion_id=row["ingestion_id"],
-        dataset_id=row["dataset_id"],
+        remote_id=row["remote_id"],
         mode=row["mode"],
         part_size=row["part_size"],
         bytes_sent=row["bytes_sent"],
@@ -235,7 +235,7 @@ _UNSET: Final = _Unset.TOKEN
 # dataset (overwrite, same id) when it finds it aborted or failed, instead of renaming around
 # its own earlier attempt. fell_back is kept: it is history, not ingestion state.
 _RESET_INGESTION_SQL: Final = (
-    "stage = 'new', ingestion_id = NULL, dataset_id = NULL, mode = NULL, part_size = NULL,"
+    "stage = 'new', ingestion_id = NULL, remote_id = NULL, mode = NULL, part_size = NULL,"
     " bytes_sent = 0"
 )
 
@@ -476,7 +476,7 @@ class Queue:
         await db.execute(
             "CREATE TEMP TABLE IF NOT EXISTS enqueue_batch ("
             " seq INTEGER PRIMARY KEY, rel BLOB, size INTEGER, mtime_ns INTEGER,"
-            " inode INTEGER, stream_id INTEGER, dataset_name TEXT, metadata TEXT,"
+            " inode INTEGER, stream_id INTEGER, remote_name TEXT, metadata TEXT,"
             " upload_key TEXT, target TEXT, ctime_ns INTEGER)"
         )
 
@@ -696,7 +696,7 @@ class Queue:
                 item.identity.mtime_ns,
                 _inode_to_db(item.identity.inode),
                 item.stream_id,
-                item.dataset_name,
+                item.remote_name,
                 json.dumps(item.metadata, separators=(",", ":")),
                 item.identity.upload_key(),
                 item.target,
@@ -713,10 +713,10 @@ class Queue:
             # ORDER BY seq: ids follow the batch order, so "newer" below means "later".
             inserted = await db.execute_fetchall(
                 "INSERT INTO jobs (rel, size, mtime_ns, inode, ctime_ns, state, stage,"
-                " stream_id, dataset_name, metadata, upload_key, target, next_attempt_at,"
+                " stream_id, remote_name, metadata, upload_key, target, next_attempt_at,"
                 " created_at, updated_at)"
                 " SELECT b.rel, b.size, b.mtime_ns, b.inode, b.ctime_ns, 'queued', 'new',"
-                " b.stream_id, b.dataset_name, b.metadata, b.upload_key, b.target, :now, :now,"
+                " b.stream_id, b.remote_name, b.metadata, b.upload_key, b.target, :now, :now,"
                 " :now FROM temp.enqueue_batch AS b"
                 # A stored ctime of 0 (from before schema v3) matches any ctime.
                 " WHERE NOT EXISTS (SELECT 1 FROM ledger AS l WHERE l.rel = b.rel"
@@ -797,7 +797,7 @@ class Queue:
                 )
                 ledger = list(
                     await db.execute_fetchall(
-                        "SELECT b.seq, l.rel, l.dataset_id FROM ledger AS l"
+                        "SELECT b.seq, l.rel, l.remote_id FROM ledger AS l"
                         " JOIN temp.enqueue_batch AS b ON l.inode = b.inode"
                         "   AND l.size = b.size AND l.mtime_ns = b.mtime_ns AND l.rel != b.rel"
                     )
@@ -816,10 +816,10 @@ class Queue:
                 job = jobs.get(job_id)
                 if job is not None:
                     found.setdefault(seq, []).append(
-                        Delivered(job.identity.rel, job.dataset_id, job)
+                        Delivered(job.identity.rel, job.remote_id, job)
                     )
-        for seq, rel, dataset_id in ledger:
-            found.setdefault(seq, []).append(Delivered(os.fsdecode(rel), dataset_id))
+        for seq, rel, remote_id in ledger:
+            found.setdefault(seq, []).append(Delivered(os.fsdecode(rel), remote_id))
         return found
 
     async def record_renamed(self, items: Sequence[tuple[NewJob, Delivered, str]]) -> list[int]:
@@ -843,8 +843,8 @@ class Queue:
                     "ctime_ns": ident.ctime_ns,
                     "state": "importing" if importing else "done",
                     "stream_id": job.stream_id if job is not None else item.stream_id,
-                    "dataset_name": job.dataset_name if job is not None else item.dataset_name,
-                    "dataset_id": found.dataset_id,
+                    "remote_name": job.remote_name if job is not None else item.remote_name,
+                    "remote_id": found.remote_id,
                     "mode": job.mode if job is not None else None,
                     "metadata": json.dumps(item.metadata, separators=(",", ":")),
                     "upload_key": ident.upload_key(),
@@ -862,11 +862,11 @@ class Queue:
             for row in rows:
                 inserted = await db.execute_fetchall(
                     "INSERT INTO jobs (rel, size, mtime_ns, inode, ctime_ns, state, stage,"
-                    " stream_id, dataset_name, dataset_id, mode, metadata, upload_key, target,"
+                    " stream_id, remote_name, remote_id, mode, metadata, upload_key, target,"
                     " target_refs, bytes_sent, import_status, last_error, error_kind,"
                     " next_attempt_at, created_at, updated_at, uploaded_at, finished_at)"
                     " VALUES (:rel, :size, :mtime_ns, :inode, :ctime_ns, :state, 'completed',"
-                    " :stream_id, :dataset_name, :dataset_id, :mode, :metadata, :upload_key,"
+                    " :stream_id, :remote_name, :remote_id, :mode, :metadata, :upload_key,"
                     " :target, :target_refs, :size, :import_status, :note, 'renamed', :now,"
                     " :now, :now, :now, :finished_at)"
                     " ON CONFLICT (rel, size, mtime_ns, inode, ctime_ns) DO NOTHING RETURNING id",
@@ -935,12 +935,12 @@ class Queue:
         *,
         stage: Stage | _Unset = _UNSET,
         ingestion_id: int | _Unset | None = _UNSET,
-        dataset_id: int | _Unset | None = _UNSET,
+        remote_id: int | _Unset | None = _UNSET,
         mode: str | _Unset | None = _UNSET,
         part_size: int | _Unset | None = _UNSET,
         bytes_sent: int | _Unset = _UNSET,
         fell_back: bool | _Unset = _UNSET,
-        dataset_name: str | _Unset = _UNSET,
+        remote_name: str | _Unset = _UNSET,
         upload_key: str | _Unset = _UNSET,
         target_refs: dict[str, Any] | _Unset = _UNSET,
     ) -> None:
@@ -952,12 +952,12 @@ class Queue:
         given: dict[str, Any] = {
             "stage": stage,
             "ingestion_id": ingestion_id,
-            "dataset_id": dataset_id,
+            "remote_id": remote_id,
             "mode": mode,
             "part_size": part_size,
             "bytes_sent": bytes_sent,
             "fell_back": fell_back,
-            "dataset_name": dataset_name,
+            "remote_name": remote_name,
             "upload_key": upload_key,
             "target_refs": target_refs,
         }
@@ -1080,8 +1080,8 @@ class Queue:
         job_id: int,
         *,
         bytes_sent: int | None = None,
-        dataset_id: int | None = None,
-        dataset_name: str | None = None,
+        remote_id: int | None = None,
+        remote_name: str | None = None,
         target_refs: dict[str, Any] | None = None,
         parts_recorded: bool = True,
         content_hash: str | None = None,
@@ -1099,8 +1099,8 @@ class Queue:
         now = time.time()
         given: dict[str, Any] = {
             "bytes_sent": bytes_sent,
-            "dataset_id": dataset_id,
-            "dataset_name": dataset_name,
+            "remote_id": remote_id,
+            "remote_name": remote_name,
             "target_refs": None
             if target_refs is None
             else json.dumps(target_refs, separators=(",", ":")),
@@ -1132,9 +1132,9 @@ class Queue:
         taken for a delivery)."""
         now = time.time()
         state = "done" if prior.imported else "importing"
-        given: dict[str, Any] = {"dataset_id": prior.dataset_id}
-        if prior.dataset_name is not None:
-            given["dataset_name"] = prior.dataset_name
+        given: dict[str, Any] = {"remote_id": prior.remote_id}
+        if prior.remote_name is not None:
+            given["remote_name"] = prior.remote_name
         if prior.target_refs:
             given["target_refs"] = json.dumps(prior.target_refs, separators=(",", ":"))
         extra = "".join(f", {name} = :{name}" for name in given)
@@ -1172,15 +1172,15 @@ class Queue:
         uploaded or done (for ``target``, when given), else the newest ledger row."""
         key = os.fsencode(rel)
         rows = await self._fetch(
-            "SELECT size, mtime_ns, inode, ctime_ns, dataset_id, content_hash, dataset_name,"
+            "SELECT size, mtime_ns, inode, ctime_ns, remote_id, content_hash, remote_name,"
             " target_refs, state FROM jobs WHERE rel = :rel AND id < :before"
             " AND state IN ('importing', 'done') AND (:target IS NULL OR target = :target)"
             " ORDER BY id DESC LIMIT 1",
             {"rel": key, "before": before, "target": target},
         ) or await self._fetch(
             # The ledger keeps no name and no refs; its rows are done by definition.
-            "SELECT size, mtime_ns, inode, ctime_ns, dataset_id, content_hash,"
-            " NULL AS dataset_name, '{}' AS target_refs, 'done' AS state FROM ledger"
+            "SELECT size, mtime_ns, inode, ctime_ns, remote_id, content_hash,"
+            " NULL AS remote_name, '{}' AS target_refs, 'done' AS state FROM ledger"
             " WHERE rel = ? ORDER BY finished_at DESC LIMIT 1",
             (key,),
         )
@@ -1192,9 +1192,9 @@ class Queue:
             mtime_ns=row["mtime_ns"],
             inode=_inode_from_db(row["inode"]),
             ctime_ns=row["ctime_ns"],
-            dataset_id=row["dataset_id"],
+            remote_id=row["remote_id"],
             content_hash=row["content_hash"],
-            dataset_name=row["dataset_name"],
+            remote_name=row["remote_name"],
             target_refs=json.loads(row["target_refs"]),
             imported=row["state"] == "done",
         )
@@ -1331,9 +1331,9 @@ class Queue:
         )
         async with self._write() as db:
             await db.execute(
-                "INSERT INTO ledger (rel, size, mtime_ns, inode, ctime_ns, dataset_id,"
+                "INSERT INTO ledger (rel, size, mtime_ns, inode, ctime_ns, remote_id,"
                 " finished_at, content_hash)"
-                " SELECT rel, size, mtime_ns, inode, ctime_ns, dataset_id, finished_at,"
+                " SELECT rel, size, mtime_ns, inode, ctime_ns, remote_id, finished_at,"
                 " content_hash FROM jobs"
                 f" WHERE state = 'done' AND {prunable}"
                 " ON CONFLICT DO NOTHING",

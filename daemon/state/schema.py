@@ -174,4 +174,21 @@ async def _migrate_v4(db: aiosqlite.Connection) -> None:
     await db.execute("CREATE INDEX ledger_inode ON ledger(inode, size, mtime_ns)")
 
 
-MIGRATIONS: list[Migration] = [_migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4]
+async def _migrate_v5(db: aiosqlite.Connection) -> None:
+    """v4 → v5: the columns named for Marple DB get target-neutral names.
+
+    ``jobs.dataset_id`` and ``ledger.dataset_id`` hold whatever id the job's target gave what
+    it made (a Marple DB dataset, an older Marple API source, a data service data source):
+    ``remote_id``. ``jobs.dataset_name`` is the name it was made under: ``remote_name``.
+
+    ``ALTER TABLE … RENAME COLUMN`` (SQLite ≥ 3.25; Python 3.10 on Ubuntu 22.04 brings 3.37)
+    renames in place, no table rebuild, and rewrites every index, view and trigger that names
+    the column (none does today). ``stream_id`` and ``ingestion_id`` keep their names: only
+    Marple DB jobs give them a meaning.
+    """
+    await db.execute("ALTER TABLE jobs RENAME COLUMN dataset_id TO remote_id")
+    await db.execute("ALTER TABLE jobs RENAME COLUMN dataset_name TO remote_name")
+    await db.execute("ALTER TABLE ledger RENAME COLUMN dataset_id TO remote_id")
+
+
+MIGRATIONS: list[Migration] = [_migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4, _migrate_v5]

@@ -373,7 +373,7 @@ def test_bad_input_corpus(sandbox: Sandbox, workdir: Path) -> None:
 
         def quiet() -> bool:
             jobs = _jobs(db)
-            done = {j.dataset_name for j in jobs if j.state == JobState.DONE}
+            done = {j.remote_name for j in jobs if j.state == JobState.DONE}
             busy = [j for j in jobs if j.state in (JobState.QUEUED, JobState.UPLOADING)]
             busy += [j for j in jobs if j.state == JobState.IMPORTING]
             return not busy and set(corpus.good) <= done

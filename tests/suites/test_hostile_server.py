@@ -1044,7 +1044,7 @@ async def _importing_job(queue: Queue, dataset_id: int = 11) -> int:
     job = await queue.claim("test", 60)
     assert job is not None and job.id == job_id
     await queue.save_progress(
-        job_id, stage=Stage.COMPLETING, ingestion_id=22, dataset_id=dataset_id, mode="server"
+        job_id, stage=Stage.COMPLETING, ingestion_id=22, remote_id=dataset_id, mode="server"
     )
     await queue.mark_uploaded(job_id)
     return job_id

@@ -48,7 +48,7 @@ The adapters take no client-chosen id, but they name the data source after the a
 and the file name is ours to choose. So inboxd sends ``<name> [inboxd-<16 hex of the job's
 upload key>].<ext>`` (``sales [inboxd-3f2a9c1b7d4e5f60].csv``): the marker is unique per job and
 survives any path the service may strip. The journal records each step *before* it is taken
-(stage and ``mode`` columns; ``dataset_id`` holds the data source id):
+(stage and ``mode`` columns; the ``remote_id`` column holds the data source id):
 
 ==========  =============================================================================
 stage       a restart (or a retry after a lost answer) does
@@ -455,7 +455,7 @@ class DataServiceTarget:
         job = work.job
         plan = _Plan(
             adapter=adapter,
-            name=source_name(job.dataset_name, job.upload_key, ext) if ext else job.dataset_name,
+            name=source_name(job.remote_name, job.upload_key, ext) if ext else job.remote_name,
             marker=marker(job.upload_key),
             predecessor_markers=tuple(sorted(marker(k) for k in work.predecessor_keys)),
             properties=self._properties(work, adapter),

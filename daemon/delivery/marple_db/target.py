@@ -56,7 +56,7 @@ class MarpleDbTarget:
         resume, append_to = await self._appending(work, stream)
         request = UploadRequest(
             file=work.file,
-            dataset_name=job.dataset_name,
+            dataset_name=job.remote_name,
             stream=stream,
             metadata=dict(job.metadata),
             upload_key=job.upload_key,
@@ -100,11 +100,11 @@ class MarpleDbTarget:
         name it saved.
         """
         prior = work.append
-        if prior is None or prior.dataset_id is None:
+        if prior is None or prior.remote_id is None:
             return work.resume, None
         if work.resume.stage != Stage.NEW:
-            return work.resume, prior.dataset_id
-        dataset_id = prior.dataset_id
+            return work.resume, prior.remote_id
+        dataset_id = prior.remote_id
         ds = await retry.call(
             lambda: self.client.dataset(stream.datapool or "default", dataset_id=dataset_id),
             self.options.policy,
@@ -120,7 +120,7 @@ class MarpleDbTarget:
         """``POST /stream/{id}/datasets/status`` per stream, in batches."""
         by_stream: dict[int, list[Job]] = defaultdict(list)
         for job in jobs:
-            if job.dataset_id is not None:
+            if job.remote_id is not None:
                 by_stream[job.stream_id].append(job)
         updates: list[ImportUpdate] = []
         for stream_id, group in by_stream.items():
@@ -130,7 +130,7 @@ class MarpleDbTarget:
                 # metadata alone changed, waits for the same import as the one before it.
                 by_dataset: dict[int | None, list[Job]] = defaultdict(list)
                 for j in batch:
-                    by_dataset[j.dataset_id].append(j)
+                    by_dataset[j.remote_id].append(j)
                 statuses = await self.client.datasets_status(
                     stream_id, sorted(d for d in by_dataset if d is not None)
                 )

@@ -30,13 +30,13 @@ The poller then asks ``GET /sources/status?id=1&id=2…`` (one request per ``[po
 sources) until the status is 100 (imported) or negative (failed).
 
 Each step is journaled *before* its side effect, in the job's ``stage`` and ``mode`` columns
-(``mode`` names the step; ``dataset_id`` holds the source id):
+(``mode`` names the step; the ``remote_id`` column holds the source id):
 
 ==========  ==========  =================================================================
 stage       mode        a restart (or a retry after a lost answer) does
 ==========  ==========  =================================================================
 uploading   upload      upload again: the same path is overwritten, nothing is duplicated
-completing  import      if no source existed before (``dataset_id`` empty): look the path
+completing  import      if no source existed before (``remote_id`` empty): look the path
                         up; found → the import went through, take that source; else import.
                         If one existed (a changed file): import again — a re-import keeps
                         the source id, so it cannot make a second source
@@ -188,9 +188,9 @@ class MarpleLegacyTarget:
 
     def plan(self, job: Job, file: FileRef) -> _Plan:
         """Server path, plugin and metadata of a job; FileProblem/UploadFailed if impossible."""
-        parts = [p for p in job.dataset_name.split("/") if p]
+        parts = [p for p in job.remote_name.split("/") if p]
         if not parts or any(p in (".", "..") for p in parts):
-            raise FileProblem(f"{job.dataset_name!r}: not a usable path on the file server")
+            raise FileProblem(f"{job.remote_name!r}: not a usable path on the file server")
         path = "/".join([self.settings.folder.rstrip("/"), *parts])
         folder = str(PurePosixPath(path).parent)
         metadata = dict(job.metadata)
@@ -238,8 +238,8 @@ class MarpleLegacyTarget:
         by_source: dict[int, list[Job]] = defaultdict(list)
         for job in jobs:
             # Jobs of another kind (the target was switched) are left for that target.
-            if job.dataset_id is not None and job.target == self.kind:
-                by_source[job.dataset_id].append(job)
+            if job.remote_id is not None and job.target == self.kind:
+                by_source[job.remote_id].append(job)
         ids = list(by_source)
         updates = []
         for i in range(0, len(ids), self.batch_size):
@@ -398,7 +398,7 @@ class _Delivery:
         f = self.work.file
         known = {1: self.digest} if self.digest is not None else {}
         return Delivered(
-            dataset_name=self.work.job.dataset_name,
+            dataset_name=self.work.job.remote_name,
             dataset_id=source_id,
             bytes_sent=self.sent.total,
             mode="library",
